@@ -1,0 +1,6 @@
+"""sinder-hub: repair the singular defects of DINOv2 backbones (SINDER, ECCV 2024)."""
+
+from .analysis import BlockMaps, block_linear_maps, leading_left_singular_vector, singular_defect_directions
+from .defects import NeighborLoss, defect_logits, defect_mask, neighbor_loss
+
+__version__ = "0.1.0"
