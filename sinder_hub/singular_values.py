@@ -1,0 +1,151 @@
+"""Fine-tuning only singular values (paper §4.2): ``W = U diag(S + ε) Vᵀ`` with U, S, V frozen.
+
+Every ``nn.Linear`` of the transformer blocks becomes a ``SingularValueLinear`` whose only
+trainable tensor is ``ε`` (initialised to zero). In the fused ``qkv`` layer only the value
+rows get an ``ε``; queries and keys stay frozen, as in the authors' code.
+
+We compute ``U diag(S + ε) Vᵀ`` as ``W₀ + U diag(ε) Vᵀ``: the same function of ``ε`` with
+the same gradient, but exactly ``W₀`` at ``ε = 0`` (no SVD round-off), so a parametrised
+model with ``ε = 0`` is bit-identical to the original.
+
+Speed and memory: the SVD of a layer is computed the first time its ``ε`` takes part in
+autograd (lazily, so frozen blocks never pay for it); without autograd a layer uses its
+weight as cached for the current ``ε`` (re-merged only after ``ε`` changes).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SingularValueLinear(nn.Module):
+    """``y = x W(ε)ᵀ + b``, ``W(ε) = W₀ + U diag(ε) Vᵀ`` on the output rows ``rows``.
+
+    ``weight`` ``[out, in]`` and ``bias`` ``[out]`` are the frozen original tensors (same
+    names as in ``nn.Linear``, so state-dict keys do not change); ``eps`` ``[r]`` with
+    ``r = min(len(rows), in)`` is the trainable part; ``U [len(rows), r]``, ``S [r]``,
+    ``Vh [r, in]`` are the frozen SVD factors of ``W₀[rows]``, filled on first use.
+    """
+
+    def __init__(self, linear: nn.Linear, rows: tuple[int, int] | None = None):
+        super().__init__()
+        out_features, in_features = linear.weight.shape
+        self.rows = rows or (0, out_features)
+        self.register_buffer("weight", linear.weight.detach())
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
+        rank = min(self.rows[1] - self.rows[0], in_features)
+        self.eps = nn.Parameter(torch.zeros(rank, dtype=linear.weight.dtype, device=linear.weight.device))
+        self.register_buffer("U", None)
+        self.register_buffer("S", None)
+        self.register_buffer("Vh", None)
+        self._cached_weight: torch.Tensor | None = None
+        self._cached_version = -1
+
+    def extra_repr(self) -> str:
+        return f"in={self.weight.shape[1]}, out={self.weight.shape[0]}, trainable rows={self.rows}, rank={self.eps.numel()}"
+
+    def factorize(self) -> None:
+        """SVD of the trainable rows (float64, stored in the weight's dtype), once."""
+        if self.U is not None:
+            return
+        start, stop = self.rows
+        U, S, Vh = torch.linalg.svd(self.weight[start:stop].double(), full_matrices=False)
+        self.U, self.S, self.Vh = (t.to(self.weight.dtype) for t in (U, S, Vh))
+
+    def merged_weight(self) -> torch.Tensor:
+        """``W(ε)`` ``[out, in]``, differentiable w.r.t. ``ε`` when autograd is on (computed in full precision)."""
+        if self.U is None:
+            if not bool(self.eps.detach().any()):
+                return self.weight
+            self.factorize()
+        device_type = self.weight.device.type
+        with torch.autocast(device_type=device_type, enabled=False):
+            delta = (self.U * self.eps) @ self.Vh
+        start, stop = self.rows
+        if (start, stop) == (0, self.weight.shape[0]):
+            return self.weight + delta
+        return torch.cat([self.weight[:start], self.weight[start:stop] + delta, self.weight[stop:]])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and self.eps.requires_grad:
+            self.factorize()
+            return F.linear(x, self.merged_weight(), self.bias)
+        if self._cached_weight is None or self._cached_version != self.eps._version:
+            with torch.no_grad():
+                self._cached_weight = self.merged_weight()
+            self._cached_version = self.eps._version
+        return F.linear(x, self._cached_weight, self.bias)
+
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` holding ``W(ε)`` (the merge of §4.2)."""
+        with torch.no_grad():
+            weight = self.merged_weight().detach().clone()
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=self.bias is not None, device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+
+def _block_linears(block: nn.Module):
+    """``(parent, attribute, rows)`` of every linear layer of a block; qkv keeps only its value rows."""
+    for name, module in list(block.named_modules()):
+        if not isinstance(module, (nn.Linear, SingularValueLinear)):
+            continue
+        parent_name, _, attribute = name.rpartition(".")
+        parent = block.get_submodule(parent_name) if parent_name else block
+        rows = None
+        if attribute == "qkv":
+            dim = module.weight.shape[1]
+            if module.weight.shape[0] != 3 * dim:
+                raise ValueError(f"fused qkv {name} has shape {tuple(module.weight.shape)}, expected [{3 * dim}, {dim}]")
+            rows = (2 * dim, 3 * dim)
+        yield parent, attribute, rows
+
+
+def parametrize_singular_values(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Put every linear layer of ``model.blocks`` in singular-value form; freeze everything else.
+
+    Returns ``{name: ε}`` for all of them, in block order (the optimiser's parameter order).
+    Idempotent. With ``ε = 0`` the model computes exactly what it did before.
+    """
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    for block in model.blocks:
+        for parent, attribute, rows in _block_linears(block):
+            layer = getattr(parent, attribute)
+            if isinstance(layer, nn.Linear):
+                setattr(parent, attribute, SingularValueLinear(layer, rows))
+    parameters = singular_value_parameters(model)
+    for eps in parameters.values():
+        eps.requires_grad_(True)
+    return parameters
+
+
+def singular_value_parameters(model: nn.Module, blocks: range | None = None) -> dict[str, nn.Parameter]:
+    """``{name: ε}`` of the parametrised layers, optionally only of the blocks in ``blocks``."""
+    found = {}
+    for index, block in enumerate(model.blocks):
+        if blocks is not None and index not in blocks:
+            continue
+        for name, module in block.named_modules():
+            if isinstance(module, SingularValueLinear):
+                found[f"blocks.{index}.{name}.eps"] = module.eps
+    return found
+
+
+def merge_singular_values(model: nn.Module) -> nn.Module:
+    """Replace every ``SingularValueLinear`` by a plain ``nn.Linear`` with ``W(ε)``, in place.
+
+    The merged model has exactly the original architecture, parameter names and shapes.
+    """
+    for block in model.blocks:
+        for name, module in list(block.named_modules()):
+            if isinstance(module, SingularValueLinear):
+                parent_name, _, attribute = name.rpartition(".")
+                parent = block.get_submodule(parent_name) if parent_name else block
+                setattr(parent, attribute, module.to_linear())
+    return model

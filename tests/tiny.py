@@ -1,0 +1,27 @@
+"""Tiny random DINOv2-style timm ViTs for fast tests (weights non-trivial, deterministic)."""
+
+import timm
+import torch
+from timm.layers import SwiGLUPacked
+from torch import nn
+
+
+def tiny_vit(mlp: str = "gelu", reg_tokens: int = 0, embed_dim: int = 32, depth: int = 3, seed: int = 0, img_size: int = 56):
+    """A ``[B, 3, 56, 56]`` -> 4x4-patch-grid ViT with random weights, layer scales and norm weights."""
+    torch.manual_seed(seed)
+    kwargs = dict(
+        img_size=img_size, patch_size=14, embed_dim=embed_dim, depth=depth, num_heads=2, init_values=1.0,
+        dynamic_img_size=True, num_classes=0, reg_tokens=reg_tokens, no_embed_class=reg_tokens > 0,
+    )
+    if mlp == "swiglu":
+        kwargs.update(mlp_layer=SwiGLUPacked, act_layer=nn.SiLU, mlp_ratio=2.66667 * 2)
+    model = timm.models.vision_transformer.VisionTransformer(**kwargs)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma") or name.endswith("norm1.weight") or name.endswith("norm2.weight"):
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+            elif p.dim() >= 2:
+                p.normal_(0, 0.2)
+            else:
+                p.normal_(0, 0.05)
+    return model.eval()
