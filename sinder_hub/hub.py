@@ -1,0 +1,415 @@
+"""Model cards for repaired backbones, and pushing their folders to the Hugging Face hub.
+
+A folder is either timm's (``config.json`` with ``architecture`` + weights) or transformers'
+(``config.json`` with ``model_type`` + weights + ``preprocessor_config.json``); a repair run folder
+is a timm folder that also holds ``repair_report.json`` and ``before_after_<image>.png``.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib
+import json
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token
+from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError
+from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
+
+TEMPLATES = Path(__file__).resolve().parents[1] / "model_cards"
+CARD_FILE = "README.md"
+CONFIG_FILE = "config.json"
+REPORT_FILE = "repair_report.json"
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+NOT_UPLOADED = ["checkpoint/*"]  # the trainer's resumable state stays local
+TAGS = ["dinov2", "sinder", "vision", "image-feature-extraction", "singular-defects"]
+REPO_ID_PLACEHOLDER = "your-username/your-repo"
+DEFAULT_INTERPOLATION_NOTE = (
+    "Below that size transformers' plain `Dinov2Model` resamples them without antialiasing, while timm "
+    "(and `Dinov2WithRegistersModel`) antialias, so the two libraries give slightly different features there."
+)
+NO_REPORT_REASON = (
+    f"this folder has no `{REPORT_FILE}`, the file in which a sinder-hub repair run records what it "
+    "measured. The weights were repaired elsewhere (for example, the SINDER authors' released checkpoint "
+    "converted to this format) or the report was not kept, and no figure is shown that was not measured "
+    "on this exact checkpoint"
+)
+
+
+class PushError(RuntimeError):
+    """A push that cannot be done or was refused; the message is one line and never contains the token."""
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """What a push sends (``files``: relative path, size in bytes) and, unless a dry run, where it went."""
+
+    folder: Path
+    repo_id: str
+    files: list[tuple[str, int]]
+    card: str
+    card_is_new: bool
+    commit_url: str | None = None
+    pr_url: str | None = None
+
+
+# ---------------------------------------------------------------- model cards
+
+
+def detect_kind(folder: str | Path) -> str:
+    """``"timm"`` if ``config.json`` has ``architecture``, ``"transformers"`` if it has ``model_type``."""
+    config = _read_json(Path(folder) / CONFIG_FILE)
+    if "architecture" in config:
+        return "timm"
+    if "model_type" in config:
+        return "transformers"
+    raise ValueError(f"{Path(folder) / CONFIG_FILE} has neither 'architecture' (timm) nor 'model_type' (transformers)")
+
+
+def build_model_card(
+    folder: str | Path,
+    kind: str | None = None,
+    report: dict | str | Path | None = None,
+    repo_id: str | None = None,
+    interpolation_note: str | None = None,
+) -> ModelCard:
+    """The model card of ``folder``, figures taken only from the repair report.
+
+    ``report`` is the report itself, a path to it, or ``None`` for ``folder/repair_report.json`` (a card
+    without figures, saying why, when that file is missing). ``interpolation_note`` replaces the default
+    sentence about position-embedding interpolation (e.g. with measured differences).
+    """
+    folder = Path(folder)
+    kind = kind or detect_kind(folder)
+    if kind not in ("timm", "transformers"):
+        raise ValueError(f"kind must be 'timm' or 'transformers', not {kind!r}")
+    report = _load_report(folder, report)
+    config = _read_json(folder / CONFIG_FILE) if (folder / CONFIG_FILE).is_file() else {}
+    variables = _card_variables(folder, kind, config, report, repo_id)
+    variables["interpolation_note"] = interpolation_note or DEFAULT_INTERPOLATION_NOTE
+    card_data = ModelCardData(
+        license="apache-2.0",
+        library_name=kind,
+        pipeline_tag="image-feature-extraction",
+        tags=TAGS + [kind],
+        base_model=variables["base_model"],
+        datasets=_hub_datasets(report),
+    )
+    return ModelCard.from_template(card_data, template_path=str(TEMPLATES / f"{kind}.md"), **variables)
+
+
+def write_model_card(
+    folder: str | Path,
+    kind: str | None = None,
+    report: dict | str | Path | None = None,
+    repo_id: str | None = None,
+    interpolation_note: str | None = None,
+) -> Path:
+    """Write ``folder/README.md`` (see ``build_model_card``) and return its path."""
+    path = Path(folder) / CARD_FILE
+    build_model_card(folder, kind, report, repo_id, interpolation_note).save(path)
+    return path
+
+
+def base_model_of(source_model: str | None) -> str | None:
+    """The hub repo a repair started from, or ``None`` for local files and planted models.
+
+    ``hf-hub:ORG/NAME`` and ``ORG/NAME`` are hub ids; a bare timm name with a pretrained tag
+    (``vit_giant_patch14_dinov2.lvd142m``, or without the tag) maps to timm's own ``hf_hub_id`` for it.
+    """
+    if not source_model:
+        return None
+    spec = source_model.removeprefix("hf-hub:").removeprefix("hf://")
+    if Path(spec).exists() or spec.startswith(("/", ".", "~")) or Path(spec).suffix in (".safetensors", ".pth", ".bin", ".pt"):
+        return None
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
+        return spec
+    if re.fullmatch(r"[\w-]+(\.[\w-]+)?", spec):
+        import timm.models
+
+        try:
+            return timm.models.get_pretrained_cfg(spec, allow_unregistered=False).hf_hub_id or None
+        except RuntimeError:  # not a timm model with pretrained weights (e.g. a planted test model)
+            return None
+    return None
+
+
+def _hub_datasets(report: dict | None) -> list[str] | None:
+    """The repair data as hub dataset ids (``ORG/NAME`` or ``hf://datasets/ORG/NAME``), else ``None``."""
+    data = (report or {}).get("hyperparameters", {}).get("data")
+    sources = [data] if isinstance(data, str) else data if isinstance(data, list) else []
+    ids = []
+    for source in sources:
+        source = str(source).removeprefix("hf://datasets/")
+        if re.fullmatch(r"[\w.-]+/[\w.-]+", source) and not Path(source).exists():
+            ids.append(source)
+    return ids or None
+
+
+def _card_variables(folder: Path, kind: str, config: dict, report: dict | None, repo_id: str | None) -> dict:
+    """Everything the templates print, formatted here so that the templates stay plain."""
+    report = report or {}
+    source_model = report.get("source_model")
+    model_args = config.get("model_args") or report.get("model_args") or {}
+    registers = int(model_args.get("reg_tokens") or config.get("num_register_tokens") or 0)
+    pictures = [name for name in report.get("pictures") or sorted(p.name for p in folder.glob("before_after_*.png"))
+                if (folder / name).is_file()]
+    return {
+        "title": (repo_id or folder.resolve().name).split("/")[-1],
+        "repo_id": repo_id or REPO_ID_PLACEHOLDER,
+        "repo_id_known": repo_id is not None,
+        "kind": kind,
+        "source_model": source_model,
+        "source_sha256": report.get("source_sha256"),
+        "sinder_hub_version": report.get("sinder_hub_version"),
+        "base_model": base_model_of(source_model),
+        "architecture": report.get("architecture") or config.get("architecture"),
+        "model_class": "Dinov2WithRegistersModel" if config.get("model_type") == "dinov2_with_registers" else "Dinov2Model",
+        "prefix_tokens": 1 + registers,
+        "prefix_description": f"the class token and {registers} register tokens" if registers else "the class token",
+        "processor_resolution": _processor_resolution(folder),
+        "native_resolution": _native_resolution(config),
+        "has_report": bool(report),
+        "no_report_reason": NO_REPORT_REASON,
+        "held_out": _held_out(report.get("held_out")),
+        "run_rows": _run_rows(report),
+        "hyperparameter_rows": [(key, _value(value)) for key, value in (report.get("hyperparameters") or {}).items()],
+        "pictures": pictures,
+    }
+
+
+def _native_resolution(config: dict) -> int | None:
+    """Input size the position embeddings were trained for, from a timm or transformers config."""
+    size = (config.get("model_args") or {}).get("img_size") or config.get("image_size")
+    if size is None:
+        size = (config.get("pretrained_cfg") or {}).get("input_size", [None])[-1]
+    return size[-1] if isinstance(size, (list, tuple)) else size
+
+
+def _processor_resolution(folder: Path) -> int | None:
+    """Crop size fed by the transformers image processor, from ``preprocessor_config.json``."""
+    path = folder / "preprocessor_config.json"
+    if not path.is_file():
+        return None
+    processor = _read_json(path)
+    crop, size = processor.get("crop_size"), processor.get("size")
+    if processor.get("do_center_crop", True) and isinstance(crop, dict):
+        return crop.get("height")
+    return size.get("shortest_edge") or size.get("height") if isinstance(size, dict) else None
+
+
+def _held_out(held_out: dict | None) -> dict | None:
+    """Held-out defect counts per image (before, after) and the feature-preservation cosines."""
+    if not held_out:
+        return None
+    before = (held_out.get("before") or {}).get("defects") or {}
+    after = (held_out.get("after") or {}).get("defects") or {}
+    names = held_out.get("images") or sorted(set(before) | set(after))
+    cosines = [(label, _number(held_out[key])) for label, key in
+               (("normal patch tokens", "normal_token_cosine"), ("class token", "class_token_cosine")) if key in held_out]
+    return {
+        "resolution": held_out.get("resolution"),
+        "rows": [(name, _number(before.get(name, "–")), _number(after.get(name, "–"))) for name in names],
+        "total_before": _number((held_out.get("before") or {}).get("total", "–")),
+        "total_after": _number((held_out.get("after") or {}).get("total", "–")),
+        "defect_reduction": _percent(held_out["defect_reduction"]) if "defect_reduction" in held_out else None,
+        "cosines": cosines,
+    }
+
+
+def _run_rows(report: dict) -> list[tuple[str, str]]:
+    """(label, value) rows describing the training run, only for the keys the report has."""
+    images = report.get("images") or {}
+    curve = report.get("clear_rate_curve") or []
+    hardware = report.get("hardware") or {}
+    histogram = report.get("loss_layer_histogram") or {}
+    rows = [
+        ("optimiser steps", _number(report.get("steps"))),
+        ("steps that changed the singular values", _number(report.get("updates"))),
+        ("training images seen", _number(images.get("seen"))),
+        ("… already clear (no update needed)", _number(images.get("clear"))),
+        ("… with a loss", _number(images.get("with_loss"))),
+        ("… skipped (unreadable files)", _number(images.get("skipped_bad"))),
+        ("clear rate when the run stopped", _percent(curve[-1][1]) if curve else None),
+        ("stopped because", _code(report.get("stopped_because"))),
+        ("losses per block", ", ".join(f"block {block}: {_number(count)}" for block, count in histogram.items()) or None),
+        ("wall time", f"{_number(report['wall_time_s'])} s" if "wall_time_s" in report else None),
+        ("hardware", hardware.get("device")),
+        ("processes", _number(hardware.get("num_processes"))),
+    ]
+    return [(label, value) for label, value in rows if value is not None]
+
+
+def _number(value: Any) -> str | None:
+    """A report number as printed on the card: integers as is, floats to 6 significant digits."""
+    if value is None:
+        return None
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _percent(fraction: Any) -> str | None:
+    return None if fraction is None else f"{100 * float(fraction):.1f}%"
+
+
+def _code(text: Any) -> str | None:
+    return None if text is None else f"`{text}`"
+
+
+def _value(value: Any) -> str:
+    """A hyperparameter for a markdown table cell."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return _number(value)
+    if isinstance(value, str):
+        return f"`{value}`"
+    return f"`{json.dumps(value)}`".replace("|", "\\|")
+
+
+def _load_report(folder: Path, report: dict | str | Path | None) -> dict | None:
+    if isinstance(report, dict):
+        return report
+    path = Path(report) if report is not None else folder / REPORT_FILE
+    return _read_json(path) if path.is_file() else None
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+# ---------------------------------------------------------------- push
+
+
+def upload_files(folder: str | Path) -> list[str]:
+    """Relative paths of the files a push sends: everything but ``checkpoint/`` and the hub's usual ignores."""
+    folder = Path(folder)
+    paths = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
+    return list(filter_repo_objects(paths, ignore_patterns=NOT_UPLOADED + DEFAULT_IGNORE_PATTERNS))
+
+
+def check_folder(folder: str | Path) -> None:
+    """Raise ``PushError`` naming what is missing when ``folder`` is not a model folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise PushError(f"{folder} is not a folder")
+    missing = []
+    if not (folder / CONFIG_FILE).is_file():
+        missing.append(CONFIG_FILE)
+    if not any(path.is_file() for pattern in WEIGHT_PATTERNS for path in folder.glob(pattern)):
+        missing.append("a weights file (model.safetensors)")
+    if missing:
+        raise PushError(f"{folder} cannot be pushed: it has no {' and no '.join(missing)}")
+
+
+def push_folder(
+    folder: str | Path,
+    repo_id: str,
+    private: bool = False,
+    revision: str | None = None,
+    create_pr: bool = False,
+    dry_run: bool = False,
+    token: str | None = None,
+    commit_message: str | None = None,
+) -> PushResult:
+    """Upload a model folder to the model repo ``repo_id`` (created if needed), README.md included.
+
+    A missing README.md is written from the model card (kind from ``config.json``, figures from
+    ``repair_report.json``). ``dry_run`` only says what would be sent: no token, no network, no file
+    written. Failures (no token, hub unreachable, upload refused) raise ``PushError`` and leave the
+    folder as it was. ``token`` defaults to huggingface_hub's ``get_token()`` (``HF_TOKEN``, then
+    the ``hf auth login`` file).
+    """
+    folder = Path(folder)
+    check_folder(folder)
+    card_path = folder / CARD_FILE
+    card_is_new = not card_path.is_file()
+    card = str(build_model_card(folder, repo_id=repo_id)) if card_is_new else card_path.read_text(encoding="utf-8")
+    files = sorted({*upload_files(folder), CARD_FILE})
+    sizes = [(name, len(card.encode()) if name == CARD_FILE and card_is_new else (folder / name).stat().st_size)
+             for name in files]
+    result = PushResult(folder=folder, repo_id=repo_id, files=sizes, card=card, card_is_new=card_is_new)
+    if dry_run:
+        return result
+
+    token = token or get_token()
+    if not token:
+        raise PushError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (nothing was uploaded)")
+    api = HfApi(token=token)
+    if card_is_new:
+        card_path.write_text(card, encoding="utf-8")
+    try:
+        with _explained(f"creating {repo_id} on {api.endpoint}", token):
+            repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        if revision is not None and not create_pr:
+            with _explained(f"creating branch {revision!r} of {repo_id}", token):
+                _ensure_branch(api, repo_id, revision)
+        with _explained(f"uploading {folder} to {repo_id}", token):
+            commit = api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                allow_patterns=[glob.escape(name) for name in files],
+                revision=revision,
+                create_pr=create_pr,
+                commit_message=commit_message or f"Upload {folder.name} with sinder-hub",
+            )
+    except BaseException:
+        if card_is_new:
+            card_path.unlink(missing_ok=True)
+        raise
+    return PushResult(folder, repo_id, sizes, card, card_is_new, commit.commit_url, commit.pr_url)
+
+
+def _ensure_branch(api: HfApi, repo_id: str, branch: str) -> None:
+    """Create ``branch`` unless it exists (as ``hf upload --revision`` does)."""
+    try:
+        api.repo_info(repo_id, revision=branch)
+    except RevisionNotFoundError:
+        api.create_branch(repo_id, branch=branch, exist_ok=True)
+
+
+@contextmanager
+def _explained(action: str, token: str) -> Iterator[None]:
+    """Turn the hub client's HTTP, connection and request errors into a one-line ``PushError``."""
+    try:
+        yield
+    except Exception as exc:
+        reason = _reason(exc)
+        if reason is None:
+            raise
+        message = " ".join(f"{action} failed: {reason} (the local folder is unchanged)".split())
+        raise PushError(message.replace(token, "***")) from exc
+
+
+def _reason(exc: BaseException) -> str | None:
+    """Why a hub call failed, looking through wrapped exceptions; ``None`` for errors that are bugs."""
+    chain = []
+    while exc is not None and exc not in chain:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    for error in chain:
+        if isinstance(error, HfHubHTTPError) and error.response is not None:
+            detail = error.server_message or str(error).splitlines()[0]
+            return f"the hub answered HTTP {error.response.status_code}: {detail}"
+    for error in chain:
+        if isinstance(error, _connection_errors()):
+            return f"could not reach the hub ({type(error).__name__}: {error})"
+    if isinstance(chain[0], ValueError):
+        return str(chain[0])
+    return None
+
+
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    """Transport-level errors of whichever HTTP client this huggingface_hub uses (requests, httpx or httpx2)."""
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module, names in (("httpx2", ("TransportError",)), ("httpx", ("TransportError",)),
+                          ("requests", ("ConnectionError", "Timeout"))):
+        try:
+            client = importlib.import_module(module)
+        except ImportError:
+            continue
+        errors += [getattr(client, name) for name in names if hasattr(client, name)]
+    return tuple(errors)

@@ -1,0 +1,221 @@
+"""Model cards: YAML metadata, figures only from the repair report, runnable snippets, no-report card."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+
+import pytest
+from huggingface_hub import ModelCard
+
+from sinder_hub.hub import base_model_of, build_model_card, detect_kind, write_model_card
+
+REPO_ID = "alice/vit-small-dinov2-sinder"
+REPORT = {
+    "sinder_hub_version": "0.1.0",
+    "source_model": "hf-hub:timm/vit_small_patch14_dinov2.lvd142m",
+    "source_sha256": "3ed0e9fefe788ddd61d1e26eba67057e9740a064b009256fbafadf6bb95785ca",
+    "architecture": "vit_small_patch14_dinov2",
+    "model_args": {"img_size": 518},
+    "hyperparameters": {
+        "resolution": 224, "lr": 0.005, "momentum": 0.9, "mask_thr": 4.0, "skip_less_than": 3,
+        "limit_layers": 3, "kernel": 3, "temperature": 0.1, "window": 100, "stop_clear": 0.75,
+        "max_steps": 300, "num_images": 12, "images_per_step": 1, "precision": "float32", "seed": 7,
+        "data": "hf://datasets/ILSVRC/imagenet-1k",
+    },
+    "steps": 137,
+    "updates": 98,
+    "images": {"seen": 137, "clear": 39, "with_loss": 98, "skipped_bad": 2},
+    "bad_files": [{"path": "broken.jpg", "problem": "truncated"}],
+    "loss_layer_histogram": {"4": 95, "5": 3},
+    "clear_rate_curve": [[50, 0.12], [100, 0.5], [137, 0.7612345]],
+    "stopped_because": "clear_rate",
+    "wall_time_s": 63.21734,
+    "hardware": {"device": "NVIDIA H100 80GB HBM3", "num_processes": 1},
+    "held_out": {
+        "resolution": 224,
+        "images": ["astronaut", "coffee", "camera"],
+        "before": {"defects": {"astronaut": 30, "coffee": 12, "camera": 7}, "total": 49},
+        "after": {"defects": {"astronaut": 0, "coffee": 1, "camera": 0}, "total": 1},
+        "defect_reduction": 0.9795918,
+        "normal_token_cosine": 0.99912345,
+        "class_token_cosine": 0.9996,
+    },
+    "pictures": ["before_after_astronaut.png", "before_after_coffee.png"],
+}
+NUMBER = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?(?:e[-+]?\d+)?)(%?)(?!\w)")
+
+
+def timm_folder(path, report=REPORT):
+    path.mkdir()
+    config = {"architecture": "vit_small_patch14_dinov2", "num_classes": 0, "num_features": 384,
+              "pretrained_cfg": {"input_size": [3, 518, 518]}, "model_args": {"img_size": 518}}
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "model.safetensors").write_bytes(b"weights")
+    (path / "before_after_astronaut.png").write_bytes(b"png")  # before_after_coffee.png is missing
+    if report is not None:
+        (path / "repair_report.json").write_text(json.dumps(report))
+    return path
+
+
+def transformers_folder(path, report=REPORT):
+    path.mkdir()
+    config = {"model_type": "dinov2", "architectures": ["Dinov2Model"], "image_size": 518, "patch_size": 14}
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "preprocessor_config.json").write_text(json.dumps({"crop_size": {"height": 224, "width": 224}}))
+    (path / "model.safetensors").write_bytes(b"weights")
+    if report is not None:
+        (path / "repair_report.json").write_text(json.dumps(report))
+    return path
+
+
+FOLDERS = {"timm": timm_folder, "transformers": transformers_folder}
+
+
+def section(text: str, heading: str) -> str:
+    start = text.index(f"\n## {heading}")
+    end = text.find("\n## ", start + 1)
+    return text[start:end]
+
+
+def report_values(obj) -> list[float]:
+    """Every number in the report: numeric values, and numbers written inside its strings and keys."""
+    if isinstance(obj, bool):
+        return []
+    if isinstance(obj, (int, float)):
+        return [float(obj)]
+    if isinstance(obj, str):
+        return [float(token) for token, _ in NUMBER.findall(obj)]
+    if isinstance(obj, dict):
+        return [v for key, value in obj.items() for v in report_values(key) + report_values(value)]
+    if isinstance(obj, list):
+        return [v for item in obj for v in report_values(item)]
+    return []
+
+
+def numbers_not_in_report(text: str, report: dict) -> list[str]:
+    """Numbers printed in ``text`` that no report value rounds to (``N%`` stands for the fraction N/100).
+
+    A number printed with k decimals stands for anything within half a unit of its last digit.
+    """
+    values = report_values(report)
+    missing = []
+    for match in NUMBER.finditer(text):
+        token, percent = match.groups()
+        mantissa, _, exponent = token.partition("e")
+        decimals = len(mantissa.partition(".")[2])
+        tolerance = 0.5 * 10.0 ** (int(exponent or 0) - decimals) * (1 + 1e-9)
+        printed = float(token) / 100 if percent else float(token)
+        scale = 100 if percent else 1
+        if not any(abs(printed - value) * scale <= tolerance for value in values):
+            missing.append(match.group())
+    return missing
+
+
+def python_blocks(text: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+@pytest.mark.parametrize("kind", ["timm", "transformers"])
+def test_yaml_metadata(tmp_path, kind):
+    folder = FOLDERS[kind](tmp_path / kind)
+    card = ModelCard.load(write_model_card(folder, kind, repo_id=REPO_ID))
+    data = card.data.to_dict()
+    assert data["license"] == "apache-2.0"
+    assert data["library_name"] == kind
+    assert data["pipeline_tag"] == "image-feature-extraction"
+    assert {"dinov2", "sinder", "vision", "image-feature-extraction"} <= set(data["tags"])
+    assert data["base_model"] == "timm/vit_small_patch14_dinov2.lvd142m"
+    assert data["datasets"] == ["ILSVRC/imagenet-1k"]
+
+
+def test_kind_is_detected_from_config(tmp_path):
+    assert detect_kind(timm_folder(tmp_path / "t")) == "timm"
+    assert detect_kind(transformers_folder(tmp_path / "h")) == "transformers"
+    assert ModelCard.load(write_model_card(tmp_path / "h")).data.library_name == "transformers"
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="architecture"):
+        detect_kind(tmp_path / "x")
+
+
+@pytest.mark.parametrize("kind", ["timm", "transformers"])
+def test_every_figure_comes_from_the_report(tmp_path, kind):
+    text = ModelCard.load(write_model_card(FOLDERS[kind](tmp_path / kind), kind, repo_id=REPO_ID)).text
+    figures = section(text, "Repair report")
+    intro = text[: text.index("\n## ")]
+    link_targets = re.compile(r"\]\([^)]*\)")  # URLs are not figures
+    assert numbers_not_in_report(link_targets.sub("]", intro + figures), REPORT) == []
+    # the section really carries the report's figures
+    for expected in ("| astronaut | 30 | 0 |", "**49**", "**1**", "98.0%", "0.999123", "0.9996", "137",
+                     "63.2173 s", "NVIDIA H100 80GB HBM3", "76.1%", "`clear_rate`", "| `lr` | 0.005 |",
+                     "block 4: 95"):
+        assert expected in figures, expected
+    assert "source weights sha256 `3ed0e9fefe" in intro
+
+
+def test_number_check_catches_an_invented_figure():
+    assert numbers_not_in_report("49 defects before, 0.9996 cosine, 98.0% fewer", REPORT) == []
+    assert numbers_not_in_report("trained in 12.5 s, 97% fewer defects, cosine 0.97", REPORT) == ["12.5", "97%", "0.97"]
+
+
+@pytest.mark.parametrize("kind", ["timm", "transformers"])
+def test_usage_snippets_are_valid_python(tmp_path, kind):
+    text = ModelCard.load(write_model_card(FOLDERS[kind](tmp_path / kind), kind, repo_id=REPO_ID)).text
+    blocks = python_blocks(text)
+    assert len(blocks) == 1
+    ast.parse(blocks[0])
+    if kind == "timm":
+        assert f'timm.create_model("hf-hub:{REPO_ID}", pretrained=True' in blocks[0]
+    else:
+        assert f'AutoModel.from_pretrained("{REPO_ID}")' in blocks[0]
+        assert f'AutoImageProcessor.from_pretrained("{REPO_ID}")' in blocks[0]
+
+
+def test_picture_is_linked_only_when_present(tmp_path):
+    text = build_model_card(timm_folder(tmp_path / "t"), repo_id=REPO_ID).text
+    assert "![before_after_astronaut.png](before_after_astronaut.png)" in text
+    assert "before_after_coffee.png" not in text
+
+
+@pytest.mark.parametrize("kind", ["timm", "transformers"])
+def test_card_without_report_says_why(tmp_path, kind):
+    folder = FOLDERS[kind](tmp_path / kind, report=None)
+    card = ModelCard.load(write_model_card(folder, kind, repo_id=REPO_ID))
+    assert "No figures are available for this checkpoint" in card.text
+    assert "repair_report.json" in section(card.text, "Repair report")
+    assert "|" not in section(card.text, "Repair report")
+    assert "base_model" not in card.data.to_dict() and "datasets" not in card.data.to_dict()
+    for block in python_blocks(card.text):
+        ast.parse(block)
+
+
+def test_interpolation_note_can_be_filled(tmp_path):
+    folder = transformers_folder(tmp_path / "h")
+    default = build_model_card(folder).text
+    assert "without antialiasing" in section(default, "Limitations")
+    measured = build_model_card(folder, interpolation_note="At 224 px the features differ by at most 0.01.").text
+    assert "At 224 px the features differ by at most 0.01." in section(measured, "Limitations")
+
+
+@pytest.mark.parametrize(("source", "expected"), [
+    ("hf-hub:timm/vit_giant_patch14_dinov2.lvd142m", "timm/vit_giant_patch14_dinov2.lvd142m"),
+    ("facebook/dinov2-giant", "facebook/dinov2-giant"),
+    ("vit_giant_patch14_dinov2.lvd142m", "timm/vit_giant_patch14_dinov2.lvd142m"),
+    ("planted:swiglu", None),
+    ("planted", None),
+    ("/data/weights/dinov2.safetensors", None),
+    (None, None),
+])
+def test_base_model_only_for_hub_sources(source, expected):
+    assert base_model_of(source) == expected
+
+
+def test_local_source_omits_base_model(tmp_path):
+    weights = tmp_path / "dinov2_vits14.pth"
+    weights.write_bytes(b"w")
+    report = {**REPORT, "source_model": str(weights), "hyperparameters": {**REPORT["hyperparameters"], "data": str(tmp_path)}}
+    card = ModelCard.load(write_model_card(timm_folder(tmp_path / "t", report=report), repo_id=REPO_ID))
+    assert "base_model" not in card.data.to_dict() and "datasets" not in card.data.to_dict()
+    assert "not a model on the hub" in card.text
