@@ -300,7 +300,7 @@ def check_folder(folder: str | Path) -> None:
     if not (folder / CONFIG_FILE).is_file():
         missing.append(CONFIG_FILE)
     if not any(path.is_file() for pattern in WEIGHT_PATTERNS for path in folder.glob(pattern)):
-        missing.append("a weights file (model.safetensors)")
+        missing.append("weights file (model.safetensors or pytorch_model.bin)")
     if missing:
         raise PushError(f"{folder} cannot be pushed: it has no {' and no '.join(missing)}")
 
