@@ -159,7 +159,7 @@ def _card_variables(folder: Path, kind: str, config: dict, report: dict | None, 
     pictures = [name for name in report.get("pictures") or sorted(p.name for p in folder.glob("before_after_*.png"))
                 if (folder / name).is_file()]
     return {
-        "title": (repo_id or folder.resolve().name).split("/")[-1],
+        "title": repo_id.split("/")[-1] if repo_id else "DINOv2 with its singular defects repaired (SINDER)",
         "repo_id": repo_id or REPO_ID_PLACEHOLDER,
         "repo_id_known": repo_id is not None,
         "kind": kind,
@@ -230,6 +230,7 @@ def _run_rows(report: dict) -> list[tuple[str, str]]:
     rows = [
         ("optimiser steps", _number(report.get("steps"))),
         ("steps that changed the singular values", _number(report.get("updates"))),
+        ("steps skipped (NaN loss or gradient)", _number(report.get("skipped_nan"))),
         ("training images seen", _number(images.get("seen"))),
         ("… already clear (no update needed)", _number(images.get("clear"))),
         ("… with a loss", _number(images.get("with_loss"))),

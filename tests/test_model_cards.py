@@ -26,6 +26,7 @@ REPORT = {
     },
     "steps": 137,
     "updates": 98,
+    "skipped_nan": 1,
     "images": {"seen": 137, "clear": 39, "with_loss": 98, "skipped_bad": 2},
     "bad_files": [{"path": "broken.jpg", "problem": "truncated"}],
     "loss_layer_histogram": {"4": 95, "5": 3},
