@@ -8,16 +8,57 @@ We compute ``U diag(S + ε) Vᵀ`` as ``W₀ + U diag(ε) Vᵀ``: the same funct
 the same gradient, but exactly ``W₀`` at ``ε = 0`` (no SVD round-off), so a parametrised
 model with ``ε = 0`` is bit-identical to the original.
 
-Speed and memory: the SVD of a layer is computed the first time its ``ε`` takes part in
-autograd (lazily, so frozen blocks never pay for it); without autograd a layer uses its
-weight as cached for the current ``ε`` (re-merged only after ``ε`` changes).
+Speed and memory:
+- the SVD of a layer is computed the first time its ``ε`` takes part in autograd (lazily,
+  so frozen blocks never pay for it);
+- the layer uses its weight as merged for the current ``ε`` (re-merged only after ``ε``
+  changes), with or without autograd;
+- its backward computes ``∂L/∂ε_k = Σ_t (g_t · u_k)(x_t · v_k)`` from two projections
+  instead of forming the dense ``∂L/∂W`` and back-propagating through the rebuild.
+- ``reference_mode()`` switches to the authors' pattern instead: rebuild
+  ``U diag(S + ε) Vᵀ`` with autograd on every forward (the naive baseline and test oracle).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+_REFERENCE_MODE = False
+
+
+@contextmanager
+def reference_mode():
+    """Within this context, layers rebuild ``W(ε)`` with autograd on every forward (the authors' way)."""
+    global _REFERENCE_MODE
+    previous, _REFERENCE_MODE = _REFERENCE_MODE, True
+    try:
+        yield
+    finally:
+        _REFERENCE_MODE = previous
+
+
+class _SingularValueLinearFunction(torch.autograd.Function):
+    """``F.linear(x, W(ε), b)`` with ``W(ε)`` given; backward straight to ``x`` and ``ε``."""
+
+    @staticmethod
+    def forward(ctx, x, eps, weight, bias, U, Vh, start, stop):
+        ctx.save_for_backward(x, weight, U, Vh)
+        ctx.rows = (start, stop)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, U, Vh = ctx.saved_tensors
+        start, stop = ctx.rows
+        grad_x = grad_out @ weight.to(grad_out.dtype) if ctx.needs_input_grad[0] else None
+        g = grad_out[..., start:stop].flatten(0, -2)
+        inputs = x.flatten(0, -2).to(g.dtype)
+        grad_eps = ((g @ U.to(g.dtype)).float() * (inputs @ Vh.T.to(g.dtype)).float()).sum(0)
+        return grad_x, grad_eps, None, None, None, None, None, None
 
 
 class SingularValueLinear(nn.Module):
@@ -68,15 +109,21 @@ class SingularValueLinear(nn.Module):
             return self.weight + delta
         return torch.cat([self.weight[:start], self.weight[start:stop] + delta, self.weight[stop:]])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and self.eps.requires_grad:
-            self.factorize()
-            return F.linear(x, self.merged_weight(), self.bias)
+    def current_weight(self) -> torch.Tensor:
+        """``W(ε)`` without autograd, cached until ``ε`` changes (the optimiser updates it in place)."""
         if self._cached_weight is None or self._cached_version != self.eps._version:
             with torch.no_grad():
                 self._cached_weight = self.merged_weight()
             self._cached_version = self.eps._version
-        return F.linear(x, self._cached_weight, self.bias)
+        return self._cached_weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (torch.is_grad_enabled() and self.eps.requires_grad):
+            return F.linear(x, self.current_weight(), self.bias)
+        self.factorize()
+        if _REFERENCE_MODE:
+            return F.linear(x, self.merged_weight(), self.bias)
+        return _SingularValueLinearFunction.apply(x, self.eps, self.current_weight(), self.bias, self.U, self.Vh, *self.rows)
 
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` holding ``W(ε)`` (the merge of §4.2)."""

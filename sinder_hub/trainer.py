@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Subset
 from .analysis import singular_defect_directions
 from .data import HELD_OUT_SAMPLES, ImageFiles, collate_one, list_images, sample_images, sinder_transform
 from .defects import defect_mask, neighbor_loss
-from .singular_values import merge_singular_values, parametrize_singular_values
+from .singular_values import merge_singular_values, parametrize_singular_values, reference_mode
 from .tokens import block_outputs, embed, patch_grid
 
 log = logging.getLogger(__name__)
@@ -152,10 +152,11 @@ def fast_image_loss(model, image, directions, config, autocast, force_block: int
 
 
 def naive_image_loss(model, image, directions, config, autocast, force_block: int | None = None) -> ImageLoss:
-    """The authors' pattern: autograd through every block from the start, then discard the gradients
-    of the blocks outside the window. Kept as the benchmark baseline and the test oracle."""
+    """The authors' pattern: every layer's weight rebuilt with autograd on every forward, autograd
+    through every block from the start, then the gradients of the blocks outside the window
+    discarded. Kept as the benchmark baseline and the test oracle."""
     image_hw = image.shape[-2:]
-    with autocast():
+    with autocast(), reference_mode():
         x = embed(model, image)
         for index, block in enumerate(model.blocks):
             x = block(x)
