@@ -2,14 +2,16 @@
 
 Convention: a block whose fence is immediately preceded by the line ``<!-- needs-network -->``
 (blank lines between are allowed) is only checked to be valid Python; every other python block
-is run, in order, each in its own subprocess with the repository on PYTHONPATH, HF_HUB_OFFLINE=1
-and a shared temporary working directory (files written by one block are there for the next).
+is run, in order, in one fresh interpreter (each block with its own globals) with the repository on
+PYTHONPATH, HF_HUB_OFFLINE=1 and a temporary working directory (files written by one block are there
+for the next).
 The test ids say how many blocks ran and how many were only parsed.
 """
 
 from __future__ import annotations
 
 import ast
+import json
 import os
 import subprocess
 import sys
@@ -61,13 +63,24 @@ def misplaced_marks(text: str) -> list[int]:
     return misplaced
 
 
+RUNNER = """
+import json, sys, traceback
+for line, code in json.load(sys.stdin):
+    try:
+        exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "__main__"})
+    except BaseException:
+        traceback.print_exc()
+        sys.exit(f"README.md block at line {line} failed")
+"""
+
+
 def run_blocks(blocks: list[Block], cwd: Path) -> None:
+    """Run the blocks in order in one fresh interpreter, each in its own namespace."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
-    for block in blocks:
-        result = subprocess.run([sys.executable, "-c", block.code], cwd=cwd, env=env, capture_output=True, text=True,
-                                timeout=600)
-        assert result.returncode == 0, f"README.md block at line {block.line} failed:\n{result.stderr[-3000:]}"
+    result = subprocess.run([sys.executable, "-c", RUNNER], input=json.dumps([(b.line, b.code) for b in blocks]),
+                            cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 BLOCKS = python_blocks(README.read_text(encoding="utf-8"))
