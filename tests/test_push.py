@@ -1,8 +1,8 @@
 """Pushing a folder to a fake hub on 127.0.0.1: what arrives, what is forwarded, and clean failures.
 
 The fake hub speaks the part of the hub's HTTP API that ``create_repo`` + ``upload_folder`` use
-(repo creation, branch lookup/creation, README metadata validation, preupload, the LFS batch API
-with a basic PUT upload, and the NDJSON commit). Xet is disabled so that the LFS path is taken.
+(repo creation, revision lookup and branch creation, README metadata validation, preupload, the LFS
+batch API with a basic PUT upload, and the NDJSON commit); it knows huggingface_hub 0.34 to 2.x. Xet is disabled so that the LFS path is taken.
 One push runs ``tools/push.py`` in a subprocess configured only by environment variables; the
 others call the tool's ``main`` in-process with huggingface_hub's constants pointed at the fake hub.
 """
@@ -94,6 +94,8 @@ class FakeHubHandler(http.server.BaseHTTPRequestHandler):
         if self.command == "POST" and path == "/api/validate-yaml":
             return self._json(200, {"errors": [], "warnings": []})
         if match := re.fullmatch(rf"/api/models/{repo}/revision/(?P<rev>.+)", path):
+            if match["rev"] == "main" or (match["repo"], match["rev"]) in hub.branches:
+                return self._json(200, {"id": match["repo"], "sha": "c" * 40, "xetEnabled": False})
             return self._json(404, {"error": "Invalid rev id"}, {"X-Error-Code": "RevisionNotFound"})
         if self.command == "POST" and (match := re.fullmatch(rf"/api/models/{repo}/branch/(?P<rev>.+)", path)):
             hub.branches.append((match["repo"], match["rev"]))
