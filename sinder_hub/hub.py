@@ -116,24 +116,25 @@ def write_model_card(
 
 
 def base_model_of(source_model: str | None) -> str | None:
-    """The hub repo a repair started from, or ``None`` for local files and planted models.
+    """The hub repo a repair started from, or ``None`` when the source is not known to be one.
 
-    ``hf-hub:ORG/NAME`` and ``ORG/NAME`` are hub ids; a bare timm name with a pretrained tag
-    (``vit_giant_patch14_dinov2.lvd142m``, or without the tag) maps to timm's own ``hf_hub_id`` for it.
+    As in ``load_backbone``: ``hf-hub:ORG/NAME`` is a hub id, a timm name (``vit_giant_patch14_dinov2.lvd142m``,
+    with or without its tag) maps to timm's own ``hf_hub_id`` for it, and anything else is a local path
+    (``ORG/NAME`` without the prefix too) or a planted model; a path inside the hub cache
+    (``.../models--ORG--NAME/snapshots/...``) names its repo.
     """
     if not source_model:
         return None
-    spec = source_model.removeprefix("hf-hub:").removeprefix("hf://")
-    if Path(spec).exists() or spec.startswith(("/", ".", "~")) or Path(spec).suffix in (".safetensors", ".pth", ".bin", ".pt"):
-        return None
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
-        return spec
-    if re.fullmatch(r"[\w-]+(\.[\w-]+)?", spec):
+    if source_model.startswith("hf-hub:"):
+        return source_model.removeprefix("hf-hub:")
+    if cached := re.search(r"models--([\w.-]+)--([\w.-]+)/snapshots/", source_model):
+        return f"{cached[1]}/{cached[2]}"
+    if re.fullmatch(r"[\w-]+(\.[\w-]+)?", source_model):
         import timm.models
 
         try:
-            return timm.models.get_pretrained_cfg(spec, allow_unregistered=False).hf_hub_id or None
-        except RuntimeError:  # not a timm model with pretrained weights (e.g. a planted test model)
+            return timm.models.get_pretrained_cfg(source_model, allow_unregistered=False).hf_hub_id or None
+        except RuntimeError:  # not a timm model with pretrained weights (e.g. planted-swiglu)
             return None
     return None
 

@@ -202,10 +202,11 @@ def test_interpolation_note_can_be_filled(tmp_path):
 
 @pytest.mark.parametrize(("source", "expected"), [
     ("hf-hub:timm/vit_giant_patch14_dinov2.lvd142m", "timm/vit_giant_patch14_dinov2.lvd142m"),
-    ("facebook/dinov2-giant", "facebook/dinov2-giant"),
+    ("/root/.cache/huggingface/hub/models--facebook--dinov2-giant/snapshots/611a9d4", "facebook/dinov2-giant"),
     ("vit_giant_patch14_dinov2.lvd142m", "timm/vit_giant_patch14_dinov2.lvd142m"),
-    ("planted:swiglu", None),
-    ("planted", None),
+    ("vit_giant_patch14_dinov2", "timm/vit_giant_patch14_dinov2.lvd142m"),
+    ("planted-swiglu", None),
+    ("runs/vit_giant", None),  # load_backbone reads ORG/NAME without hf-hub: as a local path
     ("/data/weights/dinov2.safetensors", None),
     (None, None),
 ])

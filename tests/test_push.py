@@ -169,7 +169,7 @@ def folder(tmp_path):
     (run / "config.json").write_text(json.dumps({"architecture": "vit_small_patch14_dinov2", "num_classes": 0,
                                                  "model_args": {"img_size": 224}}))
     (run / "model.safetensors").write_bytes(os.urandom(3000))
-    (run / "repair_report.json").write_text(json.dumps({"source_model": "planted", "steps": 12}))
+    (run / "repair_report.json").write_text(json.dumps({"source_model": "planted-swiglu", "steps": 12}))
     (run / "before_after_astronaut.png").write_bytes(os.urandom(500))
     (run / "checkpoint" / "state.pt").write_bytes(b"optimiser state")
     return run
