@@ -127,7 +127,7 @@ def base_model_of(source_model: str | None) -> str | None:
         return None
     if source_model.startswith("hf-hub:"):
         return source_model.removeprefix("hf-hub:")
-    if cached := re.search(r"models--([\w.-]+)--([\w.-]+)/snapshots/", source_model):
+    if cached := re.search(r"models--([\w.-]+?)--([\w.-]+)/snapshots/", source_model):
         return f"{cached[1]}/{cached[2]}"
     if re.fullmatch(r"[\w-]+(\.[\w-]+)?", source_model):
         import timm.models
@@ -140,14 +140,12 @@ def base_model_of(source_model: str | None) -> str | None:
 
 
 def _hub_datasets(report: dict | None) -> list[str] | None:
-    """The repair data as hub dataset ids (``ORG/NAME`` or ``hf://datasets/ORG/NAME``), else ``None``."""
+    """The repair data as hub dataset ids (``hf://datasets/ORG/NAME`` or a hub-cache snapshot path), else ``None``."""
     data = (report or {}).get("hyperparameters", {}).get("data")
     sources = [data] if isinstance(data, str) else data if isinstance(data, list) else []
-    ids = []
-    for source in sources:
-        source = str(source).removeprefix("hf://datasets/")
-        if re.fullmatch(r"[\w.-]+/[\w.-]+", source) and not Path(source).exists():
-            ids.append(source)
+    patterns = (r"^hf://datasets/([\w.-]+)/([\w.-]+)", r"datasets--([\w.-]+?)--([\w.-]+)/snapshots/")
+    ids = [f"{match[1]}/{match[2]}" for source in sources for pattern in patterns
+           if (match := re.search(pattern, str(source)))]
     return ids or None
 
 

@@ -221,3 +221,15 @@ def test_local_source_omits_base_model(tmp_path):
     card = ModelCard.load(write_model_card(timm_folder(tmp_path / "t", report=report), repo_id=REPO_ID))
     assert "base_model" not in card.data.to_dict() and "datasets" not in card.data.to_dict()
     assert "not a model on the hub" in card.text
+
+
+@pytest.mark.parametrize(("data", "expected"), [
+    ("hf://datasets/ILSVRC/imagenet-1k", ["ILSVRC/imagenet-1k"]),
+    ("/root/.cache/huggingface/hub/datasets--ILSVRC--imagenet-1k/snapshots/9fb3b0d/train", ["ILSVRC/imagenet-1k"]),
+    ("/data/imagenet/train", None),
+    (None, None),
+])
+def test_datasets_only_for_hub_data(tmp_path, data, expected):
+    report = {**REPORT, "hyperparameters": {**REPORT["hyperparameters"], "data": data}}
+    card = build_model_card(timm_folder(tmp_path / "t", report=report))
+    assert card.data.to_dict().get("datasets") == expected
