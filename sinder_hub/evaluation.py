@@ -1,0 +1,445 @@
+"""Feature quality of a frozen backbone: k-NN classification, linear-probe and k-means segmentation.
+
+Every evaluation takes an *encoder*, a function of normalised ``[B, 3, R, R]`` images:
+``class_token_encoder(model)`` gives ``[B, D]`` features, ``patch_token_encoder(model)``
+``[B, H, W, D]`` (both after the final norm); any other function of that shape works
+(hand-crafted or random features as references).
+
+Data layouts (images are read with ``data.load_rgb`` and ``data.sinder_transform(R)``):
+
+- classification: ``ROOT/train/<class>/*`` and ``ROOT/val/<class>/*`` (classes = train's
+  sub-folders);
+- segmentation: ``ROOT/<split>/images/<stem>.<ext>`` with ``ROOT/<split>/masks/<stem>.png``,
+  single-channel index masks (mode L or P, VOC-style) of the image's size, 255 = ignore.
+  Masks are resized (nearest) and cropped like the images, and scored at ``R x R``. The
+  linear probe trains on ``train`` and scores ``val``; k-means clusters and scores ``val``.
+
+Everything is kept in memory: meant for small benchmarks and before/after comparisons.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+from torchvision.transforms import v2
+
+from .data import list_images, load_rgb, sinder_transform
+from .tokens import patch_grid
+
+IGNORE_INDEX = 255
+Encoder = Callable[[torch.Tensor], torch.Tensor]
+
+
+# --- encoders -------------------------------------------------------------------------
+
+
+def class_token_encoder(model: nn.Module) -> Encoder:
+    """``[B, 3, R, R]`` images -> final-normed class tokens ``[B, D]`` (DINOv2's k-NN feature)."""
+    device = next(model.parameters()).device
+
+    @torch.inference_mode()
+    def encode(images: torch.Tensor) -> torch.Tensor:
+        return model.forward_features(images.to(device))[:, 0].float().cpu()
+
+    return encode
+
+
+def patch_token_encoder(model: nn.Module) -> Encoder:
+    """``[B, 3, R, R]`` images -> final-normed patch tokens ``[B, H, W, D]``."""
+    device = next(model.parameters()).device
+
+    @torch.inference_mode()
+    def encode(images: torch.Tensor) -> torch.Tensor:
+        tokens = model.forward_features(images.to(device))
+        return patch_grid(model, tokens, tuple(images.shape[-2:])).float().cpu()
+
+    return encode
+
+
+def encode_files(encoder: Encoder, paths: list[Path], resolution: int, batch_size: int = 16) -> torch.Tensor:
+    """Encode image files in batches: ``[N, ...]`` (whatever the encoder returns per image)."""
+    transform = sinder_transform(resolution)
+    outputs = []
+    for start in range(0, len(paths), batch_size):
+        batch = torch.stack([transform(load_rgb(path, min_size=14)) for path in paths[start:start + batch_size]])
+        outputs.append(encoder(batch))
+    return torch.cat(outputs)
+
+
+# --- data -----------------------------------------------------------------------------
+
+
+def classification_split(root: str | Path, split: str, classes: list[str] | None = None) -> tuple[list[Path], torch.Tensor, list[str]]:
+    """Images of ``ROOT/split/<class>/``: ``(paths, labels [N], classes)``; ``classes`` default to the folder's."""
+    folder = Path(root) / split
+    if not folder.is_dir():
+        raise FileNotFoundError(f"classification split {folder} does not exist (expected {folder}/<class>/*.png)")
+    found = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    if not found:
+        raise ValueError(f"{folder} has no class sub-folders")
+    classes = found if classes is None else classes
+    unknown = [name for name in found if name not in classes]
+    if unknown:
+        raise ValueError(f"{folder} has classes {unknown} that are not in the training split")
+    paths, labels = [], []
+    for name in found:
+        for path in list_images(folder / name):
+            paths.append(path)
+            labels.append(classes.index(name))
+    return paths, torch.tensor(labels), classes
+
+
+def segmentation_split(root: str | Path, split: str) -> list[tuple[Path, Path]]:
+    """``(image, mask)`` pairs of ``ROOT/split/images/<stem>.*`` and ``ROOT/split/masks/<stem>.png``."""
+    folder = Path(root) / split
+    if not (folder / "images").is_dir():
+        raise FileNotFoundError(f"segmentation split {folder} has no images/ folder (expected images/<stem>.* and masks/<stem>.png)")
+    pairs = []
+    for image in list_images(folder / "images"):
+        mask = folder / "masks" / f"{image.stem}.png"
+        if not mask.is_file():
+            raise FileNotFoundError(f"no mask {mask} for image {image}")
+        pairs.append((image, mask))
+    return pairs
+
+
+def load_mask(mask_path: Path, image_path: Path, resolution: int) -> torch.Tensor:
+    """An index mask resized (nearest) and centre-cropped like its image: ``[R, R]`` int64."""
+    with Image.open(image_path) as image:
+        image_size = image.size
+    with Image.open(mask_path) as mask:
+        if mask.mode not in ("L", "P", "I", "I;16"):
+            raise ValueError(f"{mask_path}: mask must be a single-channel index image (L or P), got mode {mask.mode}")
+        if mask.size != image_size:
+            raise ValueError(f"{mask_path}: mask is {mask.size[0]}x{mask.size[1]} px but its image {image_path} is {image_size[0]}x{image_size[1]}")
+        labels = torch.from_numpy(np.asarray(mask, dtype=np.int64).copy())[None]
+    labels = v2.functional.resize(labels, resolution, interpolation=v2.InterpolationMode.NEAREST)
+    return v2.functional.center_crop(labels, resolution)[0]
+
+
+def load_segmentation(encoder: Encoder, pairs: list[tuple[Path, Path]], resolution: int, batch_size: int = 16):
+    """Patch features ``[N, H, W, D]`` and masks ``[N, R, R]`` of ``(image, mask)`` pairs."""
+    features = encode_files(encoder, [image for image, _ in pairs], resolution, batch_size)
+    masks = torch.stack([load_mask(mask, image, resolution) for image, mask in pairs])
+    return features, masks
+
+
+def _num_classes(*masks: torch.Tensor) -> int:
+    labels = torch.cat([m.flatten() for m in masks])
+    labels = labels[labels != IGNORE_INDEX]
+    if not len(labels):
+        raise ValueError("the masks hold no labelled pixel (all 255)")
+    return int(labels.max()) + 1
+
+
+# --- metrics --------------------------------------------------------------------------
+
+
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+    """Percent of rows of ``scores [N, C]`` whose label is among the top-k (k capped at C): ``{"top1": …, "top5": …}``."""
+    ranked = scores.argsort(dim=1, descending=True)
+    hits = ranked == labels[:, None]
+    return {f"top{k}": 100.0 * float(hits[:, :k].any(dim=1).float().mean()) for k in ks}
+
+
+def confusion_matrix(
+    predictions: torch.Tensor, targets: torch.Tensor, num_classes: int, num_predictions: int | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """``[C, P]`` pixel counts (``P = num_predictions``, default ``C``), rows = target, columns = prediction; ``ignore_index`` targets skipped."""
+    num_predictions = num_predictions or num_classes
+    valid = targets != ignore_index
+    index = targets[valid] * num_predictions + predictions[valid]
+    return torch.bincount(index, minlength=num_classes * num_predictions).view(num_classes, num_predictions)
+
+
+def segmentation_scores(confusion: torch.Tensor) -> dict:
+    """``miou`` and ``pixel_accuracy`` (percent) and per-class ``iou`` of a ``[C, C']`` confusion matrix.
+
+    Rows are target classes, columns predictions; columns beyond ``C`` are predictions of
+    no class (they only add false negatives). A class's IoU is ``TP / (TP + FP + FN)``;
+    classes neither present nor predicted get ``None`` and are left out of the mean.
+    """
+    confusion = confusion.double()
+    classes = confusion.shape[0]
+    true_positive = confusion.diag()
+    union = confusion[:, :classes].sum(dim=0) + confusion.sum(dim=1) - true_positive
+    iou = [float(tp / u) * 100.0 if u > 0 else None for tp, u in zip(true_positive, union)]
+    present = [value for value in iou if value is not None]
+    return {
+        "miou": sum(present) / len(present),
+        "pixel_accuracy": 100.0 * float(true_positive.sum() / confusion.sum()),
+        "iou": iou,
+    }
+
+
+# --- k-NN classification ---------------------------------------------------------------
+
+
+def knn_votes(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    query_features: torch.Tensor,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+) -> torch.Tensor:
+    """DINO's weighted k-NN: cosine similarity to the ``k`` nearest training features, each
+    voting ``exp(sim / temperature)`` for its class: ``[Nq, C]`` votes."""
+    train = F.normalize(train_features.float(), dim=1)
+    query = F.normalize(query_features.float(), dim=1)
+    similarity, index = (query @ train.T).topk(min(k, len(train)), dim=1)
+    weights = (similarity / temperature).exp()
+    votes = torch.zeros(len(query), num_classes)
+    return votes.scatter_add_(1, train_labels[index], weights)
+
+
+def knn_evaluate(encoder: Encoder, root: str | Path, resolution: int = 224, k: int = 20, temperature: float = 0.07, batch_size: int = 16) -> dict:
+    """k-NN top-1 / top-5 (percent) of ``ROOT/val`` against ``ROOT/train`` with class-token features."""
+    train_paths, train_labels, classes = classification_split(root, "train")
+    val_paths, val_labels, _ = classification_split(root, "val", classes)
+    train_features = encode_files(encoder, train_paths, resolution, batch_size)
+    val_features = encode_files(encoder, val_paths, resolution, batch_size)
+    votes = knn_votes(train_features, train_labels, val_features, len(classes), k=k, temperature=temperature)
+    return {**topk_accuracy(votes, val_labels), "k": k, "temperature": temperature, "classes": classes,
+            "train_images": len(train_paths), "val_images": len(val_paths)}
+
+
+# --- linear-probe segmentation -----------------------------------------------------------
+
+
+def patch_label_counts(masks: torch.Tensor, grid: tuple[int, int], num_classes: int) -> torch.Tensor:
+    """Pixels of each class under each patch: ``[N, R, R]`` masks -> ``[N, H, W, C]`` counts (``IGNORE_INDEX`` left out).
+
+    Pixels beyond the last whole patch (``R`` not a multiple of the grid) are dropped, as the patch embedding drops them.
+    """
+    H, W = grid
+    patch_h, patch_w = masks.shape[-2] // H, masks.shape[-1] // W
+    masks = masks[:, : H * patch_h, : W * patch_w]
+    one_hot = F.one_hot(masks.clamp_max(num_classes), num_classes + 1)[..., :num_classes]  # ignored pixels -> zeros
+    return one_hot.view(len(masks), H, patch_h, W, patch_w, num_classes).sum(dim=(2, 4)).float()
+
+
+def train_linear_probe(
+    features: torch.Tensor, masks: torch.Tensor, num_classes: int, steps: int = 100, weight_decay: float = 1e-4,
+    batch_size: int = 16,
+) -> Callable[[torch.Tensor, tuple[int, int]], torch.Tensor]:
+    """Fit a linear layer on ``[N, H, W, D]`` patch features against ``[N, R, R]`` masks.
+
+    Features are standardised per channel with the training statistics (a frozen batch
+    norm). Training runs on the patch grid: each patch's target is the class histogram of
+    its pixels (cross-entropy weighted by pixel counts: the loss of nearest-upsampled
+    logits, without materialising them), plus ``weight_decay · ‖W‖²``, minimised over the
+    whole set by L-BFGS for ``steps`` iterations (the problem is convex, so there is no
+    learning rate or seed to tune). Returns ``predict(features [N, H, W, D], size (R, R))
+    -> labels [N, R, R]``, which upsamples the logits bilinearly to the mask size.
+    """
+    mean, std = features.mean(dim=(0, 1, 2)), features.std(dim=(0, 1, 2)).clamp_min(1e-6)
+    inputs = ((features - mean) / std).flatten(0, 2)
+    counts = patch_label_counts(masks, tuple(features.shape[1:3]), num_classes).flatten(0, 2)
+    if counts.sum() == 0:
+        raise ValueError("the training masks hold no labelled pixel (all 255)")
+    linear = nn.Linear(features.shape[-1], num_classes)
+    nn.init.zeros_(linear.weight)
+    nn.init.zeros_(linear.bias)
+    optimiser = torch.optim.LBFGS(linear.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimiser.zero_grad()
+        loss = -(counts * linear(inputs).log_softmax(dim=-1)).sum() / counts.sum() + weight_decay * linear.weight.square().sum()
+        loss.backward()
+        return loss
+
+    optimiser.step(closure)
+
+    @torch.no_grad()
+    def predict(batch: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        labels = []
+        for chunk in batch.split(batch_size):
+            scores = linear((chunk - mean) / std).permute(0, 3, 1, 2)
+            labels.append(F.interpolate(scores, size=size, mode="bilinear", align_corners=False).argmax(dim=1))
+        return torch.cat(labels)
+
+    return predict
+
+
+def linear_probe_segmentation(
+    encoder: Encoder, root: str | Path, resolution: int = 224, steps: int = 100, weight_decay: float = 1e-4,
+    batch_size: int = 16,
+) -> dict:
+    """Linear probe on frozen patch features: trained on ``ROOT/train``, mIoU / pixel accuracy on ``ROOT/val``."""
+    train_features, train_masks = load_segmentation(encoder, segmentation_split(root, "train"), resolution, batch_size)
+    val_features, val_masks = load_segmentation(encoder, segmentation_split(root, "val"), resolution, batch_size)
+    num_classes = _num_classes(train_masks, val_masks)
+    predict = train_linear_probe(train_features, train_masks, num_classes, steps=steps, weight_decay=weight_decay, batch_size=batch_size)
+    scores = segmentation_scores(confusion_matrix(predict(val_features, tuple(val_masks.shape[-2:])), val_masks, num_classes))
+    return {**scores, "classes": num_classes, "train_images": len(train_masks), "val_images": len(val_masks), "steps": steps}
+
+
+# --- unsupervised (k-means) segmentation ---------------------------------------------------
+
+
+def kmeans(points: torch.Tensor, clusters: int, iterations: int = 50, restarts: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means with k-means++ seeding, best of ``restarts``: ``(assignments [n], centroids [k, D])``."""
+    points = points.double()
+    generator = torch.Generator().manual_seed(seed)
+    best = None
+    for _ in range(restarts):
+        centroids = points[torch.randint(len(points), (1,), generator=generator)]
+        while len(centroids) < clusters:
+            distance = torch.cdist(points, centroids).min(dim=1).values.square()
+            weights = distance if distance.sum() > 0 else torch.ones_like(distance)
+            centroids = torch.cat([centroids, points[torch.multinomial(weights, 1, generator=generator)]])
+        for _ in range(iterations):
+            assignments = torch.cdist(points, centroids).argmin(dim=1)
+            updated = torch.stack([points[assignments == c].mean(dim=0) if (assignments == c).any() else centroids[c] for c in range(clusters)])
+            if torch.allclose(updated, centroids):
+                break
+            centroids = updated
+        distance = torch.cdist(points, centroids)
+        assignments = distance.argmin(dim=1)
+        inertia = float(distance.min(dim=1).values.square().sum())
+        if best is None or inertia < best[0]:
+            best = (inertia, assignments, centroids.float())
+    return best[1], best[2]
+
+
+def match_clusters(confusion: torch.Tensor) -> torch.Tensor:
+    """Hungarian matching of clusters to labels maximising matched pixels.
+
+    ``confusion [C_labels, K_clusters]`` -> ``label_of_cluster [K]`` (``-1`` for clusters left unmatched when K > C).
+    """
+    labels, clusters = linear_sum_assignment(confusion.numpy(), maximize=True)
+    label_of_cluster = torch.full((confusion.shape[1],), -1, dtype=torch.long)
+    label_of_cluster[torch.as_tensor(clusters)] = torch.as_tensor(labels)
+    return label_of_cluster
+
+
+def kmeans_segmentation(
+    encoder: Encoder, root: str | Path, resolution: int = 224, clusters: int | None = None, seed: int = 0,
+    batch_size: int = 16, split: str = "val",
+) -> dict:
+    """Unsupervised segmentation: k-means on the L2-normalised patch features of ``ROOT/split``
+    (``clusters`` default: the number of classes), clusters painted over their patches,
+    matched to labels by the Hungarian algorithm, scored by mIoU / pixel accuracy."""
+    features, masks = load_segmentation(encoder, segmentation_split(root, split), resolution, batch_size)
+    num_classes = _num_classes(masks)
+    clusters = clusters or num_classes
+    N, H, W, D = features.shape
+    assignments, _ = kmeans(F.normalize(features.reshape(-1, D), dim=1), clusters, seed=seed)
+    painted = F.interpolate(assignments.view(N, 1, H, W).float(), size=tuple(masks.shape[-2:]), mode="nearest").long()[:, 0]
+    label_of_cluster = match_clusters(confusion_matrix(painted, masks, num_classes, clusters))
+    predictions = label_of_cluster[painted]
+    predictions[predictions < 0] = num_classes  # unmatched clusters: wrong for every label
+    scores = segmentation_scores(confusion_matrix(predictions, masks, num_classes, num_classes + 1))
+    return {**scores, "classes": num_classes, "clusters": clusters, "images": N}
+
+
+# --- a synthetic dataset ---------------------------------------------------------------------
+
+SHAPE_CLASSES = ("disc", "square", "triangle", "cross", "ring")
+SHAPE_COLOURS = {  # one hue per class, so hand-crafted colour features are an oracle
+    "disc": (0.85, 0.15, 0.15),
+    "square": (0.15, 0.70, 0.20),
+    "triangle": (0.15, 0.30, 0.90),
+    "cross": (0.90, 0.80, 0.10),
+    "ring": (0.80, 0.20, 0.80),
+}
+
+
+def _shape_mask(kind: str, size: int, centre: tuple[float, float], radius: float, angle: float) -> np.ndarray:
+    """Boolean ``[size, size]`` mask of one shape."""
+    rows, cols = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
+    dy, dx = rows - centre[0], cols - centre[1]
+    u = np.cos(angle) * dx + np.sin(angle) * dy
+    v = -np.sin(angle) * dx + np.cos(angle) * dy
+    distance = np.hypot(u, v)
+    if kind == "disc":
+        return distance < radius
+    if kind == "square":
+        return np.maximum(abs(u), abs(v)) < 0.8 * radius
+    if kind == "triangle":  # equilateral: inside the three edges at distance radius / 2 from the centre
+        normals = [angle + math.pi / 2 + k * 2 * math.pi / 3 for k in range(3)]
+        return np.all([np.cos(n) * dx + np.sin(n) * dy < radius / 2 for n in normals], axis=0)
+    if kind == "cross":
+        arm = 0.3 * radius
+        return ((abs(u) < arm) & (abs(v) < radius)) | ((abs(v) < arm) & (abs(u) < radius))
+    if kind == "ring":
+        return (distance < radius) & (distance > 0.55 * radius)
+    raise ValueError(f"unknown shape {kind!r}; known: {', '.join(SHAPE_CLASSES)}")
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Grey texture: random gratings plus noise, ``[size, size, 3]`` in ``[0.2, 0.8]``."""
+    rows, cols = np.mgrid[0:size, 0:size] / size
+    texture = np.zeros((size, size))
+    for _ in range(3):
+        angle, frequency, phase = rng.uniform(0, math.pi), rng.uniform(2, 12), rng.uniform(0, 2 * math.pi)
+        texture += np.sin(2 * math.pi * frequency * (np.cos(angle) * cols + np.sin(angle) * rows) + phase)
+    texture = 0.5 + 0.08 * texture + 0.05 * rng.standard_normal((size, size))
+    return np.repeat(texture.clip(0.2, 0.8)[..., None], 3, axis=2)
+
+
+def _paint(rng: np.random.Generator, canvas: np.ndarray, kind: str, mask: np.ndarray) -> None:
+    colour = np.clip(np.asarray(SHAPE_COLOURS[kind]) + rng.uniform(-0.07, 0.07, 3), 0, 1)
+    shading = 0.9 + 0.1 * rng.random(mask.sum())
+    canvas[mask] = colour[None, :] * shading[:, None]
+
+
+def _random_shape(rng: np.random.Generator, size: int, kind: str, radius_range: tuple[float, float]) -> np.ndarray:
+    radius = rng.uniform(*radius_range) * size
+    centre = tuple(rng.uniform(radius, size - radius, 2))
+    return _shape_mask(kind, size, centre, radius, rng.uniform(0, 2 * math.pi))
+
+
+def _save_rgb(array: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((array * 255).round().astype(np.uint8)).save(path)
+
+
+def make_shapes_dataset(root: str | Path, n_per_class: int = 8, size: int = 112, seed: int = 0) -> Path:
+    """Write a small synthetic benchmark of coloured shapes on grey textures; returns ``root``.
+
+    - ``ROOT/classification/{train,val}/<class>/<class>_<i>.png``: one shape of the class
+      per image, ``n_per_class`` images per class and split;
+    - ``ROOT/segmentation/{train,val}/images/<i>.png`` and ``masks/<i>.png``:
+      ``n_per_class x len(SHAPE_CLASSES)`` images per split with 1–3 shapes each; mask
+      0 = background, ``1 + SHAPE_CLASSES.index(class)`` = shape, 255 = the one-pixel
+      boundary between regions (ignored).
+
+    Classes differ in shape and hue (``SHAPE_COLOURS``, jittered); positions, sizes,
+    rotations and textures are random (``seed``).
+    """
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    for split in ("train", "val"):
+        for kind in SHAPE_CLASSES:
+            for index in range(n_per_class):
+                canvas = _background(rng, size)
+                _paint(rng, canvas, kind, _random_shape(rng, size, kind, (0.2, 0.35)))
+                _save_rgb(canvas, root / "classification" / split / kind / f"{kind}_{index:04d}.png")
+        for index in range(n_per_class * len(SHAPE_CLASSES)):
+            canvas, labels = _background(rng, size), np.zeros((size, size), dtype=np.uint8)
+            for label in rng.integers(0, len(SHAPE_CLASSES), rng.integers(1, 4)):
+                kind = SHAPE_CLASSES[label]
+                mask = _random_shape(rng, size, kind, (0.12, 0.25))
+                _paint(rng, canvas, kind, mask)
+                labels[mask] = label + 1
+            padded = np.pad(labels, 1, mode="edge")
+            boundary = np.zeros_like(labels, dtype=bool)
+            for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
+                boundary |= padded[dy:dy + size, dx:dx + size] != labels
+            labels[boundary] = IGNORE_INDEX
+            folder = root / "segmentation" / split
+            _save_rgb(canvas, folder / "images" / f"{index:04d}.png")
+            (folder / "masks").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(labels).save(folder / "masks" / f"{index:04d}.png")
+    return root
