@@ -84,7 +84,7 @@ def _remap(state_dict: dict[str, torch.Tensor], key_map, reverse: bool) -> dict[
             *index, rest = match.groups()
             if reverse:
                 parts = [hf.format(*index) + rest for hf in hf_keys]
-                out[timm_key.format(*index) + rest] = torch.cat([state_dict[p] for p in parts])
+                out[timm_key.format(*index) + rest] = torch.cat([state_dict[p] for p in parts])  # a copy
                 used.update(parts)
             else:
                 for target, chunk in zip(hf_keys, state_dict[key].chunk(len(hf_keys))):
@@ -178,9 +178,10 @@ def transformers_to_timm_state_dict(state_dict: dict[str, torch.Tensor], swiglu:
 def to_transformers(model: VisionTransformer) -> Dinov2Model | Dinov2WithRegistersModel:
     """timm DINOv2 ViT -> transformers model with the same weights (eval mode)."""
     config = transformers_config(model)
-    hf_model = (Dinov2WithRegistersModel if config.model_type == "dinov2_with_registers" else Dinov2Model)(config)
+    with torch.device("meta"):  # no random init: every weight is assigned below
+        hf_model = (Dinov2WithRegistersModel if config.model_type == "dinov2_with_registers" else Dinov2Model)(config)
     state_dict = timm_to_transformers_state_dict(model.state_dict(), config.use_swiglu_ffn)
-    hf_model.load_state_dict(state_dict, strict=True)
+    hf_model.load_state_dict(state_dict, strict=True, assign=True)
     return hf_model.eval()
 
 
@@ -188,9 +189,10 @@ def from_transformers(hf_model: PreTrainedModel, **model_kwargs) -> VisionTransf
     """transformers Dinov2 / Dinov2WithRegisters model -> timm ViT (eval, ``dynamic_img_size=True``
     unless ``model_kwargs`` say otherwise) with the same weights."""
     architecture, model_args = timm_architecture(hf_model.config)
-    model = timm.create_model(architecture, pretrained=False, **{**model_args, "dynamic_img_size": True, **model_kwargs})
+    with torch.device("meta"):  # no random init: every weight is assigned below
+        model = timm.create_model(architecture, pretrained=False, **{**model_args, "dynamic_img_size": True, **model_kwargs})
     state_dict = transformers_to_timm_state_dict(hf_model.state_dict(), hf_model.config.use_swiglu_ffn)
-    model.load_state_dict(state_dict, strict=True)
+    model.load_state_dict(state_dict, strict=True, assign=True)
     return model.eval()
 
 

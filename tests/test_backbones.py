@@ -23,7 +23,8 @@ STOCK = ("vit_small_patch14_dinov2", "vit_base_patch14_dinov2", "vit_large_patch
 def random_dinov2(architecture: str, seed: int = 0, **kwargs) -> VisionTransformer:
     """Small DINOv2-shaped timm ViT with random non-trivial weights (layer scales, norms, biases)."""
     generator = torch.Generator().manual_seed(seed)
-    model = timm.create_model(architecture, pretrained=False, dynamic_img_size=True, **{**SMALL, **kwargs}).eval()
+    model = timm.create_model(architecture, pretrained=False, dynamic_img_size=True, weight_init="skip",
+                              **{**SMALL, **kwargs}).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(("gamma", "norm1.weight", "norm2.weight", "norm.weight")):
@@ -156,6 +157,17 @@ def test_transformers_folder(tmp_path, architecture):
     model = load_backbone(tmp_path)
     assert model.dynamic_img_size and not model.training
     assert_same_weights(model, source)
+
+
+def test_transformers_folder_missing_weight_is_an_error(tmp_path):
+    from sinder_hub.convert import to_transformers
+
+    to_transformers(random_dinov2("vit_small_patch14_dinov2")).save_pretrained(tmp_path)
+    weights = safetensors.torch.load_file(tmp_path / "model.safetensors")
+    del weights["layernorm.weight"]
+    safetensors.torch.save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(BackboneError, match="layernorm.weight"):
+        load_backbone(tmp_path)
 
 
 def test_planted_specs_dispatch_to_testing(monkeypatch):

@@ -1,0 +1,159 @@
+"""timm <-> transformers: same features, exact round trip, folders that stock timm / transformers load."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+from test_backbones import assert_same_weights, random_dinov2
+from timm.models import save_for_hf
+
+import sinder_hub.hub
+from sinder_hub.convert import export, from_transformers, timm_architecture, to_transformers, transformers_config
+
+MODEL_TYPES = {
+    "gelu": "vit_small_patch14_dinov2",
+    "swiglu": "vit_giant_patch14_dinov2",
+    "gelu+reg4": "vit_small_patch14_reg4_dinov2",
+    "swiglu+reg4": "vit_giant_patch14_reg4_dinov2",
+}
+
+
+@pytest.fixture(scope="module", params=list(MODEL_TYPES))
+def pair(request):
+    """(model type, timm model, its transformers conversion, {size: (timm, transformers) features})."""
+    model = random_dinov2(MODEL_TYPES[request.param])
+    hf_model = to_transformers(model)
+    features = {}
+    with torch.no_grad():
+        for size in (518, 224):
+            image = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(size))
+            features[size] = model.forward_features(image), hf_model(pixel_values=image).last_hidden_state
+    return request.param, model, hf_model, features
+
+
+def test_same_features_at_518(pair):
+    kind, model, hf_model, features = pair
+    assert type(hf_model).__name__ == ("Dinov2WithRegistersModel" if "reg4" in kind else "Dinov2Model")
+    ours, theirs = features[518]
+    assert ours.shape == theirs.shape == (1, 1 + model.num_reg_tokens + 37 * 37, 192)
+    assert (ours - theirs).abs().max() <= 1e-4 * ours.abs().max()
+
+
+def test_round_trip_is_exact(pair):
+    _, model, hf_model, _ = pair
+    back = from_transformers(hf_model)
+    assert back.pretrained_cfg["architecture"] == model.pretrained_cfg["architecture"] and back.dynamic_img_size
+    assert_same_weights(back, model)
+
+
+def test_below_518_only_plain_dinov2_differs(pair):
+    """Plain transformers Dinov2 resamples position embeddings without antialias, timm and
+    Dinov2WithRegisters with: at 224 the features of plain models differ, register models agree."""
+    kind, _, _, features = pair
+    for size, (ours, theirs) in features.items():
+        diff = (ours - theirs).abs().max().item()
+        print(f"{kind:<12} {size}px max abs diff {diff:.3e} relative {diff / ours.abs().max().item():.3e}")
+    ours, theirs = features[224]
+    assert ((ours - theirs).abs().max() <= 1e-4 * ours.abs().max()) == ("reg4" in kind)
+
+
+def test_stock_shape_converts_to_stock_name():
+    with torch.device("meta"):
+        model = timm.create_model("vit_giant_patch14_reg4_dinov2_sinder", weight_init="skip")
+    config = transformers_config(model)
+    assert (config.hidden_size, config.num_hidden_layers, config.mlp_ratio, config.num_register_tokens) == (1536, 40, 4, 4)
+    architecture, model_args = timm_architecture(config)
+    assert (architecture, model_args) == ("vit_giant_patch14_reg4_dinov2", {"img_size": 518})
+
+
+def test_head_has_no_transformers_counterpart():
+    model = random_dinov2("vit_small_patch14_dinov2", num_classes=10)
+    with pytest.raises(ValueError, match=r"no transformers counterpart: \['head.weight', 'head.bias'\]"):
+        to_transformers(model)
+
+
+STOCK_LOADER = textwrap.dedent("""
+    import sys, timm, torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoImageProcessor, AutoModel
+    from PIL import Image
+    out, image = {}, load_file(sys.argv[1])["image"]
+    for name in sys.argv[2:]:
+        timm_model = timm.create_model(f"local-dir:{name}/timm", pretrained=True).eval()
+        hf_model = AutoModel.from_pretrained(f"{name}/transformers").eval()
+        processor = AutoImageProcessor.from_pretrained(f"{name}/transformers")
+        pixels = processor(Image.new("RGB", (320, 240)), return_tensors="pt")["pixel_values"]
+        assert pixels.shape == (1, 3, 224, 224), pixels.shape
+        with torch.no_grad():
+            out[f"{name}/timm"] = timm_model.forward_features(image)
+            out[f"{name}/transformers"] = hf_model(pixel_values=image).last_hidden_state
+    assert "sinder_hub" not in sys.modules
+    save_file(out, sys.argv[1] + ".out")
+""")
+
+
+def test_exported_folders_load_in_stock_timm_and_transformers(tmp_path):
+    """A repair run folder (with report) and a *_sinder model, exported as both; loaded in a subprocess
+    that never imports sinder_hub, they give the features of the model they came from."""
+    run = random_dinov2("vit_small_patch14_dinov2")
+    save_for_hf(run, tmp_path / "run", safe_serialization=True)
+    (tmp_path / "run" / "repair_report.json").write_text(json.dumps({"steps": 3}))
+    sinder = random_dinov2("vit_giant_patch14_reg4_dinov2_sinder")
+    folders = {"run": export(tmp_path / "run", tmp_path / "out_run", format="both"),
+               "sinder": export(sinder, tmp_path / "out_sinder", format="both")}
+    assert folders["run"] == {"timm": tmp_path / "out_run/timm", "transformers": tmp_path / "out_run/transformers"}
+    for kind in ("timm", "transformers"):
+        assert json.loads((tmp_path / "out_run" / kind / "repair_report.json").read_text()) == {"steps": 3}
+        assert not (tmp_path / "out_sinder" / kind / "repair_report.json").exists()
+    assert json.loads((tmp_path / "out_sinder/timm/config.json").read_text())["architecture"] == "vit_giant_patch14_reg4_dinov2"
+    processor = json.loads((tmp_path / "out_run/transformers/preprocessor_config.json").read_text())
+    assert processor["image_processor_type"] == "BitImageProcessor" and processor["resample"] == 3
+    assert (processor["size"], processor["crop_size"]) == ({"shortest_edge": 256}, {"height": 224, "width": 224})
+    assert (processor["image_mean"], processor["image_std"]) == ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+
+    image = torch.randn(1, 3, 518, 518)
+    safetensors.torch.save_file({"image": image}, tmp_path / "image.safetensors")
+    subprocess.run([sys.executable, "-c", STOCK_LOADER, str(tmp_path / "image.safetensors"),
+                    str(tmp_path / "out_run"), str(tmp_path / "out_sinder")], check=True, cwd=tmp_path)
+    loaded = safetensors.torch.load_file(tmp_path / "image.safetensors.out")
+    with torch.no_grad():
+        for name, model in (("out_run", run), ("out_sinder", sinder)):
+            expected = model.forward_features(image)
+            for kind in ("timm", "transformers"):
+                assert (loaded[f"{tmp_path / name}/{kind}"] - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+def test_export_single_format_and_card_hook(tmp_path, monkeypatch):
+    cards = []
+    monkeypatch.setattr(sinder_hub.hub, "write_model_card", lambda folder, kind: cards.append((folder, kind)))
+    model = random_dinov2("vit_small_patch14_dinov2")
+    assert export(model, tmp_path, format="transformers", card=True) == {"transformers": tmp_path}
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "dinov2"
+    assert cards == [(tmp_path, "transformers")]
+    with pytest.raises(ValueError, match="unknown export format 'onnx'"):
+        export(model, tmp_path, format="onnx")
+
+
+def test_export_tool(tmp_path, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("export_tool", Path(__file__).parents[1] / "tools/export.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    save_for_hf(random_dinov2("vit_small_patch14_dinov2"), tmp_path / "run", safe_serialization=True)
+    tool.main([str(tmp_path / "run"), "--to", str(tmp_path / "out"), "--format", "timm"])
+    assert json.loads((tmp_path / "out/config.json").read_text())["architecture"] == "vit_small_patch14_dinov2"
+
+    calls = []
+    monkeypatch.setattr(tool, "load_backbone", lambda path, architecture: calls.append((path, architecture)) or "model")
+    monkeypatch.setattr(tool, "export", lambda source, to, format, card: calls.append((source, to, format, card)) or {})
+    tool.main(["--from-authors", "dinov2g_sinder.pth", "--to", "out"])
+    assert calls == [("dinov2g_sinder.pth", "vit_giant_patch14_dinov2_sinder"), ("model", "out", "both", False)]
+    with pytest.raises(SystemExit):
+        tool.main(["run", "--from-authors", "x.pth", "--to", "out"])
