@@ -231,19 +231,18 @@ def load_backbone(spec: str | Path, architecture: str | None = None, pretrained:
     """
     spec = str(spec)
     path = Path(spec).expanduser()
-    is_path = path.suffix in (".safetensors", ".pth", ".pt") or "/" in spec or spec.startswith(".") or path.exists()
+    is_path = not spec.startswith(("planted-", "hf-hub:")) and (
+        path.suffix in (".safetensors", ".pth", ".pt") or "/" in spec or spec.startswith(".") or path.exists())
     if architecture is not None and (not is_path or path.is_dir()):
         raise BackboneError(f"architecture= applies to checkpoint files only; {spec!r} names its own architecture")
     if spec.startswith("planted-"):
         model = _planted(spec, model_kwargs)
-    elif spec.startswith("hf-hub:"):
+    elif not is_path:
         model = _create(spec, pretrained, model_kwargs, spec)
-    elif is_path and not path.exists():
+    elif not path.exists():
         raise BackboneError(f"{path} does not exist (expected a checkpoint file or a model folder)")
     elif path.is_dir():
         model = _from_folder(path, pretrained, model_kwargs)
-    elif path.is_file():
-        model = _from_file(path, architecture, pretrained, model_kwargs)
     else:
-        model = _create(spec, pretrained, model_kwargs, spec)
+        model = _from_file(path, architecture, pretrained, model_kwargs)
     return model.eval()

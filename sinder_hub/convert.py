@@ -8,6 +8,8 @@ One key map (``KEY_MAP``) serves both directions. Besides renames it handles
   ``pos_embed [1, H*W, D]``; transformers adds ``position_embeddings[:, 0]`` to the class token and has
   ``[1, 1 + H*W, D]`` (the conversion writes a zero class position);
 - transformers' ``mask_token`` (masked-image-modelling only) is written as zeros and dropped on the way back.
+transformers >= 5 saves folders with the legacy key names (``attention.attention.query``, ``mlp.weights_in``...)
+and renames them on load (the names transformers 4 used).
 """
 
 from __future__ import annotations

@@ -213,9 +213,10 @@ def test_not_dinov2_like(name, found):
         load_backbone(name, pretrained=False, depth=1)
 
 
-def test_architecture_only_for_files():
+@pytest.mark.parametrize("spec", ["vit_small_patch14_dinov2", "hf-hub:someone/repo", "planted-gelu"])
+def test_architecture_only_for_files(spec):
     with pytest.raises(BackboneError, match="architecture= applies to checkpoint files only"):
-        load_backbone("vit_small_patch14_dinov2", architecture="vit_base_patch14_dinov2")
+        load_backbone(spec, architecture="vit_base_patch14_dinov2")
 
 
 def test_unusable_files_and_folders(tmp_path):
