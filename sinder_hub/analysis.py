@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.linalg
 import torch
 from timm.layers import GluMlp, Mlp
 from torch import nn
@@ -163,15 +164,15 @@ def block_linear_maps(
 
 
 def leading_left_singular_vector(
-    M: torch.Tensor, init: torch.Tensor | None = None, rank: int = 8, tol: float = 1e-10, max_iter: int = 40
+    M: torch.Tensor, init: torch.Tensor | None = None, rank: int = 8, tol: float = 1e-10, max_iter: int = 15
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Leading left singular vector of ``M [D, D]``: ``(u [D], basis [D, rank])``.
 
     Subspace iteration on ``M Mᵀ`` with ``rank`` vectors and Rayleigh–Ritz, warm-started
-    from ``init`` (the previous block's ``basis``); when the top singular values are too
-    close for it to converge in ``max_iter`` steps (relative residual above ``tol``),
-    a dense ``eigh`` of ``M Mᵀ`` gives the exact answer. The sign is fixed so that the
-    largest entry is positive.
+    from ``init`` (the previous block's ``basis``). When the top singular values are too
+    close for it to converge in ``max_iter`` steps (relative residual above ``tol``, as in
+    early blocks), LAPACK's MRRR solver computes just the top eigenpair of ``M Mᵀ``
+    exactly. The sign is fixed so that the largest entry is positive.
     """
     D = M.shape[0]
     rank = min(rank, D)
@@ -182,15 +183,16 @@ def leading_left_singular_vector(
     for _ in range(max_iter):
         basis, _ = torch.linalg.qr(M @ (M.T @ basis))
         projected = M.T @ basis
-        values, vecs = torch.linalg.eigh(projected.T @ projected)
-        basis = basis @ vecs.flip(-1)
-        u, top = basis[:, 0], values[-1]
+        values, vecs = np.linalg.eigh((projected.T @ projected).cpu().numpy())
+        basis = basis @ torch.from_numpy(vecs[:, ::-1].copy()).to(basis)
+        u, top = basis[:, 0], float(values[-1])
         residual = M @ (M.T @ u) - top * u
         if residual.norm() <= tol * top:
             break
     else:
-        _, vecs = torch.linalg.eigh(M @ M.T)
-        u = vecs[:, -1]
+        gram = (M @ M.T).cpu().numpy()
+        _, vec = scipy.linalg.eigh(gram, subset_by_index=[D - 1, D - 1], driver="evr")
+        u = torch.from_numpy(vec[:, 0]).to(M)
         basis = torch.cat([u[:, None], basis[:, 1:]], dim=1)
     u = u / u.norm()
     return u * torch.sign(u[u.abs().argmax()]), basis

@@ -99,8 +99,9 @@ class ImageLoss:
 
 
 def _grid(model: nn.Module, tokens: torch.Tensor, image_hw) -> torch.Tensor:
-    """``[1, N, D]`` block output -> ``[H, W, D]`` float32 patch grid."""
-    return patch_grid(model, tokens[0], image_hw).float()
+    """``[1, N, D]`` block output -> ``[H, W, D]`` patch grid, at least float32 (detection under bf16)."""
+    grid = patch_grid(model, tokens[0], image_hw)
+    return grid.float() if grid.dtype in (torch.bfloat16, torch.float16) else grid
 
 
 def _count_defects(model, tokens, image_hw, direction, config) -> int:
@@ -263,7 +264,7 @@ def load_checkpoint(path: Path, eps: dict, optimizer, config: RepairConfig) -> T
 
 @torch.no_grad()
 def held_out_outputs(model, images: dict, directions, config, autocast) -> dict:
-    """Per image: defects per block, last-block patch grid and final features (for cosines and pictures)."""
+    """Per image: defects per block, the last block's raw patch grid (pictures) and final features (cosines)."""
     outputs = {}
     for name, image in images.items():
         with autocast():
@@ -273,7 +274,7 @@ def held_out_outputs(model, images: dict, directions, config, autocast) -> dict:
         defects = [_count_defects(model, t, image_hw, directions[i], config) for i, t in enumerate(tokens)]
         mask, _ = defect_mask(_grid(model, tokens[-1], image_hw), directions[-1], config.mask_thr, config.kernel)
         outputs[name] = {"defects": defects, "mask": mask.cpu(), "features": features[0].float().cpu(),
-                         "grid": patch_grid(model, features[0].float(), image_hw).cpu()}
+                         "grid": _grid(model, tokens[-1], image_hw).float().cpu()}
     return outputs
 
 
