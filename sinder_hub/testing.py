@@ -1,0 +1,237 @@
+"""The planted-defect backbone: a small DINOv2-style ViT whose singular defect we plant ourselves.
+
+Real DINOv2 weights cannot be downloaded in tests, so ``planted_backbone`` builds a
+12-block, width-384, patch-14 timm ViT with random weights (std 0.04, layer scale 0.5)
+and plants one defect at block ``PLANTED_BLOCK`` (k), following FIXTURE-NOTES:
+
+1. defect direction ν: a random unit vector (⟂ 1 and ρ);
+2. trigger: two hidden units of block k's MLP form a soft step ``h ≈ H · 1[s > 0]`` of the
+   read-out ``s = ρ · (x - mean x)`` (the sign of the centred raw residual, so a token's
+   layer-norm scale never moves it across the threshold); their output columns write
+   ``±M·ν`` so that a firing token receives ``Δ = DEFECT_TO_MEDIAN ×`` the median token
+   norm along ν. The other hidden units do not write along ν, so the trigger is exactly
+   the top singular triplet of fc2, the one a singular-value repair has to switch off;
+3. which tokens fire: ρ pairs the two quietest channels at block k; only ``pos_embed``
+   writes them and nothing reads them before the trigger. ``pos_embed`` adds a smooth
+   random positional field and a constant offset along ρ, the offset halfway across the
+   widest gap between field values that makes about ``FIRE_FRACTION`` of the patch
+   positions fire (the class token only gets the offset: it never fires);
+4. persistence: every later block has ν (weighted by its norm weights) projected out of
+   the input side of its value weights and of its MLP's first layer, so the defect rides
+   the residual stream with a constant direction and a large norm.
+
+Where we differ from the notes, and why (measured on the 17 sample images):
+
+- ν is drawn from all directions, not from the low-variance half: along low-variance
+  directions the normal tokens' tails are heavier, and with the trigger switched off
+  2.7× more tokens were still 4σ outliers at block k (22 vs 8 per random direction);
+- the step must be wide for the analysis' standard-normal inputs (``method="expected"``
+  integrates it with Gauss–Hermite nodes about 0.23 apart) but sharp on real tokens, or
+  tokens on its slope get a partial defect (flagged, but not 4× the median norm). Block
+  k's norm2 has gain ``NORM_GAIN`` on ρ's two channels, compensated in the other hidden
+  units, which makes the step ``NORM_GAIN`` times sharper on real tokens;
+- position alone decides which tokens fire, content does not: a token that content put
+  on the sharp step gave the repair a gradient of 451 on block k's value singular values
+  (2 is typical) and the repaired model kept only 0.69 cosine to the original. At 224 px
+  every image fires at the same positions; at other sizes the interpolated field puts a
+  few tokens on the step, so train the repair at 224 px (as the notes advise).
+
+Everything is a deterministic function of the seed. The architectures are stock timm
+ones with JSON-serialisable ``model_args``, so ``timm.models.save_for_hf`` and
+``timm.create_model("local-dir:DIR", pretrained=True)`` round-trip the weights.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import TRAIN_SAMPLES, sample_images, sinder_transform
+
+PLANTED_BLOCK = 4
+DEFAULT_SEED = 2  # of seeds 0-7, the fewest spurious early flags with >= 4 defects per image (tests/test_fixture.py)
+_BASE_ARGS = {"img_size": 224, "dynamic_img_size": True, "init_values": 0.5, "num_classes": 0}
+PLANTED_VARIANTS: dict[str, tuple[str, dict]] = {
+    "planted-gelu": ("vit_small_patch14_dinov2", dict(_BASE_ARGS)),
+    # the giant DINOv2 architecture is the one with the packed SwiGLU MLP: shrink it
+    "planted-swiglu": ("vit_giant_patch14_dinov2", {"embed_dim": 384, "depth": 12, "num_heads": 6, **_BASE_ARGS}),
+}
+
+CALIBRATION_RESOLUTION = 224
+WEIGHT_STD = 0.04  # block weights large enough that blocks matter
+NORM_WEIGHT_STD = 0.1  # layer-norm weights are 1 ± this
+POS_EMBED_STD = 0.1
+FIRE_FRACTION = 0.02  # of the patch positions
+FIELD_STD = 4.0  # std of the positional field along ρ, in units of the median token's layer-norm scale
+FIELD_SMOOTHNESS = 1.5  # Gaussian blur of the positional field, in patches
+DEFECT_TO_MEDIAN = 20.0  # Δ / median token norm after block k
+STEP_HEIGHT = 200.0  # hidden activation of a firing token (large, as DINOv2's massive activations)
+STEP_WIDTH = 0.3  # in standard deviations of the analysis' inputs: resolved by its Gauss-Hermite nodes
+NORM_GAIN = 300.0  # block k's norm2 gain on ρ's channels: the step is this much sharper on real tokens
+SWIGLU_GATE_SHIFT = 10.0  # SwiGLU: the two gates differ by this, their constant "up" halves give the height
+
+
+@functools.lru_cache(maxsize=1)
+def _calibration_images() -> torch.Tensor:
+    """The training sample images at 224 px: ``[n, 3, 224, 224]``."""
+    transform = sinder_transform(CALIBRATION_RESOLUTION)
+    return torch.stack([transform(image) for image in sample_images(TRAIN_SAMPLES).values()])
+
+
+def _draw_weights(model: nn.Module, layer_scale: float, generator: torch.Generator) -> None:
+    """Random DINOv2-like weights for every parameter, drawn in parameter order."""
+    for name, parameter in model.named_parameters():
+        if name.endswith(".gamma"):
+            value = torch.full(parameter.shape, layer_scale)
+        elif name.endswith(".bias"):
+            value = torch.zeros(parameter.shape)
+        elif "norm" in name:
+            value = 1 + NORM_WEIGHT_STD * torch.randn(parameter.shape, generator=generator)
+        elif name == "patch_embed.proj.weight":
+            value = torch.randn(parameter.shape, generator=generator) / parameter[0].numel() ** 0.5
+        elif name == "cls_token":
+            value = torch.randn(parameter.shape, generator=generator)
+        elif name == "pos_embed":
+            value = POS_EMBED_STD * torch.randn(parameter.shape, generator=generator)
+        else:
+            value = WEIGHT_STD * torch.randn(parameter.shape, generator=generator)
+        parameter.copy_(value)
+
+
+def _centred(x: torch.Tensor) -> torch.Tensor:
+    """Layer-norm centering over the channels of ``[..., D]``."""
+    return x - x.mean(dim=-1, keepdim=True)
+
+
+def _mlp_inputs(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centred patch tokens entering block k's MLP and the patch tokens leaving block k: two ``[B, H*W, D]``."""
+    x = model.patch_embed(images)
+    x = model._pos_embed(x)
+    for block in model.blocks[:PLANTED_BLOCK]:
+        x = block(x)
+    block = model.blocks[PLANTED_BLOCK]
+    x = x + block.ls1(block.attn(block.norm1(x)))
+    output = x + block.ls2(block.mlp(block.norm2(x)))
+    prefix = model.num_prefix_tokens
+    return _centred(x[:, prefix:]), output[:, prefix:]
+
+
+def _smooth_field(grid: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    """A smooth random field on the patch grid with unit std, its border ring at the minimum: ``[H, W]``."""
+    pad = int(3 * FIELD_SMOOTHNESS)
+    noise = torch.randn(1, 1, grid[0] + 2 * pad, grid[1] + 2 * pad, generator=generator)
+    taps = torch.arange(-pad, pad + 1, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (taps / FIELD_SMOOTHNESS) ** 2)
+    kernel = kernel / kernel.sum()
+    field = F.conv2d(F.conv2d(noise, kernel.view(1, 1, -1, 1)), kernel.view(1, 1, 1, -1))[0, 0]
+    field = (field - field.mean()) / field.std()
+    # the neighbour loss never marks border tokens, so they never fire
+    field[0, :] = field[-1, :] = field[:, 0] = field[:, -1] = field.min()
+    return field
+
+
+def _threshold_in_widest_gap(scores: torch.Tensor, fraction: float) -> torch.Tensor:
+    """A threshold that ``fraction`` (±25 %) of ``scores`` exceed, halfway across the widest gap between them.
+
+    No position then sits near the sharp step's edge (a plain quantile would put one on it).
+    """
+    ordered = scores.flatten().sort(descending=True).values
+    first, last = int(0.75 * fraction * ordered.numel()), int(1.25 * fraction * ordered.numel())
+    widest = first + int((ordered[first:last] - ordered[first + 1:last + 1]).argmax())
+    return (ordered[widest] + ordered[widest + 1]) / 2
+
+
+def _blind_inputs(weight: torch.Tensor, norm_weight: torch.Tensor, direction: torch.Tensor) -> None:
+    """Make ``weight [out, D]``, which reads a norm with ``norm_weight [D]``, ignore ``direction``: ``W ← W (I - u uᵀ)``."""
+    u = F.normalize(norm_weight * direction, dim=0)
+    weight -= torch.outer(weight @ u, u)
+
+
+def _blind_outputs(weight: torch.Tensor, scale: torch.Tensor, direction: torch.Tensor) -> None:
+    """Make ``weight [D, in]``, whose output is scaled by ``scale [D]``, never write along ``direction``: ``W ← (I - u uᵀ) W``."""
+    u = F.normalize(scale * direction, dim=0)
+    weight -= torch.outer(u, u @ weight)
+
+
+def _plant_trigger(block: nn.Module, readout: torch.Tensor, direction: torch.Tensor, size: float) -> None:
+    """The last two hidden units of ``block.mlp`` add ``size · ν · step(readout · (x - mean x))``.
+
+    ``readout [D]`` is divided by the norm weights, which folds them in. The step is
+    ``STEP_WIDTH`` wide for standard-normal inputs of fc1 and ``STEP_WIDTH / NORM_GAIN``
+    layer-norm units wide on real tokens.
+    """
+    mlp = block.mlp
+    fc1, fc2 = mlp.fc1, mlp.fc2
+    row = readout / block.norm2.weight
+    hidden = fc2.weight.shape[1]
+    on, off = hidden - 2, hidden - 1
+    if isinstance(mlp, timm.layers.GluMlp):  # SwiGLUPacked: silu(gate) * up, gates first
+        shift = SWIGLU_GATE_SHIFT
+        fc1.weight[[hidden + on, hidden + off]] = 0.0
+        fc1.bias[[hidden + on, hidden + off]] = STEP_HEIGHT / SWIGLU_GATE_SHIFT
+    else:  # GELU: gelu(a) - gelu(a - H) is a step of height H
+        shift = STEP_HEIGHT
+    fc1.weight[[on, off]] = shift / (STEP_WIDTH * row.norm()) * row
+    fc1.bias[on], fc1.bias[off] = 0.0, -shift
+    # the other hidden units stop writing along ν: the trigger is then exactly fc2's top singular
+    # triplet (ν, (e_on - e_off)/√2), which a repair can switch off without touching anything else
+    fc2.weight -= torch.outer(direction, direction @ fc2.weight)
+    column = size / (block.ls2.gamma * STEP_HEIGHT) * direction
+    fc2.weight[:, on], fc2.weight[:, off] = column, -column
+
+
+@torch.no_grad()
+def planted_backbone(variant: str = "planted-swiglu", seed: int | None = None) -> nn.Module:
+    """A DINOv2-style timm ``VisionTransformer`` (eval) with a singular defect planted at block ``PLANTED_BLOCK``."""
+    if variant not in PLANTED_VARIANTS:
+        raise ValueError(f"unknown planted variant {variant!r}; known: {', '.join(PLANTED_VARIANTS)}")
+    architecture, model_args = PLANTED_VARIANTS[variant]
+    generator = torch.Generator().manual_seed(DEFAULT_SEED if seed is None else seed)
+    with torch.device("meta"):  # skip timm's initialisation: every weight is drawn below
+        model = timm.create_model(architecture, pretrained=False, **model_args)
+    model = model.to_empty(device="cpu").eval()
+    _draw_weights(model, model_args["init_values"], generator)
+    tokens, output = _mlp_inputs(model, _calibration_images())
+    block = model.blocks[PLANTED_BLOCK]
+
+    # step 3 (channels): ρ pairs the two quietest channels at block k. Only pos_embed writes them
+    # and only the trigger reads them before block k + 1, so what pos_embed puts there decides alone
+    quiet = tokens.flatten(0, 1).var(dim=0).argsort()[:2]
+    readout = torch.zeros(tokens.shape[-1])
+    readout[quiet] = torch.tensor([1.0, -1.0]) / 2**0.5
+    _blind_outputs(model.patch_embed.proj.weight.flatten(1), torch.ones_like(readout), readout)
+    _blind_outputs(model.cls_token[0].T, torch.ones_like(readout), readout)
+    _blind_outputs(model.pos_embed[0].T, torch.ones_like(readout), readout)
+    for early in model.blocks[:PLANTED_BLOCK + 1]:
+        _blind_inputs(early.attn.qkv.weight, early.norm1.weight, readout)
+        _blind_inputs(early.mlp.fc1.weight, early.norm2.weight, readout)
+        _blind_outputs(early.attn.proj.weight, early.ls1.gamma, readout)
+        if early is not block:
+            _blind_outputs(early.mlp.fc2.weight, early.ls2.gamma, readout)
+
+    # step 3 (field): a smooth positional field along ρ, and an offset added to every position (the
+    # class token's too, which never fires) so that FIRE_FRACTION of the patch positions fire
+    field = _smooth_field(model.patch_embed.grid_size, generator).flatten()
+    scale = FIELD_STD * tokens.pow(2).mean(dim=-1).sqrt().median()  # in the median token's layer-norm units
+    model.pos_embed[0, model.num_prefix_tokens:] += scale * field[:, None] * readout
+    model.pos_embed[0] -= scale * _threshold_in_widest_gap(field, FIRE_FRACTION) * readout
+
+    # step 1: ν, a random direction ⟂ 1, ρ (not only from the low-variance half: see the module docstring)
+    defect_direction = _centred(torch.randn(tokens.shape[-1], generator=generator))
+    defect_direction = F.normalize(defect_direction - (defect_direction @ readout) * readout, dim=0)
+
+    # step 2: the trigger, sharp on real tokens thanks to the gain on ρ's channels
+    block.norm2.weight[quiet] *= NORM_GAIN
+    block.mlp.fc1.weight[:, quiet] /= NORM_GAIN
+    _plant_trigger(block, readout, defect_direction, DEFECT_TO_MEDIAN * output.norm(dim=-1).median())
+
+    # step 4: later blocks carry the defect unchanged
+    dim = defect_direction.numel()
+    for later in model.blocks[PLANTED_BLOCK + 1:]:
+        _blind_inputs(later.attn.qkv.weight[2 * dim:], later.norm1.weight, defect_direction)
+        _blind_inputs(later.mlp.fc1.weight, later.norm2.weight, defect_direction)
+    return model
