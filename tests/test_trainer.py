@@ -179,9 +179,11 @@ def test_resume_after_a_real_signal_ends_with_the_same_eps(train_folder, tmp_pat
 
 def test_two_processes_equal_one_process_with_two_images_per_step(train_folder, tmp_path):
     extra = ("--max-steps", "6", "--save-every", "0")
+    # one thread everywhere, so that both runs use the same matmul kernels and summation order
+    single = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(repair_command(train_folder, tmp_path / "one", *extra, "--images-per-step", "2"),
-                   check=True, capture_output=True)
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+                   check=True, capture_output=True, env=single)
+    env = {**single, "ACCELERATE_USE_CPU": "1"}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     done = subprocess.run(launch + repair_command(train_folder, tmp_path / "two", *extra)[1:], env=env,
