@@ -168,7 +168,7 @@ def naive_image_loss(model, image, directions, config, autocast, force_block: in
         else:
             return ImageLoss(block=None)
     loss = _backward(result, index)
-    for outside in list(range(0, index - config.limit_layers + 1)):
+    for outside in range(0, index - config.limit_layers + 1):
         for parameter in model.blocks[outside].parameters():
             parameter.grad = None
     return loss
@@ -271,10 +271,11 @@ def held_out_outputs(model, images: dict, directions, config, autocast) -> dict:
             tokens = block_outputs(model, image)
             features = model.norm(tokens[-1])
         image_hw = image.shape[-2:]
-        defects = [_count_defects(model, t, image_hw, directions[i], config) for i, t in enumerate(tokens)]
-        mask, _ = defect_mask(_grid(model, tokens[-1], image_hw), directions[-1], config.mask_thr, config.kernel)
-        outputs[name] = {"defects": defects, "mask": mask.cpu(), "features": features[0].float().cpu(),
-                         "grid": _grid(model, tokens[-1], image_hw).float().cpu()}
+        defects = [_count_defects(model, t, image_hw, directions[i], config) for i, t in enumerate(tokens[:-1])]
+        last_grid = _grid(model, tokens[-1], image_hw)
+        mask, _ = defect_mask(last_grid, directions[-1], config.mask_thr, config.kernel)
+        outputs[name] = {"defects": defects + [int(mask.sum())], "mask": mask.cpu(),
+                         "features": features[0].float().cpu(), "grid": last_grid.float().cpu()}
     return outputs
 
 
