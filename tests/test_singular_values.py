@@ -115,3 +115,25 @@ def test_fast_backward_equals_autograd_through_the_rebuild(mlp):
         grads[mode] = {name: p.grad.clone() for name, p in eps.items()}
     for name, reference in grads["reference"].items():
         assert torch.allclose(grads["fast"][name], reference, rtol=1e-4, atol=1e-6 * reference.abs().max()), name
+
+
+@pytest.mark.parametrize("shape", [(48, 16), (16, 48), (24, 24)])
+def test_factorization_is_an_svd_also_for_rank_deficient_weights(shape):
+    """eigh of the Gram matrix + QR: orthonormal factors, descending S, W reproduced (float64, 1e-12)."""
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(shape, generator=gen, dtype=torch.float64)
+    weight[:, :4] = 0.0  # rank deficient: singular values that are exactly zero
+    weight[:, 4] = 1e-6 * weight[:, 5]  # and a tiny one
+    linear = nn.Linear(shape[1], shape[0], dtype=torch.float64)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+    layer = SingularValueLinear(linear)
+    layer.factorize()
+    U, S, Vh = layer.U, layer.S, layer.Vh
+    rank = min(shape)
+    assert U.shape == (shape[0], rank) and Vh.shape == (rank, shape[1]) and S.shape == (rank,)
+    eye = torch.eye(rank, dtype=torch.float64)
+    assert torch.allclose(U.T @ U, eye, atol=1e-12) and torch.allclose(Vh @ Vh.T, eye, atol=1e-12)
+    assert bool((S[:-1] >= S[1:] - 1e-12 * S[0]).all()) and bool((S >= 0).all())  # descending up to round-off
+    assert torch.allclose(S, torch.linalg.svdvals(weight), atol=1e-12 * S[0])
+    assert torch.allclose(U @ torch.diag(S) @ Vh, weight, atol=1e-12 * S[0])
