@@ -136,8 +136,8 @@ def block_linear_maps(
     """Linearise every block of a timm ViT (eq. 1–3): ``depth`` x ``BlockMaps`` of ``[D, D]`` maps."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if generator is None:
-        generator = torch.Generator().manual_seed(0)
+    if generator is None:  # on the weights' device: drawing 100k x D normals on the CPU would dominate on a GPU
+        generator = torch.Generator(device=model.blocks[0].attn.qkv.weight.device).manual_seed(0)
     maps = []
     for index, block in enumerate(model.blocks):
         _check_block(index, block)
@@ -163,6 +163,16 @@ def block_linear_maps(
     return maps
 
 
+def _top_eigenvector(gram: torch.Tensor) -> torch.Tensor:
+    """Eigenvector of the largest eigenvalue of a symmetric ``[D, D]`` matrix: LAPACK's MRRR
+    for that pair alone on a CPU, a full ``eigh`` on a GPU (where it is fast)."""
+    if gram.is_cuda:
+        return torch.linalg.eigh(gram)[1][:, -1]
+    D = gram.shape[0]
+    _, vec = scipy.linalg.eigh(gram.cpu().numpy(), subset_by_index=[D - 1, D - 1], driver="evr")
+    return torch.from_numpy(vec[:, 0]).to(gram)
+
+
 def leading_left_singular_vector(
     M: torch.Tensor, init: torch.Tensor | None = None, rank: int = 8, tol: float = 1e-10, max_iter: int = 15
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,8 +181,7 @@ def leading_left_singular_vector(
     Subspace iteration on ``M Mᵀ`` with ``rank`` vectors and Rayleigh–Ritz, warm-started
     from ``init`` (the previous block's ``basis``). When the top singular values are too
     close for it to converge in ``max_iter`` steps (relative residual above ``tol``, as in
-    early blocks), LAPACK's MRRR solver computes just the top eigenpair of ``M Mᵀ``
-    exactly. The sign is fixed so that the largest entry is positive.
+    early blocks), the top eigenpair of ``M Mᵀ`` is computed exactly. The sign is fixed so that the largest entry is positive.
     """
     D = M.shape[0]
     rank = min(rank, D)
@@ -190,9 +199,7 @@ def leading_left_singular_vector(
         if residual.norm() <= tol * top:
             break
     else:
-        gram = (M @ M.T).cpu().numpy()
-        _, vec = scipy.linalg.eigh(gram, subset_by_index=[D - 1, D - 1], driver="evr")
-        u = torch.from_numpy(vec[:, 0]).to(M)
+        u = _top_eigenvector(M @ M.T)
         basis = torch.cat([u[:, None], basis[:, 1:]], dim=1)
     u = u / u.norm()
     return u * torch.sign(u[u.abs().argmax()]), basis
@@ -208,7 +215,8 @@ def singular_defect_directions(
     """Singular defect direction of every block (eq. 4): ``[depth, D]`` float32 unit rows.
 
     ``method="sampled"`` reproduces the authors' least-squares linearisation of the MLP
-    (seeded by ``generator``, default seed 0); ``method="expected"`` uses its
+    (seeded by ``generator``, default: seed 0 on the weights' device, so a CPU and a GPU
+    draw different samples); ``method="expected"`` uses its
     noise-free population limit.
     """
     maps = block_linear_maps(model, method=method, samples=samples, generator=generator)
