@@ -6,9 +6,10 @@ oracle), gradient synchronisation across processes, checkpoints, held-out evalua
 and ``repair`` itself.
 
 One optimiser step ("iteration") takes ``images_per_step`` images on every process.
-Each image is scanned block by block without autograd; the first block with at least
-``skip_less_than`` defects gives the loss (eq. 8), and only the ``limit_layers`` blocks
-ending there are recomputed with autograd from the saved activation. Gradients of ε are
+Each image is scanned block by block, each block with an autograd graph of its own of
+which only the last ``limit_layers`` are kept; the first block with at least
+``skip_less_than`` defects gives the loss (eq. 8), which is back-propagated through the
+kept graphs only, one block after the other. Gradients of ε are
 summed over the step's images and processes and divided by the number of images that
 produced a loss. With one image on one process this is exactly the authors' batch-size-1
 SGD.
@@ -121,35 +122,64 @@ def _backward(result, block: int) -> ImageLoss:
     return ImageLoss(block=block, loss=float(result.loss.detach()), defects=int(result.mask.sum()))
 
 
+def _scan_blocks(model, image, directions, config):
+    """Run the blocks one by one, each from a detached copy of the previous block's output so
+    that it has an autograd graph of its own; yields ``(index, input, output, defects)``.
+
+    A block's defect count is read (which waits for the device) only once the next block
+    has been queued, so a GPU does not idle while the host prepares the next block. A
+    caller that stops at block ``i`` should ``close()`` the scan, which frees the block
+    queued ahead.
+    """
+    image_hw = image.shape[-2:]
+    with torch.no_grad():
+        x = embed(model, image)
+    pending = None
+    for index, block in enumerate(model.blocks):
+        inputs = x.detach().requires_grad_()
+        x = block(inputs)
+        with torch.no_grad():
+            mask, _ = defect_mask(_grid(model, x, image_hw), directions[index], config.mask_thr, config.kernel)
+            count = mask.sum()
+        if pending is not None:
+            yield pending[0], pending[1], pending[2], int(pending[3])
+        pending = (index, inputs, x, count)
+    if pending is not None:
+        yield pending[0], pending[1], pending[2], int(pending[3])
+
+
 def fast_image_loss(model, image, directions, config, autocast, force_block: int | None = None) -> ImageLoss:
     """Algorithm 1 for one ``[1, 3, R, R]`` image, computing only what the update needs.
 
-    The blocks are run without autograd, checking each output for defects; at the first
-    block ``i`` with ``≥ skip_less_than`` defects (or at ``force_block``, for benchmarks),
-    blocks ``i - limit_layers + 1 … i`` are recomputed with autograd from the saved input
-    of the first of them, and the loss is back-propagated into their ε only.
+    Each block runs once with an autograd graph of its own (``_scan_blocks``); only the
+    graphs of the last ``limit_layers`` blocks are kept (older ones are freed as the scan
+    moves on) and no layer is differentiated or factorised until a gradient reaches it.
+    At the first block ``i`` with ``≥ skip_less_than`` defects (or at ``force_block``, for
+    benchmarks, which still count every block's defects) the loss is back-propagated
+    through block ``i``'s graph, and the gradient at each kept block's input is handed to
+    the graph of the block before it, down to block ``i - limit_layers + 1``. Same
+    gradients as one graph from the start (the naive step); no block runs twice and
+    nothing before the window is back-propagated.
     """
     image_hw = image.shape[-2:]
-    inputs = deque(maxlen=config.limit_layers)  # inputs of the last limit_layers blocks
-    loss_block = None
-    with torch.no_grad(), autocast():
-        x = embed(model, image)
-        for index, block in enumerate(model.blocks):
-            inputs.append(x)
-            x = block(x)
-            if index == force_block or (force_block is None and
-                                        _count_defects(model, x, image_hw, directions[index], config) >= config.skip_less_than):
-                loss_block = index
-                break
-    if loss_block is None:
-        return ImageLoss(block=None)
-    first = loss_block - len(inputs) + 1
+    graphs = deque(maxlen=config.limit_layers)  # (input, output) of the last limit_layers blocks
     with autocast():
-        x = inputs[0]
-        for block in model.blocks[first:loss_block + 1]:
-            x = block(x)
-        result = _loss_at(model, x, image_hw, directions[loss_block], config)
-    return _backward(result, loss_block)
+        scan = _scan_blocks(model, image, directions, config)
+        for index, inputs, output, defects in scan:
+            graphs.append((inputs, output))
+            if index == force_block or (force_block is None and defects >= config.skip_less_than):
+                scan.close()
+                result = _loss_at(model, output, image_hw, directions[index], config)
+                break
+        else:
+            return ImageLoss(block=None)
+    image_loss = _backward(result, index)
+    if image_loss.block is None:
+        return image_loss
+    graphs = list(graphs)
+    for (_, output), (next_inputs, _) in zip(reversed(graphs[:-1]), reversed(graphs[1:])):
+        output.backward(next_inputs.grad)
+    return image_loss
 
 
 def naive_image_loss(model, image, directions, config, autocast, force_block: int | None = None) -> ImageLoss:
@@ -161,8 +191,8 @@ def naive_image_loss(model, image, directions, config, autocast, force_block: in
         x = embed(model, image)
         for index, block in enumerate(model.blocks):
             x = block(x)
-            if index == force_block or (force_block is None and
-                                        _count_defects(model, x.detach(), image_hw, directions[index], config) >= config.skip_less_than):
+            defects = _count_defects(model, x.detach(), image_hw, directions[index], config)
+            if index == force_block or (force_block is None and defects >= config.skip_less_than):
                 result = _loss_at(model, x, image_hw, directions[index], config)
                 break
         else:
@@ -263,13 +293,16 @@ def load_checkpoint(path: Path, eps: dict, optimizer, config: RepairConfig) -> T
 
 
 @torch.no_grad()
-def held_out_outputs(model, images: dict, directions, config, autocast) -> dict:
-    """Per image: defects per block, the last block's raw patch grid (pictures) and final features (cosines)."""
+def held_out_outputs(model, images: dict, directions, config) -> dict:
+    """Per image: defects per block, the last block's raw patch grid (pictures) and final features (cosines).
+
+    Always without autocast (float32; TF32 matrix products unless ``--precision fp32``),
+    so that runs trained in different precisions are measured alike.
+    """
     outputs = {}
     for name, image in images.items():
-        with autocast():
-            tokens = block_outputs(model, image)
-            features = model.norm(tokens[-1])
+        tokens = block_outputs(model, image)
+        features = model.norm(tokens[-1])
         image_hw = image.shape[-2:]
         defects = [_count_defects(model, t, image_hw, directions[i], config) for i, t in enumerate(tokens[:-1])]
         last_grid = _grid(model, tokens[-1], image_hw)
@@ -401,11 +434,11 @@ def repair(config: RepairConfig, accelerator=None) -> RepairResult:
     source_sha256 = weights_sha256(config.model, model) if accelerator.is_main_process else None
     directions = singular_defect_directions(  # Algorithm 1, line 1
         model, samples=config.directions_samples, method=config.directions_method,
-        generator=torch.Generator().manual_seed(config.seed)).to(device)
+        generator=torch.Generator(device=device).manual_seed(config.seed)).to(device)
     transform = sinder_transform(config.resolution)
     held_out_images = sample_images(config.held_out)
     held_out = {name: transform(image)[None].to(device) for name, image in held_out_images.items()}
-    before = held_out_outputs(model, held_out, directions, config, autocast)
+    before = held_out_outputs(model, held_out, directions, config)
 
     eps = parametrize_singular_values(model)
     parameters = list(eps.values())
@@ -514,7 +547,7 @@ def repair(config: RepairConfig, accelerator=None) -> RepairResult:
     if not accelerator.is_main_process:
         accelerator.wait_for_everyone()
         return RepairResult(output=output, report=None)
-    after = held_out_outputs(model, held_out, directions, config, autocast)
+    after = held_out_outputs(model, held_out, directions, config)
     if state.clear_rate_curve and state.clear_rate_curve[-1][0] != state.step:
         state.clear_rate_curve.append([state.step, state.clear_rate()])
     save_checkpoint(checkpoint, state, eps, optimizer, config)
