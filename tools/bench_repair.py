@@ -2,11 +2,13 @@
 """Time one repair step the fast way and the authors' naive way, in the same run.
 
     python tools/bench_repair.py --model vit_small_patch14_dinov2 --no-pretrained --resolution 518 --loss-block 10
-    python tools/bench_repair.py --model vit_giant_patch14_dinov2 --no-pretrained --loss-block 25 --precision bf16 --json
+    python tools/bench_repair.py --model vit_giant_patch14_dinov2 --no-pretrained --loss-block 25 --precision tf32 bf16 --json
 
 The loss block is forced (random weights have no defects); a low --mask-thr makes sure it
 has defective tokens, so both steps do a full backward. Peak memory is CUDA's
-max_memory_allocated on a GPU, the process's peak RSS (sampled) on a CPU.
+max_memory_allocated on a GPU, the process's peak RSS (sampled) on a CPU. The ε gradients
+of one fast and one naive step are compared as a check (relative difference of the
+flattened gradients; both steps see the same weights and image).
 """
 
 import argparse
@@ -19,6 +21,7 @@ import time
 import torch
 
 from sinder_hub import load_backbone, parametrize_singular_values, singular_defect_directions
+from sinder_hub.analysis import block_linear_maps
 from sinder_hub.singular_values import SingularValueLinear
 from sinder_hub.trainer import RepairConfig, fast_image_loss, naive_image_loss, set_precision
 
@@ -74,6 +77,24 @@ def timed(fn, repeats: int, device) -> float:
     return statistics.median(times)
 
 
+def warm_up(device: torch.device) -> None:
+    """Create the BLAS/LAPACK handles (cuBLAS, cuSOLVER) before anything is timed."""
+    for dtype in (torch.float32, torch.float64):
+        a = torch.randn(64, 64, dtype=dtype, device=device)
+        torch.linalg.eigh(a @ a.T)
+        torch.linalg.qr(a)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def epsilon_gradients(eps: list, model, image_loss, image, directions, config, autocast, block) -> torch.Tensor:
+    """All ε gradients of one step (no update), flattened; zeros where a layer got none."""
+    for p in eps:
+        p.grad = None
+    image_loss(model, image, directions, config, autocast, force_block=block)
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float() for p in eps])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="vit_small_patch14_dinov2")
@@ -82,20 +103,24 @@ def main(argv=None) -> int:
     parser.add_argument("--loss-block", type=int, default=25, help="forced loss block (clamped to depth - 1)")
     parser.add_argument("--limit-layers", type=int, default=10)
     parser.add_argument("--mask-thr", type=float, default=1.0, help="low, so the forced block has defects")
-    parser.add_argument("--precision", choices=("fp32", "tf32", "bf16"), default="tf32")
+    parser.add_argument("--precision", choices=("fp32", "tf32", "bf16"), nargs="+", default=["tf32"],
+                        help="one or more; the model, directions and set-up are shared")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--samples", type=int, default=100_000, help="least-squares samples of the directions (the authors': 100k)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per precision")
+    parser.add_argument("--profile", action="store_true", help="also print where one fast step spends its time (torch.profiler)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
-    autocast = set_precision(args.precision)
+    set_precision(args.precision[0])
     model = load_backbone(args.model, pretrained=not args.no_pretrained).to(device)
     depth = len(model.blocks)
     block = min(args.loss_block, depth - 1)
+    window = range(max(0, block - args.limit_layers + 1), block + 1)
     config = RepairConfig(mask_thr=args.mask_thr, limit_layers=args.limit_layers, skip_less_than=10**9)
     image = torch.randn(1, 3, args.resolution, args.resolution, generator=torch.Generator().manual_seed(0)).to(device)
+    warm_up(device)
 
     def sync():
         if device.type == "cuda":
@@ -106,6 +131,10 @@ def main(argv=None) -> int:
     sync()
     directions_s = time.perf_counter() - start
     start = time.perf_counter()
+    block_linear_maps(model, samples=args.samples)  # the linearisation alone; the rest is the singular vectors
+    sync()
+    directions_maps_s = time.perf_counter() - start
+    start = time.perf_counter()
     singular_defect_directions(model, method="expected")
     sync()
     directions_expected_s = time.perf_counter() - start
@@ -114,13 +143,20 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     eps = parametrize_singular_values(model)
     optimizer = torch.optim.SGD(eps.values(), lr=0.005, momentum=0.9)
-    for layer in model.blocks[max(0, block - args.limit_layers + 1):block + 1].modules():
+    for layer in model.blocks[window.start:window.stop].modules():
         if isinstance(layer, SingularValueLinear):
             layer.factorize()
     sync()
     setup_s = time.perf_counter() - start
+    # the straightforward set-up for comparison: a general SVD of the same layers, float64
+    start = time.perf_counter()
+    for layer in model.blocks[window.start:window.stop].modules():
+        if isinstance(layer, SingularValueLinear):
+            torch.linalg.svd(layer.weight[layer.rows[0]:layer.rows[1]].double(), full_matrices=False)
+    sync()
+    setup_svd_s = time.perf_counter() - start
 
-    def step(image_loss, force_block):
+    def step(image_loss, force_block, autocast):
         def run():
             optimizer.zero_grad(set_to_none=True)
             result = image_loss(model, image, directions, config, autocast, force_block=force_block)
@@ -128,31 +164,63 @@ def main(argv=None) -> int:
             optimizer.step()
         return run
 
-    clear_image_s = timed(step(fast_image_loss, None), args.repeats, device)
-    with PeakMemory(device) as fast_memory:
-        fast_step_s = timed(step(fast_image_loss, block), args.repeats, device)
-    with PeakMemory(device) as naive_memory:
-        naive_step_s = timed(step(naive_image_loss, block), args.repeats, device)
+    # every fast measurement before any naive one: the naive step factorises all blocks it
+    # runs through, and those factors would otherwise count in the fast step's peak memory
+    results = {}
+    for precision in args.precision:
+        autocast = set_precision(precision)
+        clear_image_s = timed(step(fast_image_loss, None, autocast), args.repeats, device)
+        with torch.no_grad(), autocast():
+            forward_s = timed(lambda: model.forward_features(image), args.repeats, device)
+        with PeakMemory(device) as fast_memory:
+            fast_step_s = timed(step(fast_image_loss, block, autocast), args.repeats, device)
+        results[precision] = {"clear_image_s": clear_image_s, "forward_s": forward_s, "fast_step_s": fast_step_s, "fast_peak_gib": fast_memory.gib}
+    for precision in args.precision:
+        autocast = set_precision(precision)
+        with PeakMemory(device) as naive_memory:
+            naive_step_s = timed(step(naive_image_loss, block, autocast), args.repeats, device)
+        fast_grad = epsilon_gradients(list(eps.values()), model, fast_image_loss, image, directions, config, autocast, block)
+        naive_grad = epsilon_gradients(list(eps.values()), model, naive_image_loss, image, directions, config, autocast, block)
+        results[precision].update(naive_step_s=naive_step_s, naive_peak_gib=naive_memory.gib,
+                                  grad_rel_diff=float((fast_grad - naive_grad).norm() / naive_grad.norm()))
+
+    if args.profile:
+        for precision in args.precision:
+            autocast = set_precision(precision)
+            run = step(fast_image_loss, block, autocast)
+            run()
+            activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            with torch.profiler.profile(activities=activities) as profile:
+                run()
+                sync()
+            sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+            print(f"-- one fast step, {precision}: top operators by device time", file=sys.stderr)
+            print(profile.key_averages().table(sort_by=sort, row_limit=14, max_name_column_width=40), file=sys.stderr)
 
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    result = {
-        "model": args.model, "resolution": args.resolution, "loss_block": block, "precision": args.precision,
-        "fast_step_s": fast_step_s, "naive_step_s": naive_step_s, "clear_image_s": clear_image_s,
-        "directions_s": directions_s, "directions_expected_s": directions_expected_s, "setup_s": setup_s,
-        "fast_peak_gib": fast_memory.gib, "naive_peak_gib": naive_memory.gib,
-        "speedup": naive_step_s / fast_step_s, "device": device_name,
-    }
-    if args.json:
-        print(json.dumps(result))
-        return 0
-    print(f"{args.model} at {args.resolution}px, loss at block {block}/{depth}, window {args.limit_layers}, "
-          f"{args.precision} on {device_name}")
-    print(f"  fast step    {fast_step_s:8.3f} s   peak {fast_memory.gib:6.2f} GiB")
-    print(f"  naive step   {naive_step_s:8.3f} s   peak {naive_memory.gib:6.2f} GiB")
-    print(f"  clear image  {clear_image_s:8.3f} s")
-    print(f"  naive / fast {naive_step_s / fast_step_s:8.2f} x   (clear image vs naive: {naive_step_s / clear_image_s:.2f} x)")
-    print(f"  directions   {directions_s:8.3f} s (sampled, {args.samples})   {directions_expected_s:.3f} s (expected)")
-    print(f"  set-up       {setup_s:8.3f} s")
+    for precision in args.precision:
+        r = results[precision]
+        result = {
+            "model": args.model, "resolution": args.resolution, "loss_block": block, "precision": precision,
+            "fast_step_s": r["fast_step_s"], "naive_step_s": r["naive_step_s"], "clear_image_s": r["clear_image_s"],
+            "forward_s": r["forward_s"], "directions_s": directions_s, "directions_expected_s": directions_expected_s,
+            "directions_maps_s": directions_maps_s, "setup_s": setup_s,
+            "setup_svd_s": setup_svd_s, "fast_peak_gib": r["fast_peak_gib"], "naive_peak_gib": r["naive_peak_gib"],
+            "speedup": r["naive_step_s"] / r["fast_step_s"], "grad_rel_diff": r["grad_rel_diff"], "device": device_name,
+        }
+        if args.json:
+            print(json.dumps(result))
+            continue
+        print(f"{args.model} at {args.resolution}px, loss at block {block}/{depth}, window {args.limit_layers}, "
+              f"{precision} on {device_name}")
+        print(f"  fast step    {r['fast_step_s']:8.3f} s   peak {r['fast_peak_gib']:6.2f} GiB")
+        print(f"  naive step   {r['naive_step_s']:8.3f} s   peak {r['naive_peak_gib']:6.2f} GiB")
+        print(f"  clear image  {r['clear_image_s']:8.3f} s   (a plain no-grad forward: {r['forward_s']:.3f} s)")
+        print(f"  naive / fast {result['speedup']:8.2f} x   (clear image vs naive: {r['naive_step_s'] / r['clear_image_s']:.2f} x)")
+        print(f"  ε gradient, fast vs naive: relative difference {r['grad_rel_diff']:.2e}")
+        print(f"  directions   {directions_s:8.3f} s (sampled, {args.samples}; of which linearising the blocks "
+              f"{directions_maps_s:.3f} s)   {directions_expected_s:.3f} s (expected)")
+        print(f"  set-up       {setup_s:8.3f} s   (general float64 SVD of the same layers: {setup_svd_s:.3f} s)")
     return 0
 
 

@@ -43,6 +43,7 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default="demo-output")
     parser.add_argument("--model", default="planted-swiglu")
     parser.add_argument("--crops-per-image", type=int, default=16)
+    parser.add_argument("--precision", choices=("fp32", "tf32", "bf16"), default="tf32")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
 
@@ -54,7 +55,7 @@ def main(argv=None) -> int:
     config = RepairConfig(
         model=args.model, data=str(output / "train-images"), output=str(output / "run"), num_images=count,
         resolution=224, limit_layers=3, window=100, directions_method="expected", save_every=0, quiet=args.quiet,
-        num_workers=0,
+        num_workers=0, precision=args.precision,
     )
     report = repair(config).report
     held_out = report["held_out"]
