@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, Subset
 
 from .analysis import singular_defect_directions
@@ -65,6 +66,7 @@ class RepairConfig:
     max_steps: int = 30_000
     images_per_step: int = 1
     precision: str = "tf32"
+    checkpoint_blocks: bool = False
     seed: int = 0
     directions_method: str = "sampled"
     directions_samples: int = 100_000
@@ -81,7 +83,8 @@ class RepairConfig:
 
     def hyperparameters(self) -> dict:
         keep = ("resolution", "lr", "momentum", "mask_thr", "skip_less_than", "limit_layers", "kernel", "temperature",
-                "window", "stop_clear", "max_steps", "num_images", "images_per_step", "precision", "seed", "data",
+                "window", "stop_clear", "max_steps", "num_images", "images_per_step", "precision", "checkpoint_blocks",
+                "seed", "data",
                 "directions_method", "directions_samples")
         return {key: getattr(self, key) for key in keep}
 
@@ -129,7 +132,9 @@ def _scan_blocks(model, image, directions, config):
     A block's defect count is read (which waits for the device) only once the next block
     has been queued, so a GPU does not idle while the host prepares the next block. A
     caller that stops at block ``i`` should ``close()`` the scan, which frees the block
-    queued ahead.
+    queued ahead. With ``config.checkpoint_blocks`` a graph keeps only its block's input
+    and the block is run again in the backward (gradient checkpointing: less memory, the
+    same gradients, one more forward per back-propagated block).
     """
     image_hw = image.shape[-2:]
     with torch.no_grad():
@@ -137,7 +142,7 @@ def _scan_blocks(model, image, directions, config):
     pending = None
     for index, block in enumerate(model.blocks):
         inputs = x.detach().requires_grad_()
-        x = block(inputs)
+        x = checkpoint(block, inputs, use_reentrant=False) if config.checkpoint_blocks else block(inputs)
         with torch.no_grad():
             mask, _ = defect_mask(_grid(model, x, image_hw), directions[index], config.mask_thr, config.kernel)
             count = mask.sum()

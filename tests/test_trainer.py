@@ -82,7 +82,8 @@ def test_fast_step_equals_naive_step_after_20_steps(planted_state):
 
 
 def test_fast_step_differentiates_and_factorises_only_the_window(planted_state):
-    """A loss at block 6 with a 3-block window: gradients and SVDs in blocks 4–6 only, equal to the naive step's."""
+    """A loss at block 6 with a 3-block window: gradients and SVDs in blocks 4–6 only, equal to the naive
+    step's and to those of the same step with gradient checkpointing."""
     from sinder_hub.singular_values import SingularValueLinear
 
     state_dict, directions = planted_state
@@ -102,6 +103,17 @@ def test_fast_step_differentiates_and_factorises_only_the_window(planted_state):
             factorised = {i for i, block in enumerate(model.blocks)
                           if any(m.U is not None for m in block.modules() if isinstance(m, SingularValueLinear))}
             assert touched == factorised == {4, 5, 6}
+    # gradient checkpointing recomputes the same blocks with the same kernels: the same gradients
+    model = load_backbone("planted-swiglu", pretrained=False)
+    model.load_state_dict(state_dict)
+    model.double()
+    eps = parametrize_singular_values(model)
+    config.checkpoint_blocks = True
+    assert fast_image_loss(model, image, directions, config, set_precision("fp32"), force_block=6).block == 6
+    checkpointed = {n: p.grad for n, p in eps.items() if p.grad is not None}
+    assert set(checkpointed) == set(grads["fast"])
+    for n, g in checkpointed.items():
+        assert ((g - grads["fast"][n]).norm() / grads["fast"][n].norm()).item() < 1e-12, n
     assert set(grads["fast"]) == set(grads["naive"])
     for n, reference in grads["naive"].items():
         # float64 round-off, amplified by the planted trigger's steep step: measured ≤ 2.6e-7

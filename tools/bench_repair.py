@@ -6,7 +6,8 @@
 
 The loss block is forced (random weights have no defects); a low --mask-thr makes sure it
 has defective tokens, so both steps do a full backward. Peak memory is CUDA's
-max_memory_allocated on a GPU, the process's peak RSS (sampled) on a CPU. The ε gradients
+max_memory_allocated on a GPU, the process's peak RSS (sampled) on a CPU. The fast step
+is also timed with --checkpoint-blocks (gradient checkpointing of the window). The ε gradients
 of one fast and one naive step are compared as a check (relative difference of the
 flattened gradients; both steps see the same weights and image).
 """
@@ -174,7 +175,13 @@ def main(argv=None) -> int:
             forward_s = timed(lambda: model.forward_features(image), args.repeats, device)
         with PeakMemory(device) as fast_memory:
             fast_step_s = timed(step(fast_image_loss, block, autocast), args.repeats, device)
-        results[precision] = {"clear_image_s": clear_image_s, "forward_s": forward_s, "fast_step_s": fast_step_s, "fast_peak_gib": fast_memory.gib}
+        config.checkpoint_blocks = True
+        with PeakMemory(device) as checkpointed_memory:
+            checkpointed_step_s = timed(step(fast_image_loss, block, autocast), args.repeats, device)
+        config.checkpoint_blocks = False
+        results[precision] = {"clear_image_s": clear_image_s, "forward_s": forward_s, "fast_step_s": fast_step_s,
+                              "fast_peak_gib": fast_memory.gib, "checkpointed_step_s": checkpointed_step_s,
+                              "checkpointed_peak_gib": checkpointed_memory.gib}
     for precision in args.precision:
         autocast = set_precision(precision)
         with PeakMemory(device) as naive_memory:
@@ -206,6 +213,7 @@ def main(argv=None) -> int:
             "forward_s": r["forward_s"], "directions_s": directions_s, "directions_expected_s": directions_expected_s,
             "directions_maps_s": directions_maps_s, "setup_s": setup_s,
             "setup_svd_s": setup_svd_s, "fast_peak_gib": r["fast_peak_gib"], "naive_peak_gib": r["naive_peak_gib"],
+            "checkpointed_step_s": r["checkpointed_step_s"], "checkpointed_peak_gib": r["checkpointed_peak_gib"],
             "speedup": r["naive_step_s"] / r["fast_step_s"], "grad_rel_diff": r["grad_rel_diff"], "device": device_name,
         }
         if args.json:
@@ -214,6 +222,7 @@ def main(argv=None) -> int:
         print(f"{args.model} at {args.resolution}px, loss at block {block}/{depth}, window {args.limit_layers}, "
               f"{precision} on {device_name}")
         print(f"  fast step    {r['fast_step_s']:8.3f} s   peak {r['fast_peak_gib']:6.2f} GiB")
+        print(f"  fast step, --checkpoint-blocks {r['checkpointed_step_s']:8.3f} s   peak {r['checkpointed_peak_gib']:6.2f} GiB")
         print(f"  naive step   {r['naive_step_s']:8.3f} s   peak {r['naive_peak_gib']:6.2f} GiB")
         print(f"  clear image  {r['clear_image_s']:8.3f} s   (a plain no-grad forward: {r['forward_s']:.3f} s)")
         print(f"  naive / fast {result['speedup']:8.2f} x   (clear image vs naive: {r['naive_step_s'] / r['clear_image_s']:.2f} x)")

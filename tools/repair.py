@@ -24,6 +24,7 @@ HELP = {
     "skip_less_than": "a block needs at least this many defects to give the loss",
     "images_per_step": "images per process per optimiser step (gradients summed, divided by images with a loss)",
     "precision": "fp32, tf32 (the authors') or bf16 autocast",
+    "checkpoint_blocks": "keep only each block's input and run it again in the backward: less GPU memory, same result, slower steps",
     "directions_method": "sampled (the authors' least squares) or expected (its noise-free limit)",
     "held_out": "skimage sample images evaluated before and after",
     "save_every": "checkpoint every N steps (and on SIGINT/SIGTERM); 0 = only on signals and at the end",
