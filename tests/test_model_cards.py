@@ -233,3 +233,29 @@ def test_datasets_only_for_hub_data(tmp_path, data, expected):
     report = {**REPORT, "hyperparameters": {**REPORT["hyperparameters"], "data": data}}
     card = build_model_card(timm_folder(tmp_path / "t", report=report))
     assert card.data.to_dict().get("datasets") == expected
+
+
+def test_a_built_wheel_carries_the_card_templates(tmp_path):
+    """model_cards/ sits at the repository root; an installed wheel must still find it."""
+    import os
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path / "dist"), str(repo)],
+                           capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("sinder_hub-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {"sinder_hub/model_cards/timm.md", "sinder_hub/model_cards/transformers.md"} <= set(names)
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)], check=True)
+    folder = timm_folder(tmp_path / "repaired")
+    code = ("import sinder_hub.hub as hub, sys; print(hub.__file__); "
+            f"print('## Repair report' in hub.build_model_card({str(folder)!r}, 'timm', repo_id={REPO_ID!r}).text)")
+    found = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(target)},
+                           capture_output=True, text=True)
+    assert found.returncode == 0, found.stderr[-2000:]
+    assert found.stdout.split() == [str(target / "sinder_hub" / "hub.py"), "True"]  # the installed copy, with its templates
