@@ -220,7 +220,7 @@ def export(model_or_run_dir: nn.Module | str | Path, out_dir: str | Path, format
 
     ``model_or_run_dir``: a timm model or any ``load_backbone`` spec (a repair run folder, a checkpoint, a
     name...). ``format="both"`` writes ``out_dir/timm`` and ``out_dir/transformers``. A run folder's
-    ``repair_report.json`` is copied into each. ``card=True`` also writes a model card with
+    ``repair_report.json`` and ``before_after_*.png`` pictures are copied into each. ``card=True`` also writes a model card with
     ``sinder_hub.hub.write_model_card(folder, kind)``.
     """
     if format not in FORMATS:
@@ -235,7 +235,8 @@ def export(model_or_run_dir: nn.Module | str | Path, out_dir: str | Path, format
         folder.mkdir(parents=True, exist_ok=True)
         (save_timm if kind == "timm" else save_transformers)(model, folder)
         if report is not None and report.is_file():
-            shutil.copy2(report, folder / report.name)
+            for path in [report, *sorted(report.parent.glob("before_after_*.png"))]:  # the card shows the pictures
+                shutil.copy2(path, folder / path.name)
         if write_card is not None:
             write_card(folder, kind)
     return folders

@@ -104,12 +104,14 @@ def test_exported_folders_load_in_stock_timm_and_transformers(tmp_path):
     run = random_dinov2("vit_small_patch14_dinov2")
     save_for_hf(run, tmp_path / "run", safe_serialization=True)
     (tmp_path / "run" / "repair_report.json").write_text(json.dumps({"steps": 3}))
+    (tmp_path / "run" / "before_after_astronaut.png").write_bytes(b"picture")
     sinder = random_dinov2("vit_giant_patch14_reg4_dinov2_sinder")
     folders = {"run": export(tmp_path / "run", tmp_path / "out_run", format="both"),
                "sinder": export(sinder, tmp_path / "out_sinder", format="both")}
     assert folders["run"] == {"timm": tmp_path / "out_run/timm", "transformers": tmp_path / "out_run/transformers"}
     for kind in ("timm", "transformers"):
         assert json.loads((tmp_path / "out_run" / kind / "repair_report.json").read_text()) == {"steps": 3}
+        assert (tmp_path / "out_run" / kind / "before_after_astronaut.png").read_bytes() == b"picture"
         assert not (tmp_path / "out_sinder" / kind / "repair_report.json").exists()
     assert json.loads((tmp_path / "out_sinder/timm/config.json").read_text())["architecture"] == "vit_giant_patch14_reg4_dinov2"
     processor = json.loads((tmp_path / "out_run/transformers/preprocessor_config.json").read_text())
