@@ -21,9 +21,9 @@ from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 
 # model_cards/ inside the installed package (a wheel), else at the root of a source checkout
-TEMPLATES = next((p for p in (Path(__file__).resolve().parent / "model_cards",
-                              Path(__file__).resolve().parents[1] / "model_cards") if p.is_dir()),
-                 Path(__file__).resolve().parents[1] / "model_cards")
+TEMPLATES = Path(__file__).resolve().parent / "model_cards"
+if not TEMPLATES.is_dir():
+    TEMPLATES = Path(__file__).resolve().parents[1] / "model_cards"
 CARD_FILE = "README.md"
 CONFIG_FILE = "config.json"
 REPORT_FILE = "repair_report.json"

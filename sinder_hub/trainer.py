@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+import torch.utils.checkpoint
 from torch.utils.data import DataLoader, Subset
 
 from .analysis import singular_defect_directions
@@ -108,9 +108,10 @@ def _grid(model: nn.Module, tokens: torch.Tensor, image_hw) -> torch.Tensor:
     return grid.float() if grid.dtype in (torch.bfloat16, torch.float16) else grid
 
 
-def _count_defects(model, tokens, image_hw, direction, config) -> int:
+def _defect_count(model, tokens, image_hw, direction, config) -> torch.Tensor:
+    """Defects in a ``[1, N, D]`` block output, as a 0-d tensor (reading it waits for the device)."""
     mask, _ = defect_mask(_grid(model, tokens, image_hw), direction, mask_thr=config.mask_thr, kernel=config.kernel)
-    return int(mask.sum())
+    return mask.sum()
 
 
 def _loss_at(model, tokens, image_hw, direction, config):
@@ -142,10 +143,12 @@ def _scan_blocks(model, image, directions, config):
     pending = None
     for index, block in enumerate(model.blocks):
         inputs = x.detach().requires_grad_()
-        x = checkpoint(block, inputs, use_reentrant=False) if config.checkpoint_blocks else block(inputs)
+        if config.checkpoint_blocks:
+            x = torch.utils.checkpoint.checkpoint(block, inputs, use_reentrant=False)
+        else:
+            x = block(inputs)
         with torch.no_grad():
-            mask, _ = defect_mask(_grid(model, x, image_hw), directions[index], config.mask_thr, config.kernel)
-            count = mask.sum()
+            count = _defect_count(model, x, image_hw, directions[index], config)
         if pending is not None:
             yield pending[0], pending[1], pending[2], int(pending[3])
         pending = (index, inputs, x, count)
@@ -196,7 +199,7 @@ def naive_image_loss(model, image, directions, config, autocast, force_block: in
         x = embed(model, image)
         for index, block in enumerate(model.blocks):
             x = block(x)
-            defects = _count_defects(model, x.detach(), image_hw, directions[index], config)
+            defects = int(_defect_count(model, x.detach(), image_hw, directions[index], config))
             if index == force_block or (force_block is None and defects >= config.skip_less_than):
                 result = _loss_at(model, x, image_hw, directions[index], config)
                 break
@@ -309,7 +312,7 @@ def held_out_outputs(model, images: dict, directions, config) -> dict:
         tokens = block_outputs(model, image)
         features = model.norm(tokens[-1])
         image_hw = image.shape[-2:]
-        defects = [_count_defects(model, t, image_hw, directions[i], config) for i, t in enumerate(tokens[:-1])]
+        defects = [int(_defect_count(model, t, image_hw, directions[i], config)) for i, t in enumerate(tokens[:-1])]
         last_grid = _grid(model, tokens[-1], image_hw)
         mask, _ = defect_mask(last_grid, directions[-1], config.mask_thr, config.kernel)
         outputs[name] = {"defects": defects + [int(mask.sum())], "mask": mask.cpu(),

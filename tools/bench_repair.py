@@ -62,18 +62,21 @@ class PeakMemory:
         return self.peak / 2**30
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on a CPU), so that wall times count it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def timed(fn, repeats: int, device) -> float:
     """Median wall time of ``fn()`` over ``repeats`` runs after one warm-up."""
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
     fn()
-    sync()
+    synchronize(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        sync()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -84,8 +87,7 @@ def warm_up(device: torch.device) -> None:
         a = torch.randn(64, 64, dtype=dtype, device=device)
         torch.linalg.eigh(a @ a.T)
         torch.linalg.qr(a)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
 
 
 def epsilon_gradients(eps: list, model, image_loss, image, directions, config, autocast, block) -> torch.Tensor:
@@ -123,38 +125,33 @@ def main(argv=None) -> int:
     image = torch.randn(1, 3, args.resolution, args.resolution, generator=torch.Generator().manual_seed(0)).to(device)
     warm_up(device)
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     start = time.perf_counter()
     directions = singular_defect_directions(model, samples=args.samples).to(device)
-    sync()
+    synchronize(device)
     directions_s = time.perf_counter() - start
     start = time.perf_counter()
     block_linear_maps(model, samples=args.samples)  # the linearisation alone; the rest is the singular vectors
-    sync()
+    synchronize(device)
     directions_maps_s = time.perf_counter() - start
     start = time.perf_counter()
     singular_defect_directions(model, method="expected")
-    sync()
+    synchronize(device)
     directions_expected_s = time.perf_counter() - start
 
     # set-up: parametrise every block and factorise the window the step trains
     start = time.perf_counter()
     eps = parametrize_singular_values(model)
     optimizer = torch.optim.SGD(eps.values(), lr=0.005, momentum=0.9)
-    for layer in model.blocks[window.start:window.stop].modules():
-        if isinstance(layer, SingularValueLinear):
-            layer.factorize()
-    sync()
+    window_layers = [m for m in model.blocks[window.start:window.stop].modules() if isinstance(m, SingularValueLinear)]
+    for layer in window_layers:
+        layer.factorize()
+    synchronize(device)
     setup_s = time.perf_counter() - start
     # the straightforward set-up for comparison: a general SVD of the same layers, float64
     start = time.perf_counter()
-    for layer in model.blocks[window.start:window.stop].modules():
-        if isinstance(layer, SingularValueLinear):
-            torch.linalg.svd(layer.weight[layer.rows[0]:layer.rows[1]].double(), full_matrices=False)
-    sync()
+    for layer in window_layers:
+        torch.linalg.svd(layer.weight[layer.rows[0]:layer.rows[1]].double(), full_matrices=False)
+    synchronize(device)
     setup_svd_s = time.perf_counter() - start
 
     def step(image_loss, force_block, autocast):
@@ -199,7 +196,7 @@ def main(argv=None) -> int:
             activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
             with torch.profiler.profile(activities=activities) as profile:
                 run()
-                sync()
+                synchronize(device)
             sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
             print(f"-- one fast step, {precision}: top operators by device time", file=sys.stderr)
             print(profile.key_averages().table(sort_by=sort, row_limit=14, max_name_column_width=40), file=sys.stderr)
