@@ -20,6 +20,8 @@ from timm.layers import LayerScale
 from timm.models._hub import load_model_config_from_path, load_state_dict_from_path
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
+from .errors import BackboneError
+
 ACCEPTED_SPECS = (
     "a timm name: vit_{small,base,large,giant}_patch14_dinov2, vit_*_patch14_reg4_dinov2 (optionally with a "
     "pretrained tag such as .lvd142m) or their *_sinder counterparts",
@@ -35,10 +37,6 @@ STRAY_REGISTER_KEYS = ("register_tokens", "reg_token")
 CHECKPOINT_WRAPPERS = ("model", "teacher", "state_dict")
 # embed dim -> (size name, depth, heads) of the stock DINOv2 ViTs; only the giant uses a SwiGLU MLP
 DINOV2_SIZES = {384: ("small", 12, 6), 768: ("base", 12, 12), 1024: ("large", 24, 16), 1536: ("giant", 40, 24)}
-
-
-class BackboneError(ValueError):
-    """A backbone spec that cannot be loaded; the message names the problem."""
 
 
 def dinov2_architecture(embed_dim: int, depth: int, num_heads: int, swiglu: bool, num_registers: int) -> str | None:

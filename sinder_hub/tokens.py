@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -20,11 +22,21 @@ def embed(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return model.norm_pre(x)
 
 
+def prepare_blocks(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, list[Callable]]:
+    """Tokens entering block 0 and one callable per block, ``[B, N, D] -> [B, N, D]``.
+
+    The callables carry what a block needs besides its tokens for these images (nothing
+    for a plain ``VisionTransformer``), so callers can run, scan or differentiate the
+    blocks one at a time.
+    """
+    return embed(model, images), list(model.blocks)
+
+
 def block_outputs(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
     """Raw residual stream after every block (no final norm): ``depth x [B, N, D]``."""
-    x = embed(model, images)
+    x, blocks = prepare_blocks(model, images)
     outputs = []
-    for block in model.blocks:
+    for block in blocks:
         x = block(x)
         outputs.append(x)
     return outputs

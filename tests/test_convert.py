@@ -143,11 +143,8 @@ def test_export_single_format_and_card_hook(tmp_path, monkeypatch):
 
 
 def test_export_tool(tmp_path, monkeypatch):
-    import importlib.util
+    from sinder_hub.commands import export as tool
 
-    spec = importlib.util.spec_from_file_location("export_tool", Path(__file__).parents[1] / "tools/export.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
     save_for_hf(random_dinov2("vit_small_patch14_dinov2"), tmp_path / "run", safe_serialization=True)
     tool.main([str(tmp_path / "run"), "--to", str(tmp_path / "out"), "--format", "timm"])
     assert json.loads((tmp_path / "out/config.json").read_text())["architecture"] == "vit_small_patch14_dinov2"

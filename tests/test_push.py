@@ -31,8 +31,7 @@ from sinder_hub.hub import PushError, push_folder
 ROOT = Path(__file__).resolve().parents[1]
 REPO_ID = "alice/vit-small-sinder"
 LFS_SUFFIXES = (".safetensors", ".png")
-sys.path.insert(0, str(ROOT / "tools"))
-import push as push_tool  # noqa: E402
+from sinder_hub.commands import push as push_tool  # noqa: E402
 
 
 class FakeHub(http.server.ThreadingHTTPServer):

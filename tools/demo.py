@@ -1,78 +1,13 @@
 #!/usr/bin/env python
 """The embedded demo: repair the planted-defect backbone on skimage's natural images, on a CPU.
 
-    python tools/demo.py [--output demo-output] [--model planted-swiglu]
-
-Trains on crops of the training sample images at 224 px (the held-out images are never
-seen), then prints the held-out defects before and after and writes the run folder.
+The same as `sinder-hub demo ...`; see `python tools/demo.py --help`. The code lives in
+`sinder_hub.commands.demo`.
 """
 
-import argparse
 import sys
-import time
-from pathlib import Path
 
-import torch
-
-from sinder_hub.data import HELD_OUT_SAMPLES, TRAIN_SAMPLES, sample_images
-from sinder_hub.trainer import RepairConfig, repair
-
-
-def write_training_crops(folder: Path, crops_per_image: int, seed: int = 0) -> int:
-    """Deterministic random crops (35-100% of the area) and flips of the training images, as PNGs."""
-    folder.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(seed)
-    count = 0
-    for name, image in sample_images(TRAIN_SAMPLES).items():
-        width, height = image.size
-        for k in range(crops_per_image):
-            scale = 0.35 + 0.65 * torch.rand(1, generator=generator).item()
-            side = int(min(width, height) * scale**0.5)
-            left = int(torch.randint(0, width - side + 1, (1,), generator=generator))
-            top = int(torch.randint(0, height - side + 1, (1,), generator=generator))
-            crop = image.crop((left, top, left + side, top + side)).resize((256, 256))
-            if k % 2:
-                crop = crop.transpose(0)  # horizontal flip
-            crop.save(folder / f"{name}_{k:02d}.png")
-            count += 1
-    return count
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", default="demo-output")
-    parser.add_argument("--model", default="planted-swiglu")
-    parser.add_argument("--crops-per-image", type=int, default=16)
-    parser.add_argument("--precision", choices=("fp32", "tf32", "bf16"), default="tf32")
-    parser.add_argument("--quiet", action="store_true")
-    args = parser.parse_args(argv)
-
-    started = time.perf_counter()
-    output = Path(args.output)
-    count = write_training_crops(output / "train-images", args.crops_per_image)
-    print(f"training images: {count} crops of {', '.join(TRAIN_SAMPLES)}")
-    print(f"held-out images: {', '.join(HELD_OUT_SAMPLES)}")
-    config = RepairConfig(
-        model=args.model, data=str(output / "train-images"), output=str(output / "run"), num_images=count,
-        resolution=224, limit_layers=3, window=100, directions_method="expected", save_every=0, quiet=args.quiet,
-        num_workers=0, precision=args.precision,
-    )
-    report = repair(config).report
-    held_out = report["held_out"]
-    print(f"\nrepaired {args.model} in {report['steps']} steps ({report['updates']} updates), "
-          f"stopped by {report['stopped_because']}; loss blocks {report['loss_layer_histogram']}")
-    print(f"{'held-out image':>20}  defects before  after")
-    for name in held_out["images"]:
-        print(f"{name:>20}  {held_out['before']['defects'][name]:>14}  {held_out['after']['defects'][name]:>5}")
-    print(f"{'total':>20}  {held_out['before']['total']:>14}  {held_out['after']['total']:>5}"
-          f"   (reduction {100 * (held_out['defect_reduction'] or 0):.1f}%)")
-    print(f"cosine to the original: normal tokens {held_out['normal_token_cosine']:.4f}, "
-          f"class token {held_out['class_token_cosine']:.4f}")
-    print(f"outputs in {config.output}: model.safetensors, config.json, repair_report.json, "
-          f"{', '.join(report['pictures'])}")
-    print(f"total wall time {time.perf_counter() - started:.1f} s")
-    return 0
-
+from sinder_hub.cli import run_command
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command("demo", sys.argv[1:]))

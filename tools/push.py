@@ -1,49 +1,13 @@
+#!/usr/bin/env python
 """Push a repaired model folder (timm or transformers export, or a repair run folder) to the Hugging Face hub.
 
-    python tools/push.py DIR --repo-id USER/NAME [--private] [--revision REV] [--create-pr] [--dry-run]
-
-The token comes from HF_TOKEN or `hf auth login`; it is never printed. README.md (the model card) is
-written into DIR first if it is missing.
+The same as `sinder-hub push ...`; see `python tools/push.py --help`. The code lives in
+`sinder_hub.commands.push`.
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
 
-from sinder_hub.hub import PushError, push_folder
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("folder", metavar="DIR", help="folder with config.json and the weights")
-    parser.add_argument("--repo-id", required=True, help="hub model repo, USER/NAME (created if needed)")
-    parser.add_argument("--private", action="store_true", help="create the repo as private")
-    parser.add_argument("--revision", help="branch to commit to (created if needed)")
-    parser.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
-    parser.add_argument("--commit-message", help="commit title")
-    parser.add_argument("--dry-run", action="store_true", help="list the files and print the card; no network")
-    args = parser.parse_args(argv)
-
-    try:
-        result = push_folder(args.folder, args.repo_id, private=args.private, revision=args.revision,
-                             create_pr=args.create_pr, dry_run=args.dry_run, commit_message=args.commit_message)
-    except PushError as error:
-        print(f"push failed: {error}", file=sys.stderr)
-        return 1
-
-    if args.dry_run:
-        print(f"dry run: would upload {len(result.files)} files from {result.folder} to {result.repo_id}")
-        for name, size in result.files:
-            note = "  (model card, written at push time)" if name == "README.md" and result.card_is_new else ""
-            print(f"{size:>14,d}  {name}{note}")
-        print("\n--- README.md ---")
-        print(result.card)
-        return 0
-    print(f"pushed {len(result.files)} files from {result.folder} to {result.repo_id}")
-    print(result.pr_url or result.commit_url)
-    return 0
-
+from sinder_hub.cli import run_command
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command("push", sys.argv[1:]))

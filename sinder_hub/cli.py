@@ -1,0 +1,56 @@
+"""The ``sinder-hub`` command: ``sinder-hub repair|export|push|diagnose|evaluate|demo|view ...``.
+
+Each sub-command lives in ``sinder_hub.commands.<name>`` as ``main(argv) -> int``; the
+scripts in ``tools/`` call the same functions. Multi-process runs:
+``accelerate launch -m sinder_hub.cli repair ...``. A ``SinderError`` ends the command
+with one line on stderr and its exit code (2: bad input, 1: failed work).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "repair": "repair a backbone with SINDER (Algorithm 1) and write a run folder",
+    "export": "export a repaired backbone as stock timm and/or transformers folders",
+    "push": "upload a run or export folder to the Hugging Face hub",
+    "diagnose": "defect statistics and pictures of a backbone, optionally beside a repaired one",
+    "evaluate": "feature-quality checks (k-NN, linear-probe and k-means segmentation)",
+    "demo": "the embedded demo: repair the planted-defect backbone on skimage's photos",
+    "view": "open the browser viewer: original vs repaired feature maps of your images",
+}
+
+
+def run_command(name: str, argv: list[str]) -> int:
+    """Run sub-command ``name`` with ``argv``; user errors become one line and an exit code."""
+    from .errors import SinderError
+
+    module = importlib.import_module(f"sinder_hub.commands.{name}")
+    try:
+        code = module.main(argv)
+    except SinderError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as error:  # a path the user gave
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return code if isinstance(code, int) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        width = max(map(len, COMMANDS))
+        usage = "usage: sinder-hub {" + ",".join(COMMANDS) + "} [options]\n\n" + "\n".join(
+            f"  {name:<{width}}  {text}" for name, text in COMMANDS.items())
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"sinder-hub: unknown command {argv[0]!r}\n{usage}", file=sys.stderr)
+            return 2
+        print(usage, file=sys.stderr if not argv else sys.stdout)
+        return 0 if argv else 2
+    return run_command(argv[0], argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

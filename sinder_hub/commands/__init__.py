@@ -1,0 +1,1 @@
+"""The sub-commands of ``sinder-hub`` (see ``sinder_hub.cli``), one module each with ``main(argv) -> int``."""

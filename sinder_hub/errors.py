@@ -1,0 +1,36 @@
+"""The errors sinder-hub raises for things a user can fix, and the exit code each ends a command with.
+
+Every message is one line that names the file, flag, layer or shape at fault and what was
+expected. ``sinder_hub.cli`` prints ``error: <message>`` and exits with ``exit_code``:
+2 for bad input (a flag, a file, a model spec), 1 for work that ran and failed.
+"""
+
+from __future__ import annotations
+
+
+class SinderError(Exception):
+    """Base of every user-facing error."""
+
+    exit_code = 1
+
+
+class InputError(SinderError, ValueError):
+    """Bad input: a flag's value, a missing or unreadable file, a folder of the wrong kind."""
+
+    exit_code = 2
+
+
+class BackboneError(InputError):
+    """A model spec that cannot be loaded as a supported backbone (name, file, folder, weights)."""
+
+
+class DataError(InputError):
+    """A data source (image folder, list file, dataset layout) that cannot be used."""
+
+
+class RunFolderError(InputError):
+    """A run or export folder that cannot be written: it holds another run, is locked, or is a file."""
+
+
+class RepairError(SinderError):
+    """A repair that ran but produced nothing usable (no update, every loss NaN, a degraded model)."""
