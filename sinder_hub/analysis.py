@@ -7,19 +7,26 @@ Each transformer block is linearised for a single token:
 - whole layer (eq. 3):     ``E = (I + C)(I + A)``
 - composition (eq. 4):     ``G_i = E_i · … · E_0``
 
-with ``P = I - 11ᵀ/D`` the layer-norm centering and ``C2`` a linear stand-in for
-the MLP's non-linear hidden layer. The singular defect direction of layer ``i`` is the
-leading left singular vector of ``G_i``. Biases are left out, as in the authors' code.
+with ``P = I - 11ᵀ/D`` the layer-norm centering (``P = I`` for an RMSNorm) and ``C2`` a
+linear stand-in for the MLP's non-linear hidden layer. The singular defect direction of
+layer ``i`` is the leading left singular vector of ``G_i``. Biases are left out, as in the
+authors' code. A missing layer scale is the identity. Which tensors play these roles in
+each block family (DINOv2, DeiT-III, CLIP, SigLIP, DINOv3, EVA02) is read by
+``sinder_hub.families.describe_model``.
 
-``C2`` comes in two flavours:
+``W_fc2 · C2`` comes in two flavours:
 
-- ``method="sampled"`` (the authors'): least squares ``C2 X ≈ hidden(X)`` on
-  ``samples`` standard-normal inputs, no bias column. Solved through the D×D normal
-  equations accumulated in float64 over chunks, so memory stays ``O(chunk · M)``.
+- ``method="sampled"`` (the authors'): least squares ``M X ≈ mlp(X) - b_fc2`` on
+  ``samples`` standard-normal inputs, no bias column, through the block's own MLP module
+  (so every activation, gate and inner norm is what the block computes). Since ``fc2`` is
+  linear this is ``W_fc2`` times the authors' fit of the hidden layer. Solved through the
+  D×D normal equations accumulated in float64 over chunks, so memory stays
+  ``O(chunk · M)``.
 - ``method="expected"`` (ours): the population least-squares map. For ``x ~ N(0, I)``,
   ``E[x xᵀ] = I`` and Stein's lemma gives ``E[x hidden(x)ᵀ] = E[∇ hidden(x)]ᵀ``, which
-  for ``act(w·x + b)`` and ``act(u·x + h1) · (v·x + h2)`` reduces to one-dimensional
-  Gaussian expectations per hidden unit, computed by Gauss–Hermite quadrature.
+  for ``act(w·x + b)`` and ``act(u·x + h1) · (v·x + h2)`` (packed or split SwiGLU)
+  reduces to one-dimensional Gaussian expectations per hidden unit, computed by
+  Gauss–Hermite quadrature. An MLP with an inner norm has no such form: ``BackboneError``.
   The sampled map converges to it as the sample count grows.
 """
 
@@ -31,8 +38,11 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 import torch
-from timm.layers import GluMlp, Mlp
 from torch import nn
+
+from .errors import BackboneError
+from .families import BlockDescription, Norm, describe_model, get_path
+from .singular_values import SingularValueLinear
 
 METHODS = ("sampled", "expected")
 
@@ -46,51 +56,50 @@ class BlockMaps:
     E: torch.Tensor
 
 
-def _diag_weight(module: nn.Module, name: str, dim: int, like: torch.Tensor) -> torch.Tensor:
-    """The per-channel scale of a LayerScale / LayerNorm (ones when it has none)."""
-    weight = getattr(module, name, None)
-    if weight is None:
+def _weight(layer: nn.Module) -> torch.Tensor:
+    """A linear layer's current weight ``[out, in]`` as float64 (``W(ε)`` in singular-value form)."""
+    weight = layer.current_weight() if isinstance(layer, SingularValueLinear) else layer.weight
+    return weight.detach().double()
+
+
+def _bias(layer: nn.Module) -> torch.Tensor:
+    """A linear layer's bias ``[out]`` as float64 (zeros without one)."""
+    if layer.bias is None:
+        return torch.zeros(layer.weight.shape[0], dtype=torch.float64, device=layer.weight.device)
+    return layer.bias.detach().double()
+
+
+def _scale(block: nn.Module, path: str | None, dim: int, like: torch.Tensor) -> torch.Tensor:
+    """The ``[D]`` layer scale at ``path`` (ones when the block has none)."""
+    if path is None:
         return torch.ones(dim, dtype=like.dtype, device=like.device)
-    return weight.detach().to(like)
+    return get_path(block, path).detach().to(like)
 
 
-def _centering(dim: int, like: torch.Tensor) -> torch.Tensor:
-    """Layer-norm centering ``P = I - 11ᵀ/D``."""
+def _norm_map(block: nn.Module, norm: Norm, dim: int, like: torch.Tensor) -> torch.Tensor:
+    """``diag(norm.weight) · P`` of a pre-norm: ``[D, D]`` (``P`` the centering for a LayerNorm, else ``I``)."""
+    weight = getattr(block, norm.path).weight
+    weight = torch.ones(dim, dtype=like.dtype, device=like.device) if weight is None else weight.detach().to(like)
     eye = torch.eye(dim, dtype=like.dtype, device=like.device)
-    return eye - 1.0 / dim
+    P = eye - 1.0 / dim if norm.centred else eye
+    return weight[:, None] * P
 
 
-def _check_block(index: int, block: nn.Module) -> None:
-    attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
-    if attn is None or not isinstance(getattr(attn, "qkv", None), nn.Linear):
-        raise ValueError(f"block {index}: expected a timm Attention with a fused `qkv` nn.Linear, got {type(attn).__name__}")
-    if not isinstance(mlp, (Mlp, GluMlp)):
-        raise ValueError(f"block {index}: expected a timm Mlp (GELU) or GluMlp/SwiGLUPacked MLP, got {type(mlp).__name__}")
-    if not isinstance(mlp.norm, nn.Identity):
-        raise ValueError(f"block {index}: MLPs with an inner norm ({type(mlp.norm).__name__}) are not supported")
-
-
-def _mlp_hidden(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The MLP's non-linear hidden layer: ``[n, D]`` -> ``[n, M]`` (fc1 bias included)."""
-    h = mlp.fc1(x)
-    if isinstance(mlp, GluMlp):
-        x1, x2 = h.chunk(2, dim=-1)
-        return x1 * mlp.act(x2) if mlp.gate_last else mlp.act(x1) * x2
-    return mlp.act(h)
-
-
-def _sampled_hidden_map(mlp: nn.Module, dim: int, samples: int, generator: torch.Generator, chunk: int = 8192) -> torch.Tensor:
-    """Least squares ``C2 X ≈ hidden(X)`` on standard-normal ``X``: ``[M, D]`` float64."""
-    device = mlp.fc1.weight.device
+def _sampled_mlp_map(block: nn.Module, described: BlockDescription, dim: int, samples: int,
+                     generator: torch.Generator, chunk: int = 8192) -> torch.Tensor:
+    """Least squares ``M X ≈ mlp(X) - b_fc2`` on standard-normal ``X [n, D]``: ``M [D, D]`` float64."""
+    mlp, fc2 = get_path(block, described.mlp), get_path(block, described.mlp_output)
+    device, dtype = fc2.weight.device, fc2.weight.dtype
     xtx = torch.zeros(dim, dim, dtype=torch.float64, device=device)
-    xty = None
+    xty = torch.zeros(dim, dim, dtype=torch.float64, device=device)
     for start in range(0, samples, chunk):
         n = min(chunk, samples - start)
-        x = torch.randn(n, dim, generator=generator, dtype=torch.float32, device=generator.device).to(device)
-        y = _mlp_hidden(mlp, x)
+        x = torch.randn(n, dim, generator=generator, dtype=torch.float32, device=generator.device).to(device, dtype)
+        y = mlp(x)
+        if fc2.bias is not None:
+            y = y - fc2.bias
         xtx += (x.T @ x).double()
-        xty_chunk = (x.T @ y).double()
-        xty = xty_chunk if xty is None else xty + xty_chunk
+        xty += (x.T @ y).double()
     return torch.linalg.solve(xtx, xty).T
 
 
@@ -108,22 +117,31 @@ def _gaussian_expectations(act: nn.Module, mean: torch.Tensor, std: torch.Tensor
     return value @ w, slope @ w, (slope * offset) @ w
 
 
-def _expected_hidden_map(mlp: nn.Module) -> torch.Tensor:
-    """Population least-squares map ``E[∇ hidden(x)]`` for ``x ~ N(0, I)``: ``[M, D]`` float64."""
-    weight = mlp.fc1.weight.detach().double()
-    bias = mlp.fc1.bias.detach().double() if mlp.fc1.bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device)
-    if not isinstance(mlp, GluMlp):
-        std = weight.norm(dim=1)
-        _, mean_slope, _ = _gaussian_expectations(mlp.act, bias, std)
+def _expected_hidden_map(block: nn.Module, described: BlockDescription) -> torch.Tensor:
+    """Population least-squares map of the hidden layer, ``E[∇ hidden(x)]`` for ``x ~ N(0, I)``: ``[M, D]`` float64."""
+    mlp = get_path(block, described.mlp)
+    layers = [get_path(block, path) for path in described.mlp_inputs]
+    weight, bias = torch.cat([_weight(layer) for layer in layers]), torch.cat([_bias(layer) for layer in layers])
+    if not described.mlp_gated:
+        _, mean_slope, _ = _gaussian_expectations(mlp.act, bias, weight.norm(dim=1))
         return mean_slope[:, None] * weight
-    (w1, w2), (b1, b2) = weight.chunk(2, dim=0), bias.chunk(2, dim=0)
-    (u, h1, v, h2) = (w2, b2, w1, b1) if mlp.gate_last else (w1, b1, w2, b2)
+    (u, v), (h1, h2) = weight.chunk(2, dim=0), bias.chunk(2, dim=0)
     # hidden = act(a) · c with a = u·x + h1 (gate), c = v·x + h2; E[c | a] = h2 + β (a - h1)
     var_a = (u * u).sum(dim=1)
     beta = (u * v).sum(dim=1) / var_a.clamp_min(torch.finfo(torch.float64).tiny)
     mean_act, mean_slope, slope_times_offset = _gaussian_expectations(mlp.act, h1, var_a.sqrt())
     gate_coef = mean_slope * h2 + beta * slope_times_offset  # E[act'(a) · c]
     return gate_coef[:, None] * u + mean_act[:, None] * v
+
+
+def _expected_mlp_map(block: nn.Module, described: BlockDescription, where: str) -> torch.Tensor:
+    """``W_fc2 · E[∇ hidden(x)]``: ``[D, D]`` float64; ``BackboneError`` for an MLP with an inner norm."""
+    if not described.expected_supported:
+        norm = type(get_path(block, described.mlp).norm).__name__
+        raise BackboneError(
+            f"{where}.mlp: method='expected' needs an MLP whose hidden layer is elementwise or a gate "
+            f"(1-D Gaussian expectations); this {described.mlp_kind} MLP has an inner {norm}: use method='sampled'")
+    return _weight(get_path(block, described.mlp_output)) @ _expected_hidden_map(block, described)
 
 
 @torch.no_grad()
@@ -133,31 +151,32 @@ def block_linear_maps(
     samples: int = 100_000,
     generator: torch.Generator | None = None,
 ) -> list[BlockMaps]:
-    """Linearise every block of a timm ViT (eq. 1–3): ``depth`` x ``BlockMaps`` of ``[D, D]`` maps."""
+    """Linearise every block of a timm ViT or Eva (eq. 1–3): ``depth`` x ``BlockMaps`` of ``[D, D]`` maps.
+
+    Raises ``BackboneError`` for a block that ``families.describe_block`` does not support, or for
+    ``method="expected"`` on an MLP with an inner norm.
+    """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    described = describe_model(model)
     if generator is None:  # on the weights' device: drawing 100k x D normals on the CPU would dominate on a GPU
-        generator = torch.Generator(device=model.blocks[0].attn.qkv.weight.device).manual_seed(0)
+        device = get_path(model.blocks[0], described.blocks[0].proj).weight.device
+        generator = torch.Generator(device=device).manual_seed(0)
     maps = []
-    for index, block in enumerate(model.blocks):
-        _check_block(index, block)
-        qkv = block.attn.qkv.weight.detach().double()
-        dim = qkv.shape[1]
-        P = _centering(dim, qkv)
-        eye = torch.eye(dim, dtype=qkv.dtype, device=qkv.device)
-        W_v = qkv[2 * dim:]
-        W_proj = block.attn.proj.weight.detach().double()
-        ls1 = _diag_weight(block.ls1, "gamma", dim, qkv)
-        ls2 = _diag_weight(block.ls2, "gamma", dim, qkv)
-        n1 = _diag_weight(block.norm1, "weight", dim, qkv)
-        n2 = _diag_weight(block.norm2, "weight", dim, qkv)
-        A = ls1[:, None] * (W_proj @ W_v) * n1[None, :] @ P  # eq. 1
+    for index, (block, layout) in enumerate(zip(model.blocks, described.blocks)):
+        start, stop = layout.value_rows
+        W_v = _weight(get_path(block, layout.value))[start:stop]
+        W_proj = _weight(get_path(block, layout.proj))
+        dim = W_proj.shape[0]
+        eye = torch.eye(dim, dtype=W_proj.dtype, device=W_proj.device)
+        ls1 = _scale(block, layout.layer_scale1, dim, W_proj)
+        ls2 = _scale(block, layout.layer_scale2, dim, W_proj)
+        A = ls1[:, None] * (W_proj @ W_v) @ _norm_map(block, layout.norm1, dim, W_proj)  # eq. 1
         if method == "sampled":
-            C2 = _sampled_hidden_map(block.mlp, dim, samples, generator)
+            mlp_map = _sampled_mlp_map(block, layout, dim, samples, generator)
         else:
-            C2 = _expected_hidden_map(block.mlp)
-        W_fc2 = block.mlp.fc2.weight.detach().double()
-        C = ls2[:, None] * (W_fc2 @ C2) * n2[None, :] @ P  # eq. 2
+            mlp_map = _expected_mlp_map(block, layout, f"blocks.{index}")
+        C = ls2[:, None] * mlp_map @ _norm_map(block, layout.norm2, dim, W_proj)  # eq. 2
         E = (eye + C) @ (eye + A)  # eq. 3
         maps.append(BlockMaps(A=A, C=C, E=E))
     return maps

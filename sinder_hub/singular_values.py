@@ -1,8 +1,13 @@
 """Fine-tuning only singular values (paper §4.2): ``W = U diag(S + ε) Vᵀ`` with U, S, V frozen.
 
-Every ``nn.Linear`` of the transformer blocks becomes a ``SingularValueLinear`` whose only
-trainable tensor is ``ε`` (initialised to zero). In the fused ``qkv`` layer only the value
-rows get an ``ε``; queries and keys stay frozen, as in the authors' code.
+The linear layers that ``sinder_hub.families`` lists as movable (the value projection, the
+attention output projection and the MLP's linear layers) become ``SingularValueLinear``
+layers whose only trainable tensor is ``ε`` (initialised to zero). In a fused ``qkv`` layer
+only the value rows get an ``ε``; queries and keys stay frozen, as in the authors' code.
+Eva's fused qkv with separate ``q_bias`` / ``v_bias`` reads ``qkv.weight`` itself
+(``F.linear``) instead of calling the layer; there the attention is switched to
+``qkv_bias_separate`` (call the layer, then add the biases) while parametrised, and back
+on merge.
 
 We compute ``U diag(S + ε) Vᵀ`` as ``W₀ + U diag(ε) Vᵀ``: the same function of ``ε`` with
 the same gradient, but exactly ``W₀`` at ``ε = 0`` (no SVD round-off), so a parametrised
@@ -27,7 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .families import describe_block, describe_model, get_path
+
 _REFERENCE_MODE = False
+# set on an EvaAttention whose qkv_bias_separate was switched on by parametrize_singular_values: its old value
+_BIAS_SEPARATE_WAS = "_sinder_qkv_bias_separate_was"
 
 
 @contextmanager
@@ -163,35 +172,33 @@ class SingularValueLinear(nn.Module):
         return linear
 
 
-def _block_linears(block: nn.Module):
-    """``(parent, attribute, rows)`` of every linear layer of a block; qkv keeps only its value rows."""
-    for name, module in list(block.named_modules()):
-        if not isinstance(module, (nn.Linear, SingularValueLinear)):
-            continue
-        parent_name, _, attribute = name.rpartition(".")
-        parent = block.get_submodule(parent_name) if parent_name else block
-        rows = None
-        if attribute == "qkv":
-            dim = module.weight.shape[1]
-            if module.weight.shape[0] != 3 * dim:
-                raise ValueError(f"fused qkv {name} has shape {tuple(module.weight.shape)}, expected [{3 * dim}, {dim}]")
-            rows = (2 * dim, 3 * dim)
-        yield parent, attribute, rows
+def _block_linears(block: nn.Module, where: str = "block"):
+    """``(parent, attribute, rows)`` of every movable linear layer of a block (``families``); a fused qkv
+    keeps only its value rows."""
+    for path, rows in describe_block(block, where).movable:
+        parent_path, _, attribute = path.rpartition(".")
+        yield (get_path(block, parent_path) if parent_path else block), attribute, rows
 
 
 def parametrize_singular_values(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Put every linear layer of ``model.blocks`` in singular-value form; freeze everything else.
+    """Put every movable linear layer of ``model.blocks`` in singular-value form; freeze everything else.
 
     Returns ``{name: ε}`` for all of them, in block order (the optimiser's parameter order).
-    Idempotent. With ``ε = 0`` the model computes exactly what it did before.
+    Idempotent. With ``ε = 0`` the model computes exactly what it did before (Eva's fused qkv with
+    separate biases: up to float rounding, the bias being added after the product instead of in it).
+    Raises ``BackboneError`` for a block ``families.describe_block`` does not support.
     """
+    described = describe_model(model)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    for block in model.blocks:
-        for parent, attribute, rows in _block_linears(block):
+    for index, (block, layout) in enumerate(zip(model.blocks, described.blocks)):
+        for parent, attribute, rows in _block_linears(block, f"blocks.{index}"):
             layer = getattr(parent, attribute)
             if isinstance(layer, nn.Linear):
                 setattr(parent, attribute, SingularValueLinear(layer, rows))
+        if layout.qkv_bias_read_by_attention:  # else the attention would bypass the parametrised qkv
+            setattr(block.attn, _BIAS_SEPARATE_WAS, block.attn.qkv_bias_separate)
+            block.attn.qkv_bias_separate = True
     parameters = singular_value_parameters(model)
     for eps in parameters.values():
         eps.requires_grad_(True)
@@ -221,4 +228,8 @@ def merge_singular_values(model: nn.Module) -> nn.Module:
                 parent_name, _, attribute = name.rpartition(".")
                 parent = block.get_submodule(parent_name) if parent_name else block
                 setattr(parent, attribute, module.to_linear())
+        attn = getattr(block, "attn", None)
+        if hasattr(attn, _BIAS_SEPARATE_WAS):
+            attn.qkv_bias_separate = getattr(attn, _BIAS_SEPARATE_WAS)
+            delattr(attn, _BIAS_SEPARATE_WAS)
     return model

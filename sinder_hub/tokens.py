@@ -1,10 +1,17 @@
-"""Running a timm ViT block by block and cutting its tokens into a patch grid."""
+"""Running a timm ViT (``VisionTransformer`` or ``Eva``) block by block and cutting its tokens into a patch grid.
+
+Eva models (DINOv3, EVA02) give their blocks a rotary position embedding (RoPE) besides the
+tokens; ``prepare_blocks`` binds it to each block. Prefix tokens (class token, registers /
+DINOv3's storage tokens; none for SigLIP) come first, ``model.num_prefix_tokens`` of them.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
+from timm.models.eva import Eva
 from torch import nn
 
 
@@ -14,22 +21,35 @@ def grid_size(model: nn.Module, image_hw: tuple[int, int]) -> tuple[int, int]:
     return image_hw[0] // patch_h, image_hw[1] // patch_w
 
 
+def _embed_with_rope(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Tokens that enter block 0, ``[B, N, D]``, and the rotary embedding of an Eva model (else ``None``)."""
+    x = model.patch_embed(images)
+    if isinstance(model, Eva):  # as Eva.forward_features: _pos_embed also applies patch dropout
+        x, rope = model._pos_embed(x)
+    else:
+        x, rope = model.patch_drop(model._pos_embed(x)), None
+    return model.norm_pre(x), rope
+
+
 def embed(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Tokens that enter block 0: ``[B, 3, h, w]`` images -> ``[B, N, D]``."""
-    x = model.patch_embed(images)
-    x = model._pos_embed(x)
-    x = model.patch_drop(x)
-    return model.norm_pre(x)
+    return _embed_with_rope(model, images)[0]
 
 
 def prepare_blocks(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, list[Callable]]:
     """Tokens entering block 0 and one callable per block, ``[B, N, D] -> [B, N, D]``.
 
     The callables carry what a block needs besides its tokens for these images (nothing
-    for a plain ``VisionTransformer``), so callers can run, scan or differentiate the
+    for a plain ``VisionTransformer``; an Eva block gets the RoPE of this image size, its
+    own slice of it with ``rope_mixed``), so callers can run, scan or differentiate the
     blocks one at a time.
     """
-    return embed(model, images), list(model.blocks)
+    x, rope = _embed_with_rope(model, images)
+    if rope is None:
+        return x, list(model.blocks)
+    if getattr(model, "rope_mixed", False):  # per-block embeddings, as in Eva.forward_features
+        return x, [partial(block, rope=rope[index]) for index, block in enumerate(model.blocks)]
+    return x, [partial(block, rope=rope) for block in model.blocks]
 
 
 def block_outputs(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:

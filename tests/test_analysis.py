@@ -4,11 +4,11 @@ import math
 
 import pytest
 import torch
-from timm.layers import GluMlp, Mlp
 from torch import nn
 
-from sinder_hub import block_linear_maps, leading_left_singular_vector, singular_defect_directions
-from sinder_hub.analysis import _expected_hidden_map, _sampled_hidden_map
+from sinder_hub import BackboneError, block_linear_maps, leading_left_singular_vector, singular_defect_directions
+from sinder_hub.analysis import _expected_hidden_map, _expected_mlp_map, _sampled_mlp_map
+from sinder_hub.families import describe_block
 from tiny import tiny_vit
 
 
@@ -62,44 +62,52 @@ def test_leading_left_singular_vector_matches_svd_also_when_degenerate():
     assert torch.equal(leading_left_singular_vector(-M)[0], leading_left_singular_vector(M)[0])
 
 
-def small_mlp(kind, dim=12, hidden=24):
-    torch.manual_seed(3)
-    if kind == "gelu":
-        mlp = Mlp(dim, hidden)
-    else:
-        mlp = GluMlp(dim, 2 * hidden, act_layer=nn.SiLU, gate_last=False)
+def small_mlp_block(kind, dim=12):
+    """Block 0 of a tiny DINOv2-style ViT with a GELU or packed SwiGLU MLP, MLP weights ~ N(0, 0.5²)."""
+    block = tiny_vit(mlp=kind, embed_dim=dim, depth=1).blocks[0]
+    gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        for p in mlp.parameters():
-            p.normal_(0, 0.5)
-    return mlp
+        for p in block.mlp.parameters():
+            p.copy_(0.5 * torch.randn(p.shape, generator=gen))
+    return block, describe_block(block)
 
 
 @pytest.mark.parametrize("kind", ["gelu", "swiglu"])
 def test_sampled_least_squares_converges_to_expected_map(kind):
     """Stein's lemma: the population least-squares map is E[∇ hidden(x)]; sampling error ~ 1/√n."""
-    mlp = small_mlp(kind)
-    expected = _expected_hidden_map(mlp)
+    block, layout = small_mlp_block(kind)
+    expected = _expected_mlp_map(block, layout, "block 0")
     errors = []
     for samples in (2_000, 32_000, 512_000):
         gen = torch.Generator().manual_seed(0)
-        sampled = _sampled_hidden_map(mlp, 12, samples, gen)
+        sampled = _sampled_mlp_map(block, layout, 12, samples, gen)
         errors.append(((sampled - expected).norm() / expected.norm()).item())
     assert errors[0] > errors[1] > errors[2]
     assert errors[2] < 0.25 * errors[0]  # 256x the samples: ideally 16x smaller, at least 4x
     assert errors[2] < 0.01
 
 
+def test_sampled_map_is_fc2_times_the_authors_hidden_fit():
+    """Fitting the whole MLP minus fc2's bias equals ``W_fc2`` times the least squares of the hidden layer."""
+    block, layout = small_mlp_block("swiglu")
+    x = torch.randn(5000, 12, generator=torch.Generator().manual_seed(0))
+    x1, x2 = block.mlp.fc1(x).chunk(2, dim=-1)
+    hidden_fit = torch.linalg.lstsq(x.double(), (nn.functional.silu(x1) * x2).double()).solution.T
+    sampled = _sampled_mlp_map(block, layout, 12, 5000, torch.Generator().manual_seed(0))
+    assert torch.allclose(sampled, block.mlp.fc2.weight.double() @ hidden_fit, atol=1e-5)
+
+
 def test_expected_map_of_gelu_unit_matches_closed_form():
     """For GELU(a) = a Φ(a), E[GELU'(a)] with a ~ N(b, s²) has a closed form."""
-    mlp = small_mlp("gelu")
-    w, b = mlp.fc1.weight.double(), mlp.fc1.bias.double()
+    block, layout = small_mlp_block("gelu")
+    w, b = block.mlp.fc1.weight.double(), block.mlp.fc1.bias.double()
     s = w.norm(dim=1)
     # E[Φ(a) + a φ(a)] = Φ(b/√(1+s²)) + b φ(b/√(1+s²)) / (1+s²)^{3/2}
     r = torch.sqrt(1 + s**2)
     phi = torch.exp(-0.5 * (b / r) ** 2) / math.sqrt(2 * math.pi)
     Phi = 0.5 * (1 + torch.erf(b / r / math.sqrt(2)))
     closed = Phi + b * phi / r**3
-    expected = _expected_hidden_map(mlp)
+    expected = _expected_hidden_map(block, layout)
     assert torch.allclose(expected, closed[:, None] * w, atol=1e-10)
 
 
@@ -118,10 +126,10 @@ def test_directions_on_tiny_vits(mlp, reg):
     assert angle_deg(leading_left_singular_vector(G)[0].float(), expected[1]).item() < 1e-3
 
 
-def test_non_dinov2_blocks_are_refused():
+def test_unsupported_blocks_are_refused():
     model = tiny_vit()
     model.blocks[1].mlp = nn.Sequential(nn.Linear(32, 32))
-    with pytest.raises(ValueError, match="block 1: expected a timm Mlp"):
+    with pytest.raises(BackboneError, match="blocks.1.mlp: expected a timm Mlp, GluMlp or SwiGLU, got Sequential"):
         singular_defect_directions(model, method="expected")
     with pytest.raises(ValueError, match="method must be one of"):
         singular_defect_directions(model, method="exact")
