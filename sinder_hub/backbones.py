@@ -1,118 +1,48 @@
-"""Loading any DINOv2-like backbone as a timm ``VisionTransformer`` (eval mode, ``dynamic_img_size=True``).
+"""Loading a backbone as a timm ``VisionTransformer`` or ``Eva`` (eval mode, ``dynamic_img_size=True``).
 
 Specs (see ``load_backbone``): a timm name, an ``hf-hub:`` id, a ``.safetensors`` file in timm layout, a
 folder written by timm's ``save_for_hf``, a ``.pth``/``.pt`` checkpoint in the authors' / Meta DINOv2
-layout, a transformers Dinov2 / Dinov2WithRegisters folder, or ``planted-gelu`` / ``planted-swiglu``.
+layout, a transformers Dinov2 / Dinov2WithRegisters folder, or a planted-defect fixture (``planted-*``).
+Any block family ``sinder_hub.families`` supports loads (DINOv2, DeiT-III, CLIP, SigLIP, DINOv3, EVA02);
+DINOv2 specs (``*dinov2*`` names, authors' checkpoints, transformers folders) must also be DINOv2-like.
 Weights always load strictly: a missing, unexpected or mis-shaped key is a ``BackboneError``.
 """
 
 from __future__ import annotations
 
 import json
-import re
-import warnings
+import pickle
 from pathlib import Path
 
 import safetensors.torch
 import timm
 import torch
-from timm.layers import LayerScale
 from timm.models._hub import load_model_config_from_path, load_state_dict_from_path
-from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from timm.models.vision_transformer import VisionTransformer
 
+from .dinov2 import (
+    TRANSFORMERS_MODEL_TYPES,
+    check_dinov2_like,
+    dinov2_filter_fn,
+    from_transformers,
+    infer_architecture,
+    unwrap_checkpoint,
+)
 from .errors import BackboneError
+from .families import describe_model
+from .models import base_architecture
 
 ACCEPTED_SPECS = (
     "a timm name: vit_{small,base,large,giant}_patch14_dinov2, vit_*_patch14_reg4_dinov2 (optionally with a "
-    "pretrained tag such as .lvd142m) or their *_sinder counterparts",
+    "pretrained tag such as .lvd142m) or their *_sinder counterparts, or a ViT of another supported family "
+    "(deit3_*, vit_*_clip_*, vit_*_siglip_*, vit_*_dinov3, eva02_*)",
     "an hf-hub:<user>/<repo> id",
     "a .safetensors file in timm layout (with architecture=)",
     "a folder written by timm's save_for_hf (config.json + model.safetensors)",
     "a .pth/.pt checkpoint in the authors' / Meta DINOv2 layout",
     "a transformers Dinov2 / Dinov2WithRegisters folder",
-    "planted-gelu / planted-swiglu",
+    "planted-gelu / planted-swiglu / planted-deit3 / planted-clip / planted-dinov3",
 )
-TRANSFORMERS_MODEL_TYPES = ("dinov2", "dinov2_with_registers")
-STRAY_REGISTER_KEYS = ("register_tokens", "reg_token")
-CHECKPOINT_WRAPPERS = ("model", "teacher", "state_dict")
-# embed dim -> (size name, depth, heads) of the stock DINOv2 ViTs; only the giant uses a SwiGLU MLP
-DINOV2_SIZES = {384: ("small", 12, 6), 768: ("base", 12, 12), 1024: ("large", 24, 16), 1536: ("giant", 40, 24)}
-
-
-def dinov2_architecture(embed_dim: int, depth: int, num_heads: int, swiglu: bool, num_registers: int) -> str | None:
-    """Stock timm DINOv2 name with exactly this shape (``vit_giant_patch14_reg4_dinov2``, ...), else ``None``."""
-    size = DINOV2_SIZES.get(embed_dim)
-    if size is None or size[1:] != (depth, num_heads) or swiglu != (size[0] == "giant") or num_registers not in (0, 4):
-        return None
-    return f"vit_{size[0]}_patch14_{'reg4_' if num_registers else ''}dinov2"
-
-
-def unwrap_checkpoint(checkpoint: dict) -> dict[str, torch.Tensor]:
-    """State dict inside a training checkpoint: unwraps ``model`` / ``teacher`` / ``state_dict`` and a
-    DINOv2 ``backbone.`` prefix (its heads are not part of the backbone)."""
-    while isinstance(checkpoint, dict) and any(isinstance(checkpoint.get(k), dict) for k in CHECKPOINT_WRAPPERS):
-        checkpoint = next(checkpoint[k] for k in CHECKPOINT_WRAPPERS if isinstance(checkpoint.get(k), dict))
-    if any(k.startswith("backbone.") for k in checkpoint):
-        checkpoint = {k.removeprefix("backbone."): v for k, v in checkpoint.items() if k.startswith("backbone.")}
-    return dict(checkpoint)
-
-
-def dinov2_filter_fn(state_dict: dict, model: VisionTransformer) -> dict[str, torch.Tensor]:
-    """timm's ``checkpoint_filter_fn`` for DINOv2 checkpoints in any layout (timm, authors', Meta).
-
-    Also unwraps training checkpoints and drops stray ``register_tokens`` / ``reg_token`` entries
-    (with a warning) when ``model`` has no registers: timm would otherwise read them as a register model.
-    """
-    state_dict = unwrap_checkpoint(state_dict)
-    if model.reg_token is None:
-        stray = [k for k in STRAY_REGISTER_KEYS if k in state_dict]
-        if stray:
-            shapes = ", ".join(f"{k} {tuple(state_dict[k].shape)}" for k in stray)
-            warnings.warn(f"dropping {shapes} from the checkpoint: the model has no register tokens", stacklevel=2)
-            state_dict = {k: v for k, v in state_dict.items() if k not in stray}
-    return checkpoint_filter_fn(state_dict, model)
-
-
-def infer_architecture(state_dict: dict[str, torch.Tensor], source: str) -> str:
-    """Stock timm DINOv2 name from checkpoint shapes (authors' or timm layout): embed dim, depth,
-    SwiGLU (``w12`` or a packed ``fc1``) and registers."""
-    if "cls_token" not in state_dict:
-        raise BackboneError(f"{source}: no cls_token, not a DINOv2 checkpoint; pass architecture=")
-    embed_dim = state_dict["cls_token"].shape[-1]
-    blocks = {int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))}
-    depth = max(blocks) + 1 if blocks else 0
-    fc1, fc2 = state_dict.get("blocks.0.mlp.fc1.weight"), state_dict.get("blocks.0.mlp.fc2.weight")
-    swiglu = "blocks.0.mlp.w12.weight" in state_dict or (
-        fc1 is not None and fc2 is not None and fc1.shape[0] == 2 * fc2.shape[1])
-    registers = max((state_dict[k].shape[1] for k in STRAY_REGISTER_KEYS if k in state_dict), default=0)
-    size = DINOV2_SIZES.get(embed_dim)
-    architecture = dinov2_architecture(embed_dim, depth, size[2] if size else 0, swiglu, registers)
-    if architecture is None:
-        raise BackboneError(
-            f"{source}: embed dim {embed_dim}, depth {depth}, {'SwiGLU' if swiglu else 'GELU'} MLP and "
-            f"{registers} register tokens match no stock vit_*_patch14_dinov2; pass architecture= "
-            "(and model kwargs such as embed_dim=, depth=, num_heads=)")
-    return architecture
-
-
-def check_dinov2_like(model: torch.nn.Module, source: str) -> None:
-    """Raise ``BackboneError`` unless ``model`` is a timm ViT with 14-px patches, a class token and layer scale."""
-    if isinstance(model, VisionTransformer):
-        found = []
-        if tuple(model.patch_embed.patch_size) != (14, 14):
-            found.append(f"{model.patch_embed.patch_size[0]}-px patches")
-        if model.cls_token is None:
-            found.append("no class token")
-        if not isinstance(model.blocks[0].ls1, LayerScale):
-            found.append("no layer scale")
-        if not found:
-            return
-    else:
-        found = [f"a {type(model).__name__}"]
-    raise BackboneError(
-        f"{source} is not a DINOv2-like backbone ({', '.join(found)}): expected a timm VisionTransformer with "
-        "14-px patches, a class token and layer scale, like vit_*_patch14_dinov2")
-
 
 def load_strict(model: VisionTransformer, state_dict: dict[str, torch.Tensor], source: str) -> None:
     """``model.load_state_dict(strict=True)`` with a ``BackboneError`` naming the first bad key."""
@@ -123,6 +53,7 @@ def load_strict(model: VisionTransformer, state_dict: dict[str, torch.Tensor], s
             raise BackboneError(
                 f"{source}: checkpoint shape mismatch at {key}: {tuple(state_dict[key].shape)}, "
                 f"but {architecture} expects {tuple(value.shape)}")
+    check_finite(state_dict, source)
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     if missing or unexpected:
@@ -132,10 +63,36 @@ def load_strict(model: VisionTransformer, state_dict: dict[str, torch.Tensor], s
     model.load_state_dict(state_dict, strict=True)
 
 
+def check_finite(state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Raise ``BackboneError`` naming the first tensor of ``source`` with NaN or infinite values."""
+    for key, value in state_dict.items():
+        if not torch.is_tensor(value) or not value.is_floating_point():
+            continue
+        nan, inf = int(value.isnan().sum()), int(value.isinf().sum())
+        if nan or inf:
+            counts = " and ".join(f"{n} {kind} values" for n, kind in ((nan, "NaN"), (inf, "infinite")) if n)
+            raise BackboneError(f"{source}: tensor {key} has {counts}; refusing weights that are not finite")
+
+
+def _read_weights(path: Path, read):
+    """``read(path)`` with a ``BackboneError`` naming ``path`` when the file is refused, truncated or corrupt."""
+    try:
+        return read(path)
+    except Exception as error:  # each reader (safetensors, torch.load, transformers) fails its own way on a bad file
+        boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")  # torch.load's
+        lines = [line.strip() for line in str(error).splitlines() if line.strip() and not line.strip().startswith(boilerplate)]
+        detail = lines[0] if lines else type(error).__name__
+        if isinstance(error, pickle.UnpicklingError) and "GLOBAL" in detail:
+            raise BackboneError(f"{path}: refused: the checkpoint holds objects other than tensors and is never "
+                                f"unpickled (weights_only=True): {detail}") from error
+        raise BackboneError(f"{path}: cannot read the weights, the file is truncated or corrupt "
+                            f"({type(error).__name__}: {detail})") from error
+
+
 def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
-        return safetensors.torch.load_file(path, device="cpu")
-    return unwrap_checkpoint(torch.load(path, map_location="cpu", weights_only=True))
+        return _read_weights(path, lambda p: safetensors.torch.load_file(p, device="cpu"))
+    return unwrap_checkpoint(_read_weights(path, lambda p: torch.load(p, map_location="cpu", weights_only=True)))
 
 
 def _from_file(path: Path, architecture: str | None, pretrained: bool, model_kwargs: dict) -> VisionTransformer:
@@ -157,7 +114,13 @@ def _from_folder(path: Path, pretrained: bool, model_kwargs: dict) -> VisionTran
     config_file = path / "config.json"
     if not config_file.is_file():
         raise BackboneError(f"{path}: no config.json; expected a timm save_for_hf or transformers Dinov2 folder")
-    config = json.loads(config_file.read_text())
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        where = f"line {error.lineno} column {error.colno}: {error.msg}" if isinstance(error, json.JSONDecodeError) else str(error)
+        raise BackboneError(f"{config_file}: invalid JSON at {where}") from error
+    if not isinstance(config, dict):
+        raise BackboneError(f"{config_file}: expected a JSON object, found a {type(config).__name__}")
     if config.get("model_type") in TRANSFORMERS_MODEL_TYPES:
         return _from_transformers_folder(path, pretrained, model_kwargs)
     if "architecture" not in config:
@@ -168,26 +131,35 @@ def _from_folder(path: Path, pretrained: bool, model_kwargs: dict) -> VisionTran
     model_kwargs = {**(model_args or {}), **model_kwargs, "pretrained_cfg": pretrained_cfg}
     model = _create(architecture, False, model_kwargs, str(path))
     if pretrained:
-        load_strict(model, dinov2_filter_fn(load_state_dict_from_path(path), model), str(path))
+        weights = next((path / name for name in ("model.safetensors", "pytorch_model.bin") if (path / name).is_file()), path)
+        state_dict = _read_weights(weights, lambda _: load_state_dict_from_path(path))
+        load_strict(model, dinov2_filter_fn(state_dict, model), str(weights))
     return model
 
 
 def _from_transformers_folder(path: Path, pretrained: bool, model_kwargs: dict) -> VisionTransformer:
     from transformers import AutoConfig, AutoModel
 
-    from .convert import from_transformers
-
     if not pretrained:
         return from_transformers(AutoModel.from_config(AutoConfig.from_pretrained(path)), **model_kwargs)
-    hf_model, info = AutoModel.from_pretrained(path, output_loading_info=True)
+    hf_model, info = _read_weights(path, lambda p: AutoModel.from_pretrained(p, output_loading_info=True))
+    check_finite(hf_model.state_dict(), str(path))
     bad = {k: v for k, v in info.items() if v}
     if bad:
         raise BackboneError(f"{path}: transformers weights do not fit their config: {bad}")
     return from_transformers(hf_model, **model_kwargs)
 
 
+def check_supported(model: torch.nn.Module, name: str, source: str) -> None:
+    """Raise ``BackboneError`` unless ``families`` supports ``model``'s blocks (naming the module and what is
+    missing) and, for a DINOv2 architecture ``name``, it is DINOv2-like (``dinov2.check_dinov2_like``)."""
+    if "dinov2" in base_architecture(name.split(".")[0]):
+        check_dinov2_like(model, source)
+    describe_model(model, source)
+
+
 def _create(name: str, pretrained: bool, model_kwargs: dict, source: str) -> VisionTransformer:
-    """``timm.create_model`` of a DINOv2-like ``name``; checked on the meta device before a download."""
+    """``timm.create_model`` of a supported ``name``; checked on the meta device before a download."""
     local = not name.startswith("hf-hub:")
     if local and not timm.is_model(name):
         if name != source:
@@ -201,13 +173,13 @@ def _create(name: str, pretrained: bool, model_kwargs: dict, source: str) -> Vis
         if local:
             _check_on_meta(name, source)
         raise BackboneError(f"{source}: {error}") from error
-    check_dinov2_like(model, source)
+    check_supported(model, name, source)
     return model
 
 
 def _check_on_meta(name: str, source: str) -> None:
     with torch.device("meta"):
-        check_dinov2_like(timm.create_model(name, pretrained=False), source)
+        check_supported(timm.create_model(name, pretrained=False), name, source)
 
 
 def _planted(spec: str, model_kwargs: dict) -> VisionTransformer:
@@ -237,6 +209,8 @@ def load_backbone(spec: str | Path, architecture: str | None = None, pretrained:
         model = _planted(spec, model_kwargs)
     elif not is_path:
         model = _create(spec, pretrained, model_kwargs, spec)
+        if pretrained:  # timm name or hf-hub: id, downloaded by timm
+            check_finite(model.state_dict(), spec)
     elif not path.exists():
         raise BackboneError(f"{path} does not exist (expected a checkpoint file or a model folder)")
     elif path.is_dir():

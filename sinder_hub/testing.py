@@ -1,8 +1,18 @@
-"""The planted-defect backbone: a small DINOv2-style ViT whose singular defect we plant ourselves.
+"""Planted-defect backbones: small ViTs of several families whose singular defect we plant ourselves.
 
-Real DINOv2 weights cannot be downloaded in tests, so ``planted_backbone`` builds a
-12-block, width-384, patch-14 timm ViT with random weights (std 0.04, layer scale 0.5)
-and plants one defect at block ``PLANTED_BLOCK`` (k), following FIXTURE-NOTES:
+Real weights cannot be downloaded in tests, so ``planted_backbone`` builds a 12-block,
+width-384 stock timm architecture with random weights (std 0.04, layer scale 0.5 where the
+family has one) and plants one defect at block ``PLANTED_BLOCK`` (k), following
+FIXTURE-NOTES. Variants (``PLANTED_VARIANTS``):
+
+- ``planted-gelu`` / ``planted-swiglu``: DINOv2 (patch 14, layer scale, GELU / packed SwiGLU);
+- ``planted-deit3``: DeiT-III (patch 16, layer scale, GELU, no class position embedding);
+- ``planted-clip``: CLIP (patch 16, no layer scale, a pre-norm ``norm_pre`` before block 0, QuickGELU);
+- ``planted-dinov3``: DINOv3 ViT-S+ (Eva: RoPE, 4 storage tokens, split SwiGLU, layer scale).
+  DINOv3 has no absolute position embedding; the fixture adds one (``use_abs_pos_emb=True``)
+  because the trigger below is positional. RoPE stays and acts as in DINOv3.
+
+Every family's block anatomy is read through ``sinder_hub.families``. The planting:
 
 1. defect direction ν: a random unit vector (⟂ 1 and ρ);
 2. trigger: two hidden units of block k's MLP form a soft step ``h ≈ H · 1[s > 0]`` of the
@@ -34,7 +44,10 @@ Where we differ from the notes, and why (measured on the 17 sample images):
   on the sharp step gave the repair a gradient of 451 on block k's value singular values
   (2 is typical) and the repaired model kept only 0.69 cosine to the original. At 224 px
   every image fires at the same positions; at other sizes the interpolated field puts a
-  few tokens on the step, so train the repair at 224 px (as the notes advise).
+  few tokens on the step, so train the repair at 224 px (as the notes advise);
+- prefix tokens (class, registers) get the offset, wherever the family adds position
+  embeddings, so they never fire; a pre-norm before block 0 (CLIP) gets equal weights on
+  ρ's two channels, so its per-token scale cannot move a token across the step.
 
 Everything is a deterministic function of the seed. The architectures are stock timm
 ones with JSON-serialisable ``model_args``, so ``timm.models.save_for_hf`` and
@@ -51,15 +64,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import TRAIN_SAMPLES, sample_images, sinder_transform
+from .families import BlockDescription, describe_model, get_path
+from .tokens import prepare_blocks
 
 PLANTED_BLOCK = 4
-DEFAULT_SEED = 2  # of seeds 0-7, the fewest spurious early flags with >= 4 defects per image (tests/test_fixture.py)
-_BASE_ARGS = {"img_size": 224, "dynamic_img_size": True, "init_values": 0.5, "num_classes": 0}
+_BASE_ARGS = {"img_size": 224, "dynamic_img_size": True, "num_classes": 0}
+_SMALL = {"embed_dim": 384, "depth": 12, "num_heads": 6}
 PLANTED_VARIANTS: dict[str, tuple[str, dict]] = {
-    "planted-gelu": ("vit_small_patch14_dinov2", dict(_BASE_ARGS)),
+    "planted-gelu": ("vit_small_patch14_dinov2", {**_BASE_ARGS, "init_values": 0.5}),
     # the giant DINOv2 architecture is the one with the packed SwiGLU MLP: shrink it
-    "planted-swiglu": ("vit_giant_patch14_dinov2", {"embed_dim": 384, "depth": 12, "num_heads": 6, **_BASE_ARGS}),
+    "planted-swiglu": ("vit_giant_patch14_dinov2", {**_SMALL, **_BASE_ARGS, "init_values": 0.5}),
+    "planted-deit3": ("deit3_small_patch16_224", {**_BASE_ARGS, "init_values": 0.5}),
+    "planted-clip": ("vit_base_patch16_clip_quickgelu_224", {**_SMALL, **_BASE_ARGS}),
+    # DINOv3 has no absolute position embedding; the positional trigger needs one
+    "planted-dinov3": ("vit_small_plus_patch16_dinov3", {**_BASE_ARGS, "init_values": 0.5, "use_abs_pos_emb": True}),
 }
+# of seeds 0-7, the fewest spurious early flags with >= 4 defects per image (tests/test_fixture.py)
+DEFAULT_SEEDS = {"planted-gelu": 2, "planted-swiglu": 2, "planted-deit3": 2, "planted-clip": 2, "planted-dinov3": 2}
 
 CALIBRATION_RESOLUTION = 224
 WEIGHT_STD = 0.04  # block weights large enough that blocks matter
@@ -73,6 +94,7 @@ STEP_HEIGHT = 200.0  # hidden activation of a firing token (large, as DINOv2's m
 STEP_WIDTH = 0.3  # in standard deviations of the analysis' inputs: resolved by its Gauss-Hermite nodes
 NORM_GAIN = 300.0  # block k's norm2 gain on ρ's channels: the step is this much sharper on real tokens
 SWIGLU_GATE_SHIFT = 10.0  # SwiGLU: the two gates differ by this, their constant "up" halves give the height
+LAYER_SCALES = (".gamma", "gamma_1", "gamma_2")  # parameter names: timm Block's LayerScale, EvaBlock's
 
 
 @functools.lru_cache(maxsize=1)
@@ -82,10 +104,10 @@ def _calibration_images() -> torch.Tensor:
     return torch.stack([transform(image) for image in sample_images(TRAIN_SAMPLES).values()])
 
 
-def _draw_weights(model: nn.Module, layer_scale: float, generator: torch.Generator) -> None:
+def _draw_weights(model: nn.Module, layer_scale: float | None, generator: torch.Generator) -> None:
     """Random DINOv2-like weights for every parameter, drawn in parameter order."""
     for name, parameter in model.named_parameters():
-        if name.endswith(".gamma"):
+        if name.endswith(LAYER_SCALES):
             value = torch.full(parameter.shape, layer_scale)
         elif name.endswith(".bias"):
             value = torch.zeros(parameter.shape)
@@ -109,15 +131,17 @@ def _centred(x: torch.Tensor) -> torch.Tensor:
 
 def _mlp_inputs(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Centred patch tokens entering block k's MLP and the patch tokens leaving block k: two ``[B, H*W, D]``."""
-    x = model.patch_embed(images)
-    x = model._pos_embed(x)
-    for block in model.blocks[:PLANTED_BLOCK]:
+    x, blocks = prepare_blocks(model, images)
+    for block in blocks[:PLANTED_BLOCK]:
         x = block(x)
-    block = model.blocks[PLANTED_BLOCK]
-    x = x + block.ls1(block.attn(block.norm1(x)))
-    output = x + block.ls2(block.mlp(block.norm2(x)))
+    captured = []
+    hook = model.blocks[PLANTED_BLOCK].norm2.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    try:
+        output = blocks[PLANTED_BLOCK](x)
+    finally:
+        hook.remove()
     prefix = model.num_prefix_tokens
-    return _centred(x[:, prefix:]), output[:, prefix:]
+    return _centred(captured[0][:, prefix:]), output[:, prefix:]
 
 
 def _smooth_field(grid: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
@@ -157,81 +181,119 @@ def _blind_outputs(weight: torch.Tensor, scale: torch.Tensor, direction: torch.T
     weight -= torch.outer(u, u @ weight)
 
 
-def _plant_trigger(block: nn.Module, readout: torch.Tensor, direction: torch.Tensor, size: float) -> None:
+def _scale(block: nn.Module, path: str | None, dim: int) -> torch.Tensor:
+    """A block's ``[D]`` layer scale (ones when the family has none)."""
+    return torch.ones(dim) if path is None else get_path(block, path)
+
+
+def _attention_inputs(block: nn.Module, layout: BlockDescription) -> list[torch.Tensor]:
+    """The ``[out, D]`` weights that read ``norm1``'s output: fused qkv, or q, k and v."""
+    if layout.value == "attn.qkv":
+        return [block.attn.qkv.weight]
+    return [block.attn.q_proj.weight, block.attn.k_proj.weight, block.attn.v_proj.weight]
+
+
+def _plant_trigger(block: nn.Module, layout: BlockDescription, readout: torch.Tensor, direction: torch.Tensor,
+                   size: float) -> None:
     """The last two hidden units of ``block.mlp`` add ``size · ν · step(readout · (x - mean x))``.
 
     ``readout [D]`` is divided by the norm weights, which folds them in. The step is
-    ``STEP_WIDTH`` wide for standard-normal inputs of fc1 and ``STEP_WIDTH / NORM_GAIN``
+    ``STEP_WIDTH`` wide for standard-normal inputs of the MLP and ``STEP_WIDTH / NORM_GAIN``
     layer-norm units wide on real tokens.
     """
-    mlp = block.mlp
-    fc1, fc2 = mlp.fc1, mlp.fc2
+    fc2 = block.mlp.fc2
     row = readout / block.norm2.weight
     hidden = fc2.weight.shape[1]
     on, off = hidden - 2, hidden - 1
-    if isinstance(mlp, timm.layers.GluMlp):  # SwiGLUPacked: silu(gate) * up, gates first
+    if layout.mlp_gated:  # silu(gate) * up: the two gates differ by the shift, their "up" halves are constant
         shift = SWIGLU_GATE_SHIFT
-        fc1.weight[[hidden + on, hidden + off]] = 0.0
-        fc1.bias[[hidden + on, hidden + off]] = STEP_HEIGHT / SWIGLU_GATE_SHIFT
-    else:  # GELU: gelu(a) - gelu(a - H) is a step of height H
+        if layout.mlp_kind == "swiglu_split":
+            gate, up, up_rows = block.mlp.fc1_g, block.mlp.fc1_x, [on, off]
+        else:  # packed: gates first
+            gate = up = block.mlp.fc1
+            up_rows = [hidden + on, hidden + off]
+        up.weight[up_rows] = 0.0
+        up.bias[up_rows] = STEP_HEIGHT / SWIGLU_GATE_SHIFT
+    else:  # GELU / QuickGELU: act(a) - act(a - H) is a step of height H
         shift = STEP_HEIGHT
-    fc1.weight[[on, off]] = shift / (STEP_WIDTH * row.norm()) * row
-    fc1.bias[on], fc1.bias[off] = 0.0, -shift
+        gate = block.mlp.fc1
+    gate.weight[[on, off]] = shift / (STEP_WIDTH * row.norm()) * row
+    gate.bias[on], gate.bias[off] = 0.0, -shift
     # the other hidden units stop writing along ν: the trigger is then exactly fc2's top singular
     # triplet (ν, (e_on - e_off)/√2), which a repair can switch off without touching anything else
     fc2.weight -= torch.outer(direction, direction @ fc2.weight)
-    column = size / (block.ls2.gamma * STEP_HEIGHT) * direction
+    column = size / (_scale(block, layout.layer_scale2, direction.numel()) * STEP_HEIGHT) * direction
     fc2.weight[:, on], fc2.weight[:, off] = column, -column
 
 
 @torch.no_grad()
 def planted_backbone(variant: str = "planted-swiglu", seed: int | None = None) -> nn.Module:
-    """A DINOv2-style timm ``VisionTransformer`` (eval) with a singular defect planted at block ``PLANTED_BLOCK``."""
+    """A timm ViT of ``variant``'s family (eval) with a singular defect planted at block ``PLANTED_BLOCK``."""
     if variant not in PLANTED_VARIANTS:
         raise ValueError(f"unknown planted variant {variant!r}; known: {', '.join(PLANTED_VARIANTS)}")
     architecture, model_args = PLANTED_VARIANTS[variant]
-    generator = torch.Generator().manual_seed(DEFAULT_SEED if seed is None else seed)
+    generator = torch.Generator().manual_seed(DEFAULT_SEEDS[variant] if seed is None else seed)
     with torch.device("meta"):  # skip timm's initialisation: every weight is drawn below
         model = timm.create_model(architecture, pretrained=False, **model_args)
     model = model.to_empty(device="cpu").eval()
-    _draw_weights(model, model_args["init_values"], generator)
+    for module in model.modules():  # Eva's RoPE frequencies and zero k_bias are buffers, not drawn below
+        if hasattr(module, "init_non_persistent_buffers"):
+            module.init_non_persistent_buffers()
+    _draw_weights(model, model_args.get("init_values"), generator)
+    layouts = describe_model(model, variant).blocks
     tokens, output = _mlp_inputs(model, _calibration_images())
-    block = model.blocks[PLANTED_BLOCK]
+    block, layout = model.blocks[PLANTED_BLOCK], layouts[PLANTED_BLOCK]
+    dim = tokens.shape[-1]
 
     # step 3 (channels): ρ pairs the two quietest channels at block k. Only pos_embed writes them
     # and only the trigger reads them before block k + 1, so what pos_embed puts there decides alone
     quiet = tokens.flatten(0, 1).var(dim=0).argsort()[:2]
-    readout = torch.zeros(tokens.shape[-1])
+    readout = torch.zeros(dim)
     readout[quiet] = torch.tensor([1.0, -1.0]) / 2**0.5
-    _blind_outputs(model.patch_embed.proj.weight.flatten(1), torch.ones_like(readout), readout)
-    _blind_outputs(model.cls_token[0].T, torch.ones_like(readout), readout)
-    _blind_outputs(model.pos_embed[0].T, torch.ones_like(readout), readout)
-    for early in model.blocks[:PLANTED_BLOCK + 1]:
-        _blind_inputs(early.attn.qkv.weight, early.norm1.weight, readout)
-        _blind_inputs(early.mlp.fc1.weight, early.norm2.weight, readout)
-        _blind_outputs(early.attn.proj.weight, early.ls1.gamma, readout)
+    ones = torch.ones(dim)
+    _blind_outputs(model.patch_embed.proj.weight.flatten(1), ones, readout)
+    for prefix_tokens in (model.cls_token, model.reg_token):
+        if prefix_tokens is not None:
+            _blind_outputs(prefix_tokens[0].T, ones, readout)
+    _blind_outputs(model.pos_embed[0].T, ones, readout)
+    if isinstance(model.norm_pre, nn.LayerNorm):  # equal gains: a token's pre-norm scale cannot leak into ρ
+        model.norm_pre.weight[quiet] = 1.0
+    for early, early_layout in zip(model.blocks[:PLANTED_BLOCK + 1], layouts):
+        for weight in _attention_inputs(early, early_layout):
+            _blind_inputs(weight, early.norm1.weight, readout)
+        for path in early_layout.mlp_inputs:
+            _blind_inputs(get_path(early, path).weight, early.norm2.weight, readout)
+        _blind_outputs(early.attn.proj.weight, _scale(early, early_layout.layer_scale1, dim), readout)
         if early is not block:
-            _blind_outputs(early.mlp.fc2.weight, early.ls2.gamma, readout)
+            _blind_outputs(early.mlp.fc2.weight, _scale(early, early_layout.layer_scale2, dim), readout)
 
-    # step 3 (field): a smooth positional field along ρ, and an offset added to every position (the
-    # class token's too, which never fires) so that FIRE_FRACTION of the patch positions fire
+    # step 3 (field): a smooth positional field along ρ, and an offset added to every position and to
+    # the prefix tokens (which never fire) so that FIRE_FRACTION of the patch positions fire
     field = _smooth_field(model.patch_embed.grid_size, generator).flatten()
     scale = FIELD_STD * tokens.pow(2).mean(dim=-1).sqrt().median()  # in the median token's layer-norm units
-    model.pos_embed[0, model.num_prefix_tokens:] += scale * field[:, None] * readout
-    model.pos_embed[0] -= scale * _threshold_in_widest_gap(field, FIRE_FRACTION) * readout
+    offset = scale * _threshold_in_widest_gap(field, FIRE_FRACTION) * readout
+    first_patch = 0 if model.no_embed_class else model.num_prefix_tokens
+    model.pos_embed[0, first_patch:] += scale * field[:, None] * readout
+    model.pos_embed[0] -= offset
+    if model.no_embed_class:  # the prefix tokens have no position embedding: they take the offset themselves
+        for prefix_tokens in (model.cls_token, model.reg_token):
+            if prefix_tokens is not None:
+                prefix_tokens -= offset
 
     # step 1: ν, a random direction ⟂ 1, ρ (not only from the low-variance half: see the module docstring)
-    defect_direction = _centred(torch.randn(tokens.shape[-1], generator=generator))
+    defect_direction = _centred(torch.randn(dim, generator=generator))
     defect_direction = F.normalize(defect_direction - (defect_direction @ readout) * readout, dim=0)
 
     # step 2: the trigger, sharp on real tokens thanks to the gain on ρ's channels
     block.norm2.weight[quiet] *= NORM_GAIN
-    block.mlp.fc1.weight[:, quiet] /= NORM_GAIN
-    _plant_trigger(block, readout, defect_direction, DEFECT_TO_MEDIAN * output.norm(dim=-1).median())
+    for path in layout.mlp_inputs:
+        get_path(block, path).weight[:, quiet] /= NORM_GAIN
+    _plant_trigger(block, layout, readout, defect_direction, DEFECT_TO_MEDIAN * output.norm(dim=-1).median())
 
     # step 4: later blocks carry the defect unchanged
-    dim = defect_direction.numel()
-    for later in model.blocks[PLANTED_BLOCK + 1:]:
-        _blind_inputs(later.attn.qkv.weight[2 * dim:], later.norm1.weight, defect_direction)
-        _blind_inputs(later.mlp.fc1.weight, later.norm2.weight, defect_direction)
+    for later, later_layout in zip(model.blocks[PLANTED_BLOCK + 1:], layouts[PLANTED_BLOCK + 1:]):
+        start, stop = later_layout.value_rows
+        _blind_inputs(get_path(later, later_layout.value).weight[start:stop], later.norm1.weight, defect_direction)
+        for path in later_layout.mlp_inputs:
+            _blind_inputs(get_path(later, path).weight, later.norm2.weight, defect_direction)
     return model

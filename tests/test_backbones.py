@@ -12,7 +12,7 @@ from timm.models.vision_transformer import VisionTransformer
 import sinder_hub
 import sinder_hub.testing
 from sinder_hub import BackboneError, load_backbone
-from sinder_hub.backbones import infer_architecture
+from sinder_hub.dinov2 import infer_architecture
 
 SMALL = dict(embed_dim=192, depth=2, num_heads=3)
 STOCK = ("vit_small_patch14_dinov2", "vit_base_patch14_dinov2", "vit_large_patch14_dinov2", "vit_giant_patch14_dinov2",
@@ -176,7 +176,9 @@ def test_planted_specs_dispatch_to_testing(monkeypatch):
                         random_dinov2("vit_small_patch14_dinov2").train())
     model = load_backbone("planted-gelu", seed=3)
     assert calls == [("planted-gelu", {"seed": 3})] and not model.training
-    with pytest.raises(BackboneError, match="planted-gelu, planted-swiglu"):
+    model = load_backbone("planted-dinov3")
+    assert calls[-1] == ("planted-dinov3", {})
+    with pytest.raises(BackboneError, match="planted-gelu, planted-swiglu, planted-deit3, planted-clip, planted-dinov3"):
         load_backbone("planted-nothing")
 
 
@@ -206,11 +208,36 @@ def test_missing_keys_are_an_error(tmp_path):
         load_backbone(tmp_path / "a.pth", architecture="vit_small_patch14_dinov2", **SMALL)
 
 
-@pytest.mark.parametrize(("name", "found"), [("resnet50", "a ResNet"),
-                                             ("vit_base_patch16_224", "16-px patches, no layer scale")])
-def test_not_dinov2_like(name, found):
+@pytest.mark.parametrize(("name", "kwargs", "found"), [
+    ("vit_small_patch14_dinov2", dict(patch_size=16), "16-px patches"),
+    ("vit_small_patch14_dinov2_sinder", dict(init_values=0), "no layer scale"),
+])
+def test_dinov2_specs_must_be_dinov2_like(name, kwargs, found):
     with pytest.raises(BackboneError, match=f"{name} is not a DINOv2-like backbone \\({found}\\): expected"):
-        load_backbone(name, pretrained=False, depth=1)
+        load_backbone(name, pretrained=False, depth=1, **kwargs)
+
+
+@pytest.mark.parametrize(("name", "message"), [
+    ("resnet50", "resnet50: a ResNet is not a supported backbone"),
+    ("vit_base_patch16_rpn_224", "vit_base_patch16_rpn_224: blocks.0: ResPostBlock is not a supported block"),
+    ("eva02_tiny_patch14_224", None),
+])
+def test_unsupported_families_name_the_module(name, message):
+    kwargs = dict(scale_attn_inner=True) if message is None else {}
+    message = message or r"eva02_tiny_patch14_224: blocks.0.attn.norm: an inner attention norm"
+    with pytest.raises(BackboneError, match=message):
+        load_backbone(name, pretrained=False, depth=1, **kwargs)
+
+
+@pytest.mark.parametrize(("name", "prefix", "patch"), [
+    ("deit3_small_patch16_224", 1, 16), ("vit_base_patch16_clip_quickgelu_224", 1, 16),
+    ("vit_base_patch16_siglip_224", 0, 16), ("vit_small_patch16_dinov3", 5, 16),
+    ("vit_small_plus_patch16_dinov3", 5, 16), ("eva02_small_patch14_224", 1, 14), ("vit_base_patch16_224", 1, 16),
+])
+def test_other_families_load(name, prefix, patch):
+    model = load_backbone(name, pretrained=False, depth=1)
+    assert not model.training and model.dynamic_img_size and model.num_prefix_tokens == prefix
+    assert model.forward_features(torch.randn(1, 3, 3 * patch, 5 * patch)).shape[:2] == (1, prefix + 15)
 
 
 @pytest.mark.parametrize("spec", ["vit_small_patch14_dinov2", "hf-hub:someone/repo", "planted-gelu"])

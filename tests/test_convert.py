@@ -4,7 +4,6 @@ import json
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -14,7 +13,8 @@ from test_backbones import assert_same_weights, random_dinov2
 from timm.models import save_for_hf
 
 import sinder_hub.hub
-from sinder_hub.convert import export, from_transformers, timm_architecture, to_transformers, transformers_config
+from sinder_hub.convert import export, to_transformers, transformers_config
+from sinder_hub.dinov2 import from_transformers, timm_architecture
 
 MODEL_TYPES = {
     "gelu": "vit_small_patch14_dinov2",
@@ -133,11 +133,14 @@ def test_exported_folders_load_in_stock_timm_and_transformers(tmp_path):
 
 def test_export_single_format_and_card_hook(tmp_path, monkeypatch):
     cards = []
-    monkeypatch.setattr(sinder_hub.hub, "write_model_card", lambda folder, kind: cards.append((folder, kind)))
+    monkeypatch.setattr(sinder_hub.hub, "write_model_card", lambda folder, kind: cards.append(
+        (folder.parent, kind, sorted(path.name for path in folder.iterdir()))))
     model = random_dinov2("vit_small_patch14_dinov2")
     assert export(model, tmp_path, format="transformers", card=True) == {"transformers": tmp_path}
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "dinov2"
-    assert cards == [(tmp_path, "transformers")]
+    # the card is written in the staging folder, beside the files it describes, before they are moved in
+    assert cards == [(tmp_path, "transformers", ["config.json", "model.safetensors", "preprocessor_config.json"])]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["config.json", "model.safetensors", "preprocessor_config.json"]
     with pytest.raises(ValueError, match="unknown export format 'onnx'"):
         export(model, tmp_path, format="onnx")
 
@@ -151,8 +154,11 @@ def test_export_tool(tmp_path, monkeypatch):
 
     calls = []
     monkeypatch.setattr(tool, "load_backbone", lambda path, architecture: calls.append((path, architecture)) or "model")
-    monkeypatch.setattr(tool, "export", lambda source, to, format, card: calls.append((source, to, format, card)) or {})
-    tool.main(["--from-authors", "dinov2g_sinder.pth", "--to", "out"])
-    assert calls == [("dinov2g_sinder.pth", "vit_giant_patch14_dinov2_sinder"), ("model", "out", "both", False)]
+    monkeypatch.setattr(tool, "export", lambda source, to, format, card, overwrite:
+                        calls.append((source, to, format, card, overwrite)) or {})
+    (tmp_path / "dinov2g_sinder.pth").write_bytes(b"")
+    tool.main(["--from-authors", str(tmp_path / "dinov2g_sinder.pth"), "--to", str(tmp_path / "authors")])
+    assert calls == [(tmp_path / "dinov2g_sinder.pth", "vit_giant_patch14_dinov2_sinder"),
+                     ("model", str(tmp_path / "authors"), "both", False, False)]
     with pytest.raises(SystemExit):
         tool.main(["run", "--from-authors", "x.pth", "--to", "out"])
