@@ -8,6 +8,7 @@ with one line on stderr and its exit code (2: bad input, 1: failed work).
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 
@@ -20,6 +21,13 @@ COMMANDS = {
     "demo": "the embedded demo: repair the planted-defect backbone on skimage's photos",
     "view": "open the browser viewer: original vs repaired feature maps of your images",
 }
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its errors on one line: ``error: PROG: MESSAGE`` and exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
 
 
 def run_command(name: str, argv: list[str]) -> int:

@@ -21,22 +21,25 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+# The authors' Gaussian windows (REFERENCE-NOTES): 3x3 is the outer product of [1, 2, 1];
+# 5x5 is the standard table with centre 41 (NOT the outer product of [1, 4, 7, 4, 1]).
 GAUSSIAN_KERNELS = {
-    3: torch.tensor([1.0, 2.0, 1.0]),
-    5: torch.tensor([1.0, 4.0, 7.0, 4.0, 1.0]),
+    3: torch.tensor([[1.0, 2.0, 1.0],
+                     [2.0, 4.0, 2.0],
+                     [1.0, 2.0, 1.0]]),
+    5: torch.tensor([[1.0, 4.0, 7.0, 4.0, 1.0],
+                     [4.0, 16.0, 26.0, 16.0, 4.0],
+                     [7.0, 26.0, 41.0, 26.0, 7.0],
+                     [4.0, 16.0, 26.0, 16.0, 4.0],
+                     [1.0, 4.0, 7.0, 4.0, 1.0]]),
 }
 
 
 def gaussian_kernel(kernel: int) -> torch.Tensor:
-    """The authors' Gaussian window, normalised to sum 1: ``[kernel, kernel]``.
-
-    3: ``[1, 2, 1]`` outer product / 16; 5: ``[1, 4, 7, 4, 1]`` outer product (the notes
-    divide by 273; the weights are renormalised after the softmax, so only ratios matter).
-    """
+    """The authors' Gaussian window normalised to sum 1 (3: /16, 5: /273): ``[kernel, kernel]``."""
     if kernel not in GAUSSIAN_KERNELS:
         raise ValueError(f"kernel must be one of {sorted(GAUSSIAN_KERNELS)}, got {kernel}")
-    g = GAUSSIAN_KERNELS[kernel]
-    window = torch.outer(g, g)
+    window = GAUSSIAN_KERNELS[kernel]
     return window / window.sum()
 
 

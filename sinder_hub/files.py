@@ -14,11 +14,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is flushed to disk and renamed to ``path``.
 
     On an exception (or a kill) ``path`` keeps its previous content, or stays absent, and the
-    temporary file is removed where possible (a kill can leave a ``.<name>.tmp-<pid>`` behind,
-    never a truncated ``path``).
+    temporary file is removed where possible (a kill can leave a ``.<stem>.tmp-<pid><suffix>``
+    behind, never a truncated ``path``). The temporary name keeps the suffix, so writers
+    that choose a format by extension (matplotlib, PIL) work on it.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
     try:
         yield tmp
         with open(tmp, "rb+") as handle:

@@ -1,48 +1,53 @@
 """The repair loop: SINDER's Algorithm 1, fast, multi-process, resumable.
 
-Read top to bottom: configuration, the two ways of computing one image's loss (the fast
-step and the authors' naive step, which is kept as the benchmark baseline and test
-oracle), gradient synchronisation across processes, checkpoints, held-out evaluation,
-and ``repair`` itself.
+Read top to bottom: the configuration, the data plan (which image goes where), the two ways
+of computing one image's loss (the fast step, and the authors' naive step kept as the
+benchmark baseline and test oracle), one optimiser step, checkpoints, held-out evaluation,
+the report, and ``repair`` itself.
 
 One optimiser step ("iteration") takes ``images_per_step`` images on every process.
 Each image is scanned block by block, each block with an autograd graph of its own of
-which only the last ``limit_layers`` are kept; the first block with at least
-``skip_less_than`` defects gives the loss (eq. 8), which is back-propagated through the
-kept graphs only, one block after the other. Gradients of ε are
-summed over the step's images and processes and divided by the number of images that
+which only the last ``limit_layers`` are kept (all of them with ``limit_layers = 0``); the
+first block with at least ``max(skip_less_than, 1)`` defects gives the loss (eq. 8), which
+is back-propagated through the kept graphs only, one block after the other. Gradients of ε
+are summed over the step's images and processes and divided by the number of images that
 produced a loss. With one image on one process this is exactly the authors' batch-size-1
-SGD.
+SGD, and like theirs the run cycles through the images until the clear-rate rule or
+``max_steps`` ends it.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
+import shutil
 import signal
 import time
 from collections import Counter, deque
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 import torch.utils.checkpoint
-from torch.utils.data import DataLoader, Subset
+from torch import nn
+from torch.utils.data import DataLoader
 
 from .analysis import singular_defect_directions
-from .data import HELD_OUT_SAMPLES, ImageFiles, collate_one, list_images, sample_images, sinder_transform
-from .defects import defect_mask, neighbor_loss
+from .data import HELD_OUT_SAMPLES, MAX_PIXELS, SAMPLE_IMAGE_NAMES, ImageFiles, collate_one, list_images, sample_images, sinder_transform
+from .defects import GAUSSIAN_KERNELS, defect_mask, neighbor_loss
+from .errors import InputError, RepairError, RunFolderError
+from .files import atomic_path, write_json_atomic
+from .runs import REPORT, RunFolder
 from .singular_values import merge_singular_values, parametrize_singular_values, reference_mode
-from .tokens import block_outputs, embed, patch_grid
+from .tokens import patch_grid, prepare_blocks
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "tf32", "bf16")
-CHECKPOINT = "checkpoint/state.pt"
+DIRECTIONS_METHODS = ("sampled", "expected")
+MIN_COSINE = 0.9  # a repaired model whose normal tokens move further from the original's is "degraded"
 
 
 @dataclass
@@ -72,7 +77,10 @@ class RepairConfig:
     directions_samples: int = 100_000
     save_every: int = 500
     resume: bool = False
+    overwrite: bool = False
+    allow_degraded: bool = False
     num_workers: int = 2
+    max_pixels: int = MAX_PIXELS
     held_out: tuple[str, ...] = HELD_OUT_SAMPLES
     quiet: bool = False
 
@@ -80,13 +88,88 @@ class RepairConfig:
     RESUME_KEYS = ("model", "data", "num_images", "resolution", "lr", "momentum", "mask_thr", "skip_less_than",
                    "limit_layers", "kernel", "temperature", "window", "stop_clear", "images_per_step",
                    "precision", "seed", "directions_method", "directions_samples")
+    HYPERPARAMETERS = ("resolution", "lr", "momentum", "mask_thr", "skip_less_than", "limit_layers", "kernel",
+                       "temperature", "window", "stop_clear", "max_steps", "num_images", "images_per_step",
+                       "precision", "checkpoint_blocks", "seed", "data", "directions_method", "directions_samples")
 
     def hyperparameters(self) -> dict:
-        keep = ("resolution", "lr", "momentum", "mask_thr", "skip_less_than", "limit_layers", "kernel", "temperature",
-                "window", "stop_clear", "max_steps", "num_images", "images_per_step", "precision", "checkpoint_blocks",
-                "seed", "data",
-                "directions_method", "directions_samples")
-        return {key: getattr(self, key) for key in keep}
+        return {key: getattr(self, key) for key in self.HYPERPARAMETERS}
+
+    def validate(self) -> None:
+        """Raise ``InputError`` naming the first flag whose value cannot work (no model needed)."""
+        checks = [
+            ("data", bool(self.data), "a folder of images or a text file listing image paths"),
+            ("num_images", self.num_images >= 1, "at least 1"),
+            ("resolution", self.resolution >= 1, "a positive multiple of the model's patch size"),
+            ("lr", math.isfinite(self.lr) and self.lr > 0, "a positive number"),
+            ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
+            ("mask_thr", math.isfinite(self.mask_thr) and self.mask_thr > 0, "a positive number of standard deviations"),
+            ("skip_less_than", self.skip_less_than >= 0, "0 or more defects"),
+            ("limit_layers", self.limit_layers >= 0, "0 (no limit) or a positive number of blocks"),
+            ("kernel", self.kernel in GAUSSIAN_KERNELS, f"one of {sorted(GAUSSIAN_KERNELS)}"),
+            ("temperature", math.isfinite(self.temperature) and self.temperature > 0, "a positive number"),
+            ("window", self.window >= 1, "at least 1 image"),
+            ("stop_clear", self.stop_clear > 0, "a positive fraction (above 1 never stops early)"),
+            ("max_steps", self.max_steps >= 1, "at least 1"),
+            ("images_per_step", self.images_per_step >= 1, "at least 1"),
+            ("precision", self.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
+            ("directions_method", self.directions_method in DIRECTIONS_METHODS, f"one of {', '.join(DIRECTIONS_METHODS)}"),
+            ("directions_samples", self.directions_samples >= 1, "at least 1"),
+            ("save_every", self.save_every >= 0, "0 (only on signals and at the end) or a number of steps"),
+            ("num_workers", self.num_workers >= 0, "0 or more"),
+            ("max_pixels", self.max_pixels >= 1, "a positive number of pixels"),
+            ("held_out", bool(self.held_out) and all(n in SAMPLE_IMAGE_NAMES for n in self.held_out),
+             f"names among {', '.join(SAMPLE_IMAGE_NAMES)}"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                value = getattr(self, name)
+                raise InputError(f"--{name.replace('_', '-')} {value if not isinstance(value, tuple) else ' '.join(value)!s}: "
+                                 f"expected {expected}")
+
+
+# ----------------------------------------------------------------------------------------
+# The data plan: which image each process takes at each step
+
+
+def select_images(paths: list, num_images: int) -> list:
+    """``num_images`` paths at an even stride over the listing (the authors' subset)."""
+    stride = max(1, len(paths) // max(num_images, 1))
+    return paths[::stride][:num_images]
+
+
+def data_digest(paths: list[Path]) -> str:
+    """sha256 of the selected files' names and sizes: ``--resume`` refuses a changed data set."""
+    digest = hashlib.sha256()
+    for path in paths:
+        size = path.stat().st_size if path.exists() else -1
+        digest.update(f"{path}\t{size}\n".encode())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    """Step ``t`` takes the images ``(t·K·P + j) mod N`` for ``j < K·P`` (the authors' ``t mod N``
+    cycle for ``K = P = 1``); process ``r`` takes the slots ``j = r·K … r·K + K − 1``."""
+
+    num_images: int  # N
+    images_per_step: int  # K
+    processes: int  # P
+
+    @property
+    def per_step(self) -> int:
+        return self.images_per_step * self.processes
+
+    def images(self, step: int, rank: int) -> list[int]:
+        first = step * self.per_step + rank * self.images_per_step
+        return [(first + k) % self.num_images for k in range(self.images_per_step)]
+
+    def sequence(self, rank: int, start_step: int, stop_step: int) -> list[int]:
+        """The images process ``rank`` reads, in order, for steps ``start_step … stop_step − 1``."""
+        return [index for step in range(start_step, stop_step) for index in self.images(step, rank)]
+
+    def passes(self, steps: int) -> float:
+        return steps * self.per_step / self.num_images
 
 
 # ----------------------------------------------------------------------------------------
@@ -114,6 +197,12 @@ def _defect_count(model, tokens, image_hw, direction, config) -> torch.Tensor:
     return mask.sum()
 
 
+def gives_loss(defects: int, config: RepairConfig) -> bool:
+    """Algorithm 1: a block gives the loss with at least ``skip_less_than`` defects, and never with none
+    (the authors' code needs one defect, so ``skip_less_than = 0`` behaves like 1)."""
+    return defects >= max(config.skip_less_than, 1)
+
+
 def _loss_at(model, tokens, image_hw, direction, config):
     return neighbor_loss(_grid(model, tokens, image_hw), direction, mask_thr=config.mask_thr,
                          kernel=config.kernel, temperature=config.temperature)
@@ -139,9 +228,9 @@ def _scan_blocks(model, image, directions, config):
     """
     image_hw = image.shape[-2:]
     with torch.no_grad():
-        x = embed(model, image)
+        x, blocks = prepare_blocks(model, image)
     pending = None
-    for index, block in enumerate(model.blocks):
+    for index, block in enumerate(blocks):
         inputs = x.detach().requires_grad_()
         if config.checkpoint_blocks:
             x = torch.utils.checkpoint.checkpoint(block, inputs, use_reentrant=False)
@@ -160,22 +249,21 @@ def fast_image_loss(model, image, directions, config, autocast, force_block: int
     """Algorithm 1 for one ``[1, 3, R, R]`` image, computing only what the update needs.
 
     Each block runs once with an autograd graph of its own (``_scan_blocks``); only the
-    graphs of the last ``limit_layers`` blocks are kept (older ones are freed as the scan
-    moves on) and no layer is differentiated or factorised until a gradient reaches it.
-    At the first block ``i`` with ``≥ skip_less_than`` defects (or at ``force_block``, for
-    benchmarks, which still count every block's defects) the loss is back-propagated
-    through block ``i``'s graph, and the gradient at each kept block's input is handed to
-    the graph of the block before it, down to block ``i - limit_layers + 1``. Same
-    gradients as one graph from the start (the naive step); no block runs twice and
-    nothing before the window is back-propagated.
+    graphs of the last ``limit_layers`` blocks are kept (all with ``limit_layers = 0``) and
+    no layer is differentiated or factorised until a gradient reaches it. At the first
+    block ``i`` that gives a loss (``gives_loss``; or at ``force_block``, for benchmarks,
+    which still count every block's defects) the loss is back-propagated through block
+    ``i``'s graph, and the gradient at each kept block's input is handed to the graph of
+    the block before it. Same gradients as one graph from the start (the naive step); no
+    block runs twice and nothing before the window is back-propagated.
     """
     image_hw = image.shape[-2:]
-    graphs = deque(maxlen=config.limit_layers)  # (input, output) of the last limit_layers blocks
+    graphs = deque(maxlen=config.limit_layers or None)  # (input, output) of the window's blocks
     with autocast():
         scan = _scan_blocks(model, image, directions, config)
         for index, inputs, output, defects in scan:
             graphs.append((inputs, output))
-            if index == force_block or (force_block is None and defects >= config.skip_less_than):
+            if index == force_block or (force_block is None and gives_loss(defects, config)):
                 scan.close()
                 result = _loss_at(model, output, image_hw, directions[index], config)
                 break
@@ -193,27 +281,28 @@ def fast_image_loss(model, image, directions, config, autocast, force_block: int
 def naive_image_loss(model, image, directions, config, autocast, force_block: int | None = None) -> ImageLoss:
     """The authors' pattern: every layer's weight rebuilt with autograd on every forward, autograd
     through every block from the start, then the gradients of the blocks outside the window
-    discarded. Kept as the benchmark baseline and the test oracle."""
+    discarded (none with ``limit_layers = 0``). Kept as the benchmark baseline and the test oracle."""
     image_hw = image.shape[-2:]
     with autocast(), reference_mode():
-        x = embed(model, image)
-        for index, block in enumerate(model.blocks):
+        x, blocks = prepare_blocks(model, image)
+        for index, block in enumerate(blocks):
             x = block(x)
             defects = int(_defect_count(model, x.detach(), image_hw, directions[index], config))
-            if index == force_block or (force_block is None and defects >= config.skip_less_than):
+            if index == force_block or (force_block is None and gives_loss(defects, config)):
                 result = _loss_at(model, x, image_hw, directions[index], config)
                 break
         else:
             return ImageLoss(block=None)
     loss = _backward(result, index)
-    for outside in range(0, index - config.limit_layers + 1):
-        for parameter in model.blocks[outside].parameters():
-            parameter.grad = None
+    if config.limit_layers:
+        for outside in range(0, index - config.limit_layers + 1):
+            for parameter in model.blocks[outside].parameters():
+                parameter.grad = None
     return loss
 
 
 # ----------------------------------------------------------------------------------------
-# Gradients across images and processes
+# One optimiser step: K images on every process
 
 
 def synchronise_gradients(parameters: list[nn.Parameter], images_with_loss: int, accelerator) -> int:
@@ -235,6 +324,55 @@ def synchronise_gradients(parameters: list[nn.Parameter], images_with_loss: int,
     return count
 
 
+CLEAR, LOSS, BAD = 1, 0, -1  # what happened to one image slot of a step
+
+
+@dataclass
+class StepResult:
+    """One step as every process sees it: per slot (``P·K``, process-major) a flag and a loss block."""
+
+    flags: list[int]  # CLEAR, LOSS or BAD
+    blocks: list[int]  # loss block, -1 without a loss
+    loss: float  # this process's summed loss
+    updated: bool
+    nan: bool
+    bad_files: list[tuple[int, str]]  # (image index, problem) of the step's unreadable files, all processes
+
+
+def train_step(model, batch: list, directions, config, autocast, optimizer, parameters, accelerator) -> StepResult:
+    """Losses of this process's images (``batch``: ``(index, image | None, problem)``), gradients
+    summed over every process, one SGD update unless no image gave a loss or a value is NaN/Inf."""
+    optimizer.zero_grad(set_to_none=True)
+    flags, blocks, losses, bad = [], [], [], []
+    for index, image, problem in batch:
+        if image is None:
+            flags.append(BAD)
+            blocks.append(-1)
+            bad.append((index, problem))
+            continue
+        result = fast_image_loss(model, image[None].to(accelerator.device), directions, config, autocast)
+        flags.append(CLEAR if result.block is None else LOSS)
+        blocks.append(-1 if result.block is None else result.block)
+        losses.append(result.loss)
+    local = torch.tensor(flags + blocks, dtype=torch.float32, device=accelerator.device)
+    gathered = accelerator.gather(local).view(accelerator.num_processes, 2, len(batch))
+    all_flags = [int(f) for f in gathered[:, 0].flatten().tolist()]
+    all_blocks = [int(b) for b in gathered[:, 1].flatten().tolist()]
+    if BAD in all_flags:
+        from accelerate.utils import gather_object
+
+        bad = gather_object(bad) if accelerator.num_processes > 1 else bad
+    with_loss = synchronise_gradients(parameters, flags.count(LOSS), accelerator)
+    loss = sum(losses)
+    finite = math.isfinite(loss) and all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in parameters)
+    finite = accelerator.reduce(torch.tensor([0.0 if finite else 1.0], device=accelerator.device),
+                                reduction="sum").item() == 0
+    if with_loss and finite:
+        optimizer.step()
+    return StepResult(flags=all_flags, blocks=all_blocks, loss=loss, updated=bool(with_loss and finite),
+                      nan=bool(with_loss and not finite), bad_files=[tuple(b) for b in bad])
+
+
 # ----------------------------------------------------------------------------------------
 # Training state and checkpoints
 
@@ -249,7 +387,7 @@ class TrainState:
     images_seen: int = 0
     images_clear: int = 0
     images_with_loss: int = 0
-    bad_files: list = field(default_factory=list)
+    bad_files: list = field(default_factory=list)  # {"path", "problem"}, once per file
     loss_layers: Counter = field(default_factory=Counter)
     clear_window: deque = field(default_factory=deque)
     clear_rate_curve: list = field(default_factory=list)
@@ -258,31 +396,67 @@ class TrainState:
     def clear_rate(self) -> float:
         return sum(self.clear_window) / max(len(self.clear_window), 1)
 
+    def record(self, step: StepResult, paths: list[Path]) -> None:
+        """Count one step's images (identical on every process)."""
+        for flag, block in zip(step.flags, step.blocks):
+            if flag == BAD:
+                continue
+            self.images_seen += 1
+            self.images_clear += int(flag == CLEAR)
+            self.images_with_loss += int(flag == LOSS)
+            self.clear_window.append(flag == CLEAR)
+            if flag == LOSS:
+                self.loss_layers[block] += 1
+        known = {entry["path"] for entry in self.bad_files}
+        for index, problem in step.bad_files:
+            if str(paths[index]) not in known:
+                log.warning("skipping %s", problem)
+                self.bad_files.append({"path": str(paths[index]), "problem": problem})
+                known.add(str(paths[index]))
+        self.updates += int(step.updated)
+        self.skipped_nan += int(step.nan)
+        self.step += 1
+        if self.step % 10 == 0:
+            self.clear_rate_curve.append([self.step, self.clear_rate()])
 
-def save_checkpoint(path: Path, state: TrainState, eps: dict, optimizer, config: RepairConfig) -> None:
-    """Write ε, optimiser, counters, clear window and RNG states atomically (temp file + rename)."""
+
+def save_checkpoint(path: Path, state: TrainState, eps: dict, optimizer, config: RepairConfig, digest: str) -> None:
+    """Write ε, optimiser, counters, clear window and RNG states atomically, as tensors and plain
+    types only, so that ``load_checkpoint`` reads it with ``weights_only=True``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "config": {key: getattr(config, key) for key in RepairConfig.RESUME_KEYS},
+        "data_digest": digest,
         "eps": {name: p.detach().cpu() for name, p in eps.items()},
         "optimizer": optimizer.state_dict(),
         "state": {**asdict(state), "loss_layers": dict(state.loss_layers), "clear_window": list(state.clear_window)},
         "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
 
 
-def load_checkpoint(path: Path, eps: dict, optimizer, config: RepairConfig) -> TrainState:
-    """Restore what ``save_checkpoint`` wrote; refuses a checkpoint of a different run."""
-    if not path.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+def read_checkpoint(path: Path, config: RepairConfig, digest: str) -> dict:
+    """The checkpoint at ``path`` (never unpickled: ``weights_only=True``), checked to belong to this run."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated, corrupt, or holding objects that are not plain data
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise RunFolderError(f"--resume: cannot read checkpoint {path} ({reason})") from None
+    if not isinstance(payload, dict) or not {"config", "data_digest", "eps", "optimizer", "state", "rng"} <= set(payload):
+        raise RunFolderError(f"--resume: {path} is not a sinder-hub checkpoint of this version")
     differing = {k: (v, getattr(config, k)) for k, v in payload["config"].items() if v != getattr(config, k)}
     if differing:
-        details = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in differing.items())
-        raise ValueError(f"--resume: {path} belongs to a different run ({details})")
+        details = ", ".join(f"--{k.replace('_', '-')}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in differing.items())
+        raise RunFolderError(f"--resume: {path} belongs to a different run ({details})")
+    if payload["data_digest"] != digest:
+        raise RunFolderError(f"--resume: the images selected from --data {config.data} changed since {path} was written "
+                             f"(files added, removed or resized); resume with the same data or start a new run")
+    return payload
+
+
+def restore_checkpoint(payload: dict, eps: dict, optimizer, config: RepairConfig) -> TrainState:
+    """Put ε, optimiser state and RNG states back; returns the counters."""
     with torch.no_grad():
         for name, parameter in eps.items():
             parameter.copy_(payload["eps"][name])
@@ -291,13 +465,12 @@ def load_checkpoint(path: Path, eps: dict, optimizer, config: RepairConfig) -> T
     if payload["rng"]["cuda"]:
         torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
     saved = payload["state"]
-    state = TrainState(**{**saved, "loss_layers": Counter({int(k): v for k, v in saved["loss_layers"].items()}),
-                          "clear_window": deque(saved["clear_window"], maxlen=config.window)})
-    return state
+    return TrainState(**{**saved, "loss_layers": Counter({int(k): v for k, v in saved["loss_layers"].items()}),
+                         "clear_window": deque(saved["clear_window"], maxlen=config.window)})
 
 
 # ----------------------------------------------------------------------------------------
-# Held-out evaluation (before / after)
+# Held-out evaluation (before / after) and the report
 
 
 @torch.no_grad()
@@ -309,36 +482,100 @@ def held_out_outputs(model, images: dict, directions, config) -> dict:
     """
     outputs = {}
     for name, image in images.items():
-        tokens = block_outputs(model, image)
-        features = model.norm(tokens[-1])
+        x, blocks = prepare_blocks(model, image)
         image_hw = image.shape[-2:]
-        defects = [int(_defect_count(model, t, image_hw, directions[i], config)) for i, t in enumerate(tokens[:-1])]
-        last_grid = _grid(model, tokens[-1], image_hw)
-        mask, _ = defect_mask(last_grid, directions[-1], config.mask_thr, config.kernel)
-        outputs[name] = {"defects": defects + [int(mask.sum())], "mask": mask.cpu(),
-                         "features": features[0].float().cpu(), "grid": last_grid.float().cpu()}
+        defects = []
+        for index, block in enumerate(blocks):
+            x = block(x)
+            grid = _grid(model, x, image_hw)
+            mask, _ = defect_mask(grid, directions[index], config.mask_thr, config.kernel)
+            defects.append(int(mask.sum()))
+        outputs[name] = {"defects": defects, "mask": mask.cpu(), "features": model.norm(x)[0].float().cpu(),
+                         "grid": grid.float().cpu()}
     return outputs
 
 
 def compare_held_out(model, before: dict, after: dict) -> dict:
-    """Defect counts at the last block before/after, and cosines of normal and class tokens to the original."""
+    """Defect counts at the last block before/after, and cosines of normal tokens and of the class
+    token (the mean of the patch tokens for models without one) to the original's."""
     prefix = model.num_prefix_tokens
+    has_class_token = getattr(model, "cls_token", None) is not None
     normal_cos, class_cos = [], []
     for name in before:
         cos = nn.functional.cosine_similarity(before[name]["features"], after[name]["features"], dim=-1)
         normal = ~before[name]["mask"].flatten()
         normal_cos.append(cos[prefix:][normal].mean().item())
-        class_cos.append(cos[0].item())
-    total_before = sum(out["defects"][-1] for out in before.values())
-    total_after = sum(out["defects"][-1] for out in after.values())
+        if has_class_token:
+            class_cos.append(cos[0].item())
+        else:
+            pooled = [out[name]["features"][prefix:].mean(0) for out in (before, after)]
+            class_cos.append(nn.functional.cosine_similarity(*pooled, dim=0).item())
+
+    def side(outputs):
+        return {"defects": {n: o["defects"][-1] for n, o in outputs.items()},
+                "total": sum(o["defects"][-1] for o in outputs.values()),
+                "defects_per_block": [sum(o["defects"][i] for o in outputs.values()) for i in range(len(model.blocks))]}
+
+    total_before, total_after = side(before)["total"], side(after)["total"]
     return {
-        "before": {"defects": {n: o["defects"][-1] for n, o in before.items()}, "total": total_before,
-                   "defects_per_block": [sum(o["defects"][i] for o in before.values()) for i in range(len(model.blocks))]},
-        "after": {"defects": {n: o["defects"][-1] for n, o in after.items()}, "total": total_after,
-                  "defects_per_block": [sum(o["defects"][i] for o in after.values()) for i in range(len(model.blocks))]},
+        "before": side(before),
+        "after": side(after),
         "defect_reduction": (1 - total_after / total_before) if total_before else None,
         "normal_token_cosine": sum(normal_cos) / len(normal_cos),
         "class_token_cosine": sum(class_cos) / len(class_cos),
+        "class_token": "class token" if has_class_token else "mean of the patch tokens",
+    }
+
+
+def judge_outcome(state: TrainState, held_out: dict, num_images: int, model: nn.Module) -> dict:
+    """``{"status": "ok" | "degraded" | "failed", "reasons": [...]}``: failed when nothing changed
+    (no update), degraded when the repaired tokens moved far from the original's or a weight is not finite."""
+    reasons, status = [], "ok"
+    if state.updates == 0:
+        status = "failed"
+        if len(state.bad_files) >= num_images:
+            reasons.append(f"0 updates: none of the {num_images} images could be read (see bad_files)")
+        elif state.skipped_nan:
+            reasons.append(f"0 updates: every step with a loss gave a NaN or infinite loss or gradient "
+                           f"({state.skipped_nan} steps skipped)")
+        else:
+            reasons.append(f"0 updates: all {state.images_seen} images were clear at every block "
+                           f"(nothing to repair at these --mask-thr / --skip-less-than)")
+    not_finite = [name for name, value in model.state_dict().items() if not bool(torch.isfinite(value).all())]
+    if not_finite:
+        status = "failed"
+        reasons.append(f"the repaired weights are not finite in {len(not_finite)} tensors ({', '.join(not_finite[:3])})")
+    cosine = held_out["normal_token_cosine"]
+    if not math.isfinite(cosine) or cosine < MIN_COSINE:
+        status = "failed" if status == "failed" else "degraded"
+        reasons.append(f"normal-token cosine to the original is {cosine:.4f} (< {MIN_COSINE}): the repair changed "
+                       f"the features too much (try a smaller --lr)")
+    return {"status": status, "reasons": reasons}
+
+
+def build_report(config, state, plan, model, source_sha256, held_out_names, held_out, outcome, stopped_because,
+                 pictures, accelerator) -> dict:
+    return {
+        "sinder_hub_version": __import__("sinder_hub").__version__,
+        "source_model": config.model,
+        "source_sha256": source_sha256,
+        "architecture": model.pretrained_cfg.get("architecture"),
+        "hyperparameters": config.hyperparameters(),
+        "outcome": outcome,
+        "steps": state.step,
+        "updates": state.updates,
+        "skipped_nan": state.skipped_nan,
+        "data_passes": round(plan.passes(state.step), 4),
+        "images": {"selected": plan.num_images, "seen": state.images_seen, "clear": state.images_clear,
+                   "with_loss": state.images_with_loss, "skipped_bad": len(state.bad_files)},
+        "bad_files": state.bad_files,
+        "loss_layer_histogram": {str(k): v for k, v in sorted(state.loss_layers.items())},
+        "clear_rate_curve": state.clear_rate_curve,
+        "stopped_because": stopped_because,
+        "wall_time_s": round(state.elapsed_s, 2),
+        "hardware": {"device": _device_name(accelerator), "num_processes": accelerator.num_processes},
+        "held_out": {"resolution": config.resolution, "images": list(held_out_names), **held_out},
+        "pictures": pictures,
     }
 
 
@@ -346,16 +583,13 @@ def compare_held_out(model, before: dict, after: dict) -> dict:
 # Setup helpers
 
 
-def select_images(paths: list, num_images: int) -> list:
-    """``num_images`` paths at an even stride over the listing (the authors' subset)."""
-    stride = max(1, len(paths) // max(num_images, 1))
-    return paths[::stride][:num_images]
-
-
 def set_precision(precision: str):
-    """Matmul precision for ``fp32``/``tf32``; returns the autocast context factory (``bf16``)."""
+    """Matmul precision for ``fp32``/``tf32``; returns the autocast context factory (``bf16``).
+
+    Changes ``torch.get_float32_matmul_precision()``: ``repair`` restores the caller's on return.
+    """
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        raise InputError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
     torch.set_float32_matmul_precision("highest" if precision == "fp32" else "high")
 
     def autocast():
@@ -409,6 +643,28 @@ class _StopSignal:
             signal.signal(sig, handler)
 
 
+def _on_every_process(accelerator, main_only):
+    """Run ``main_only()`` on the main process; a ``SinderError`` it raises is raised on every process."""
+    from accelerate.utils import broadcast_object_list
+
+    from .errors import SinderError
+
+    error = None
+    if accelerator.is_main_process:
+        try:
+            main_only()
+        except SinderError as raised:
+            error = raised
+    if accelerator.num_processes > 1:
+        message = [None if error is None else (type(error), str(error))]
+        broadcast_object_list(message)
+        if message[0] is not None and error is None:
+            kind, text = message[0]
+            error = kind(text)
+    if error is not None:
+        raise error
+
+
 # ----------------------------------------------------------------------------------------
 # The run
 
@@ -416,31 +672,62 @@ class _StopSignal:
 @dataclass
 class RepairResult:
     output: Path
-    report: dict | None  # None when interrupted (a checkpoint was written instead)
+    report: dict | None  # None when interrupted (a checkpoint was written instead) and on other processes
     interrupted_by: str | None = None
 
 
 def repair(config: RepairConfig, accelerator=None) -> RepairResult:
-    """Repair ``config.model`` on ``config.data`` (Algorithm 1) and write the run folder."""
+    """Repair ``config.model`` on ``config.data`` (Algorithm 1) and write the run folder.
+
+    Every check that needs no model runs first (flags, data, run folder, the checkpoint to
+    resume); then the model is loaded. Raises ``InputError`` for bad input, ``RepairError``
+    (after writing the report) for a run that failed or degraded the model, unless
+    ``allow_degraded``. Restores the caller's float32 matmul precision.
+    """
+    matmul_precision = torch.get_float32_matmul_precision()
+    try:
+        return _repair(config, accelerator)
+    finally:
+        torch.set_float32_matmul_precision(matmul_precision)
+
+
+def _repair(config: RepairConfig, accelerator) -> RepairResult:
     from accelerate import Accelerator
 
     from .backbones import load_backbone
 
-    # data first: a missing or empty folder is an error before any model is loaded
+    # -- everything that can be checked without a model
+    config.validate()
     paths = select_images(list_images(config.data), config.num_images)
-    if config.precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {config.precision!r}")
+    digest = data_digest(paths)
+    run = RunFolder(config.output, resume=config.resume, overwrite=config.overwrite)
+    run.check()
+    saved = read_checkpoint(run.checkpoint, config, digest) if config.resume else None
     accelerator = accelerator or Accelerator()
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    output = Path(config.output)
-    output.mkdir(parents=True, exist_ok=True)
+    device, rank = accelerator.device, accelerator.process_index
+    plan = DataPlan(len(paths), config.images_per_step, accelerator.num_processes)
+    _on_every_process(accelerator, run.acquire)
+    try:
+        return _train(config, accelerator, run, paths, digest, plan, saved, load_backbone, device, rank)
+    except BaseException:
+        if accelerator.is_main_process:
+            run.release(failed=True)
+        raise
+
+
+def _train(config, accelerator, run, paths, digest, plan, saved, load_backbone, device, rank) -> RepairResult:
     autocast = set_precision(config.precision)
     torch.manual_seed(config.seed)
     started = time.perf_counter()
 
+    # -- model, directions (Algorithm 1, line 1), held-out images before the repair
     model = load_backbone(config.model).to(device).eval()
+    patch = model.patch_embed.patch_size
+    if config.resolution % patch[0] or config.resolution % patch[1]:
+        raise InputError(f"--resolution {config.resolution}: expected a multiple of {config.model}'s "
+                         f"{patch[0]}-px patch size (e.g. {max(1, round(config.resolution / patch[0])) * patch[0]})")
     source_sha256 = weights_sha256(config.model, model) if accelerator.is_main_process else None
-    directions = singular_defect_directions(  # Algorithm 1, line 1
+    directions = singular_defect_directions(
         model, samples=config.directions_samples, method=config.directions_method,
         generator=torch.Generator(device=device).manual_seed(config.seed)).to(device)
     transform = sinder_transform(config.resolution)
@@ -448,88 +735,39 @@ def repair(config: RepairConfig, accelerator=None) -> RepairResult:
     held_out = {name: transform(image)[None].to(device) for name, image in held_out_images.items()}
     before = held_out_outputs(model, held_out, directions, config)
 
+    # -- trainable singular values, optimiser, state
     eps = parametrize_singular_values(model)
     parameters = list(eps.values())
     optimizer = torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum, weight_decay=0.0)
-    checkpoint = output / CHECKPOINT
-    if config.resume:
-        state = load_checkpoint(checkpoint, eps, optimizer, config)
+    if saved is not None:
+        state = restore_checkpoint(saved, eps, optimizer, config)
     else:
         state = TrainState(clear_window=deque([False] * config.window, maxlen=config.window))
-
-    # image g of the run goes to process (g // K) % world at step g // (K * world)
-    per_step = config.images_per_step * world
-    num_steps = min(config.max_steps, math.ceil(len(paths) / per_step))
-    mine = [g for g in range(len(paths)) if (g // config.images_per_step) % world == rank]
-    start_position = sum(1 for g in mine if g < state.step * per_step)
-    loader = DataLoader(Subset(ImageFiles(paths, config.resolution), mine[start_position:]), batch_size=1,
+    loader = DataLoader(ImageFiles(paths, config.resolution, max_pixels=config.max_pixels), batch_size=1,
+                        sampler=plan.sequence(rank, state.step, config.max_steps),
                         num_workers=config.num_workers, collate_fn=collate_one)
     batches = iter(loader)
-
     progress = None
     if accelerator.is_main_process and not config.quiet:
         from tqdm.auto import tqdm
-        progress = tqdm(total=num_steps, initial=state.step, desc="sinder repair", dynamic_ncols=True)
+        progress = tqdm(total=config.max_steps, initial=state.step, desc="sinder repair", dynamic_ncols=True)
 
-    stopped_because, interrupted_by = "data_exhausted", None
+    # -- the loop: one step, its bookkeeping, the stopping rule, checkpoints
+    stopped_because, interrupted_by = "max_steps", None
     with _StopSignal() as stop:
-        while state.step < num_steps:
-            # -- one step: K images on every process
-            optimizer.zero_grad(set_to_none=True)
-            step_images = range(state.step * per_step, min((state.step + 1) * per_step, len(paths)))
-            flags, blocks, losses = [], [], []  # per local image slot: 1 clear, 0 loss, -1 no image
-            for g in step_images:
-                if (g // config.images_per_step) % world != rank:
-                    continue
-                index, image, problem = next(batches)
-                if image is None:
-                    state.bad_files.append({"path": str(paths[index]), "problem": problem})
-                    log.warning("skipping %s", problem)
-                    flags.append(-1)
-                    blocks.append(-1)
-                    continue
-                result = fast_image_loss(model, image[None].to(device), directions, config, autocast)
-                flags.append(1 if result.block is None else 0)
-                blocks.append(-1 if result.block is None else result.block)
-                losses.append(result.loss)
-            while len(flags) < config.images_per_step:
-                flags.append(-1)
-                blocks.append(-1)
-            local = torch.tensor(flags + blocks, dtype=torch.float32, device=device)
-            gathered = accelerator.gather(local).view(world, 2, config.images_per_step)
-            all_flags = gathered[:, 0].flatten().tolist()
-            all_blocks = gathered[:, 1].flatten().tolist()
-            with_loss = sum(1 for f in all_flags if f == 0)
-            loss_value = sum(losses)
-            count = synchronise_gradients(parameters, sum(1 for f in flags if f == 0), accelerator)
-            assert count == with_loss, (count, with_loss)
-            finite = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in parameters)
-            finite = accelerator.reduce(torch.tensor([0.0 if finite and math.isfinite(loss_value) else 1.0],
-                                                     device=device), reduction="sum").item() == 0
-            if with_loss and finite:
-                optimizer.step()
-                state.updates += 1
-            elif with_loss:
-                state.skipped_nan += 1
-            # -- bookkeeping, identical on every process
-            for flag, block in zip(all_flags, all_blocks):
-                if flag < 0:
-                    continue
-                state.images_seen += 1
-                state.images_clear += int(flag == 1)
-                state.images_with_loss += int(flag == 0)
-                state.clear_window.append(flag == 1)
-                if flag == 0:
-                    state.loss_layers[int(block)] += 1
-            state.step += 1
-            if state.step % 10 == 0 or state.step == num_steps:
-                state.clear_rate_curve.append([state.step, state.clear_rate()])
+        while state.step < config.max_steps:
+            batch = [next(batches) for _ in range(config.images_per_step)]
+            step = train_step(model, batch, directions, config, autocast, optimizer, parameters, accelerator)
+            state.record(step, paths)
             if progress is not None:
-                last_block = next((int(b) for b in reversed(all_blocks) if b >= 0), None)
                 progress.update(1)
-                progress.set_postfix(clear=f"{state.clear_rate():.2f}", layer=last_block, loss=f"{loss_value:.3f}")
+                progress.set_postfix(clear=f"{state.clear_rate():.2f}", loss=f"{step.loss:.3f}",
+                                     layer=next((b for b in reversed(step.blocks) if b >= 0), None))
             if state.clear_rate() >= config.stop_clear:
                 stopped_because = "clear_rate"
+                break
+            if len(state.bad_files) >= plan.num_images:
+                stopped_because = "no_readable_images"
                 break
             received = accelerator.reduce(torch.tensor([1.0 if stop.received else 0.0], device=device),
                                           reduction="sum").item()
@@ -537,60 +775,64 @@ def repair(config: RepairConfig, accelerator=None) -> RepairResult:
                 state.elapsed_s += time.perf_counter() - started
                 started = time.perf_counter()
                 if accelerator.is_main_process:
-                    save_checkpoint(checkpoint, state, eps, optimizer, config)
+                    save_checkpoint(run.checkpoint, state, eps, optimizer, config, digest)
                 accelerator.wait_for_everyone()
                 if received:
                     interrupted_by = stop.received or "signal"
                     break
-        else:
-            stopped_because = "max_steps" if state.step >= config.max_steps else "data_exhausted"
     if progress is not None:
         progress.close()
     if interrupted_by:
-        return RepairResult(output=output, report=None, interrupted_by=interrupted_by)
+        if accelerator.is_main_process:
+            run.release()
+        return RepairResult(output=run.path, report=None, interrupted_by=interrupted_by)
 
-    # -- merge, evaluate, write the run folder
+    # -- merge, evaluate, write the run folder (the report last)
     state.elapsed_s += time.perf_counter() - started
     merge_singular_values(model)
     if not accelerator.is_main_process:
         accelerator.wait_for_everyone()
-        return RepairResult(output=output, report=None)
+        return RepairResult(output=run.path, report=None)
     after = held_out_outputs(model, held_out, directions, config)
-    if state.clear_rate_curve and state.clear_rate_curve[-1][0] != state.step:
+    if not state.clear_rate_curve or state.clear_rate_curve[-1][0] != state.step:
         state.clear_rate_curve.append([state.step, state.clear_rate()])
-    save_checkpoint(checkpoint, state, eps, optimizer, config)
-    write_repaired_model(model, output)
-    pictures = write_pictures(held_out_images, before, after, output)
-    report = {
-        "sinder_hub_version": __import__("sinder_hub").__version__,
-        "source_model": config.model,
-        "source_sha256": source_sha256,
-        "architecture": model.pretrained_cfg.get("architecture"),
-        "hyperparameters": config.hyperparameters(),
-        "steps": state.step,
-        "updates": state.updates,
-        "skipped_nan": state.skipped_nan,
-        "images": {"seen": state.images_seen, "clear": state.images_clear, "with_loss": state.images_with_loss,
-                   "skipped_bad": len(state.bad_files)},
-        "bad_files": state.bad_files,
-        "loss_layer_histogram": {str(k): v for k, v in sorted(state.loss_layers.items())},
-        "clear_rate_curve": state.clear_rate_curve,
-        "stopped_because": stopped_because,
-        "wall_time_s": round(state.elapsed_s, 2),
-        "hardware": {"device": _device_name(accelerator), "num_processes": world},
-        "held_out": {"resolution": config.resolution, "images": list(held_out), **compare_held_out(model, before, after)},
-        "pictures": pictures,
-    }
-    (output / "repair_report.json").write_text(json.dumps(report, indent=2))
+    comparison = compare_held_out(model, before, after)
+    outcome = judge_outcome(state, comparison, plan.num_images, model)
+    keep = outcome["status"] == "ok" or config.allow_degraded
+    save_checkpoint(run.checkpoint, state, eps, optimizer, config, digest)
+    if keep:
+        write_repaired_model(model, run.path)
+    pictures = write_pictures(held_out_images, before, after, run.path)
+    report = build_report(config, state, plan, model, source_sha256, held_out, comparison, outcome,
+                          stopped_because, pictures, accelerator)
+    write_json_atomic(run.path / REPORT, report)
+    run.finished()
+    run.release()
     accelerator.wait_for_everyone()
-    return RepairResult(output=output, report=report)
+    if not keep:
+        raise RepairError(f"{outcome['status']} run, no model written to {run.path} ({'; '.join(outcome['reasons'])}); "
+                          f"the report is in {run.path / REPORT}; --allow-degraded keeps such a model")
+    return RepairResult(output=run.path, report=report)
 
 
 def write_repaired_model(model: nn.Module, output: Path) -> None:
-    """``config.json`` + ``model.safetensors`` with timm's own ``save_for_hf`` (timm key names)."""
+    """``config.json`` + ``model.safetensors`` with timm's own ``save_for_hf`` (timm key names),
+    written to a temporary folder and renamed into ``output`` file by file."""
     from timm.models._hub import save_for_hf
 
-    save_for_hf(model, str(output), safe_serialization=True)
+    staging = output / f".model.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        save_for_hf(model, str(staging), safe_serialization=True)
+        umask = os.umask(0)
+        os.umask(umask)
+        for name in ("model.safetensors", "config.json"):
+            with open(staging / name, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.chmod(staging / name, 0o666 & ~umask)  # safetensors writes 0600; a model is for sharing
+            os.replace(staging / name, output / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_pictures(images: dict, before: dict, after: dict, output: Path) -> list[str]:
@@ -600,7 +842,8 @@ def write_pictures(images: dict, before: dict, after: dict, output: Path) -> lis
     names = []
     for name, image in images.items():
         path = output / f"before_after_{name}.png"
-        norm_pca_figure({name: image}, {"original": {name: before[name]["grid"]},
-                                        "repaired": {name: after[name]["grid"]}}, path)
+        with atomic_path(path) as tmp:
+            norm_pca_figure({name: image}, {"original": {name: before[name]["grid"]},
+                                            "repaired": {name: after[name]["grid"]}}, tmp)
         names.append(path.name)
     return names

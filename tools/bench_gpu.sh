@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 
 results = sys.argv[1]
 runs = {p: f"/tmp/sinder-demo-{p}/run" for p in ("fp32", "tf32", "bf16")}
-eps = {p: torch.load(f"{d}/checkpoint/state.pt", weights_only=False)["eps"] for p, d in runs.items()}
+eps = {p: torch.load(f"{d}/checkpoint/state.pt", weights_only=True)["eps"] for p, d in runs.items()}
 weights = {p: load_file(f"{d}/model.safetensors") for p, d in runs.items()}
 reports = {p: json.load(open(f"{d}/repair_report.json")) for p, d in runs.items()}
 table = {}

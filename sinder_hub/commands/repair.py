@@ -1,27 +1,32 @@
-#!/usr/bin/env python
-"""Repair a DINOv2 backbone with SINDER (Algorithm 1) and write the repaired weights.
+"""Repair a backbone with SINDER (Algorithm 1) and write the repaired weights.
 
-    python tools/repair.py --model vit_giant_patch14_dinov2.lvd142m --data /path/to/imagenet/train --output run
-    accelerate launch --multi_gpu --num_processes 4 tools/repair.py --data ... --output run
-    python tools/repair.py --output run --resume     # continue after Ctrl-C / SIGTERM
+    sinder-hub repair --model vit_giant_patch14_dinov2.lvd142m --data /path/to/imagenet/train --output run
+    accelerate launch --multi_gpu --num_processes 4 -m sinder_hub.cli repair --data ... --output run
+    sinder-hub repair --data ... --output run --resume     # continue after Ctrl-C / SIGTERM
+
+(`python tools/repair.py ...` and `accelerate launch tools/repair.py ...` are the same.)
+Exit codes: 0 done, 1 the run failed or degraded the model (the report says why),
+2 bad input, 130 interrupted (a checkpoint was written; add --resume to continue).
 """
 
 import argparse
 import json
-import sys
 from dataclasses import fields
 
-from sinder_hub.trainer import PRECISIONS, RepairConfig, repair
+from sinder_hub.cli import ArgumentParser
+from sinder_hub.trainer import DIRECTIONS_METHODS, PRECISIONS, RepairConfig, repair
 
 HELP = {
     "model": "any spec load_backbone takes: timm name, hf-hub:id, folder, .safetensors, authors' .pth, planted-swiglu",
-    "data": "folder of images (searched recursively for jpg/jpeg/png/webp) or a text file listing paths",
+    "data": "folder of images (searched recursively for jpg/jpeg/png/webp) or a text file listing paths (required)",
     "output": "run folder: model.safetensors, config.json, repair_report.json, pictures, checkpoint/",
-    "num_images": "images taken at an even stride over the listing",
+    "num_images": "images taken at an even stride over the listing; the run cycles through them",
+    "max_steps": "iterations; step t takes image t mod N (N selected images), as in the authors' loop",
     "window": "stopping rule: number of recent images whose clear flags are kept",
-    "stop_clear": "stopping rule: stop once this fraction of the window is clear",
-    "limit_layers": "blocks i-limit_layers+1 .. i receive the update for a loss at block i",
-    "skip_less_than": "a block needs at least this many defects to give the loss",
+    "stop_clear": "stopping rule: stop once this fraction of the window is clear (above 1: never)",
+    "limit_layers": "blocks i-limit_layers+1 .. i receive the update for a loss at block i; 0 = all blocks 0 .. i",
+    "skip_less_than": "a block needs at least this many defects (and at least 1) to give the loss",
+    "kernel": "neighbourhood of the loss: 3 (3x3) or 5 (5x5 Gaussian table, centre 41/273)",
     "images_per_step": "images per process per optimiser step (gradients summed, divided by images with a loss)",
     "precision": "fp32, tf32 (the authors') or bf16 autocast",
     "checkpoint_blocks": "keep only each block's input and run it again in the backward: less GPU memory, same result, slower steps",
@@ -29,12 +34,17 @@ HELP = {
     "held_out": "skimage sample images evaluated before and after",
     "save_every": "checkpoint every N steps (and on SIGINT/SIGTERM); 0 = only on signals and at the end",
     "resume": "continue the run in --output from its checkpoint",
+    "overwrite": "replace the run in --output (removes only the files a run writes)",
+    "allow_degraded": "keep the model of a run that made no update or moved the features far from the original (exit 0)",
+    "max_pixels": "larger images are skipped as bad files (PIL's decompression-bomb limit by default)",
     "quiet": "no progress bar",
 }
+CHOICES = {"precision": PRECISIONS, "directions_method": DIRECTIONS_METHODS}
 
 
 def parse_args(argv=None) -> RepairConfig:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="sinder-hub repair", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(RepairConfig):
         flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool):
@@ -42,16 +52,15 @@ def parse_args(argv=None) -> RepairConfig:
         elif isinstance(f.default, tuple):
             parser.add_argument(flag, nargs="+", default=f.default, help=HELP.get(f.name))
         else:
-            choices = PRECISIONS if f.name == "precision" else ("sampled", "expected") if f.name == "directions_method" else None
-            parser.add_argument(flag, type=type(f.default), default=f.default, choices=choices,
+            parser.add_argument(flag, type=type(f.default), default=f.default, choices=CHOICES.get(f.name),
                                 help=f"{HELP.get(f.name, '')} (default: {f.default})".strip())
     args = parser.parse_args(argv)
-    if not args.data:
-        parser.error("--data is required (a folder of images or a text file of paths)")
     return RepairConfig(**{**vars(args), "held_out": tuple(args.held_out)})
 
 
 def main(argv=None) -> int:
+    import sys
+
     config = parse_args(argv)
     result = repair(config)
     if result.interrupted_by:
@@ -61,12 +70,15 @@ def main(argv=None) -> int:
     if result.report is None:  # not the main process
         return 0
     report, held_out = result.report, result.report["held_out"]
-    print(f"wrote {result.output}: {report['steps']} steps, {report['updates']} updates, "
-          f"stopped by {report['stopped_because']}, {report['wall_time_s']:.1f} s on {report['hardware']['device']}")
+    print(f"wrote {result.output}: {report['steps']} steps ({report['data_passes']:.2f} passes over "
+          f"{report['images']['selected']} images), {report['updates']} updates, stopped by "
+          f"{report['stopped_because']}, {report['wall_time_s']:.1f} s on {report['hardware']['device']}")
     print(f"held-out defects at the last block ({held_out['resolution']} px): "
           f"{held_out['before']['total']} -> {held_out['after']['total']}; cosine to the original: "
-          f"normal tokens {held_out['normal_token_cosine']:.4f}, class token {held_out['class_token_cosine']:.4f}")
+          f"normal tokens {held_out['normal_token_cosine']:.4f}, {held_out['class_token']} "
+          f"{held_out['class_token_cosine']:.4f}")
+    for reason in report["outcome"]["reasons"]:
+        print(f"warning: {report['outcome']['status']}: {reason} (kept by --allow-degraded)", file=sys.stderr)
     if not config.quiet:
         print(json.dumps({"loss_layer_histogram": report["loss_layer_histogram"], "images": report["images"]}))
     return 0
-
