@@ -1,0 +1,359 @@
+"""The browser viewer (``sinder-hub view``): one image through two backbones, original vs repaired, side by side.
+
+Per model: the token-norm map of one block with its defective tokens outlined, the
+3-component PCA of its patch tokens (paper Fig. 1), and per block the defect count and the
+angle between the singular and the empirical defect direction (Fig. 2d); the figures as a
+table. Models and their singular defect directions are loaded once per process
+(``load_model``, before the first request); an image then costs two forwards per model and
+the pictures.
+
+Gradio is imported here only: ``import sinder_hub`` never loads it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+import matplotlib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image, UnidentifiedImageError
+
+from .analysis import singular_defect_directions
+from .backbones import load_backbone
+from .data import SAMPLE_IMAGE_NAMES, load_rgb, sample_images, sinder_transform
+from .diagnostics import defect_report
+from .errors import InputError
+from .plots import MODEL_COLOURS, pca_rgb, token_norms
+from .testing import CALIBRATION_RESOLUTION
+from .tokens import block_outputs, patch_grid
+
+log = logging.getLogger(__name__)
+
+DEMO_RUN = Path("demo-output") / "run"
+MAX_PIXELS = 40_000_000  # larger uploads are refused before decoding (PIL itself warns at 89 MP)
+LABELS = ("original", "repaired")
+OUTLINE = (255, 0, 0)
+METHOD_NOTES = {
+    "expected": "`expected` (the noise-free limit of the authors' least squares; 0.9 s per planted model "
+                "on 2 CPU cores vs 28 s for `sampled` with 100k samples)",
+    "sampled": "`sampled` (the authors' least squares on 100k samples, seed 0)",
+}
+
+
+def default_models() -> list[str]:
+    """``planted-swiglu``, and beside it the demo's repaired run when ``demo-output/run`` exists (cwd-relative)."""
+    return ["planted-swiglu", *([str(DEMO_RUN)] if DEMO_RUN.is_dir() else [])]
+
+
+def native_resolution(spec: str, model: torch.nn.Module) -> int:
+    """Input size a backbone is meant for: 224 for planted backbones (their calibration), a repair run's
+    training resolution, else the pretrained config's input size; rounded down to a multiple of the patch."""
+    report = Path(spec) / "repair_report.json"
+    if spec.startswith("planted-"):
+        size = CALIBRATION_RESOLUTION
+    elif report.is_file():
+        size = int(json.loads(report.read_text())["hyperparameters"]["resolution"])
+    else:
+        size = int(model.pretrained_cfg.get("input_size", (3, *model.patch_embed.img_size))[-1])
+    patch = model.patch_embed.patch_size[0]
+    return max(patch, size // patch * patch)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A backbone in eval mode, its singular defect ``directions`` ``[depth, D]`` and what loading took."""
+
+    spec: str
+    model: torch.nn.Module
+    directions: torch.Tensor
+    resolution: int
+    load_seconds: float
+    directions_seconds: float
+
+    @property
+    def patch(self) -> int:
+        return self.model.patch_embed.patch_size[0]
+
+    @property
+    def depth(self) -> int:
+        return len(self.model.blocks)
+
+
+@functools.lru_cache(maxsize=8)
+def load_model(spec: str, method: str = "expected") -> LoadedModel:
+    """``load_backbone(spec)`` and ``singular_defect_directions(model, method=method)`` (seed 0), once per process."""
+    started = time.perf_counter()
+    model = load_backbone(spec)
+    loaded = time.perf_counter()
+    directions = singular_defect_directions(model, generator=torch.Generator().manual_seed(0), method=method)
+    return LoadedModel(spec, model, directions, native_resolution(spec, model), loaded - started,
+                       time.perf_counter() - loaded)
+
+
+@dataclass
+class ModelView:
+    """One model's answer for one image: its ``defect_report``, the ``[H, W, D]`` grid of the shown block and pictures."""
+
+    label: str
+    spec: str
+    report: dict
+    grid: torch.Tensor
+    defects: list[list[int]]
+    norm_picture: np.ndarray | None = None
+    pca_picture: np.ndarray | None = None
+
+
+@dataclass
+class Answer:
+    """Everything the page shows for one request; ``views`` is empty when ``message`` is an error."""
+
+    message: str
+    views: dict[str, ModelView]
+    block: int = 0
+    vmax: float = 0.0
+    chart: np.ndarray | None = None
+    table: str = ""
+
+
+def upscale(picture: np.ndarray, patch: int) -> np.ndarray:
+    """``[H, W, C]`` per-token colours -> ``[H * patch, W * patch, C]`` pixels, one square per token."""
+    return picture.repeat(patch, axis=0).repeat(patch, axis=1)
+
+
+def norm_picture(grid: torch.Tensor, defects: list[list[int]], patch: int, vmax: float) -> np.ndarray:
+    """Token norms of an ``[H, W, D]`` grid in viridis on ``[0, vmax]``, defective tokens outlined in red: ``[H*p, W*p, 3]`` uint8."""
+    colours = matplotlib.colormaps["viridis"](token_norms(grid) / max(vmax, 1e-12))[..., :3]
+    picture = upscale((colours * 255).round().astype(np.uint8), patch)
+    width = max(1, patch // 7)
+    for row, col in defects:
+        top, left = row * patch, col * patch
+        cell = picture[top:top + patch, left:left + patch]
+        cell[:width], cell[-width:], cell[:, :width], cell[:, -width:] = OUTLINE, OUTLINE, OUTLINE, OUTLINE
+    return picture
+
+
+def block_chart(views: dict[str, ModelView], block: int, method: str) -> np.ndarray:
+    """Per block, defects of the image and the singular-vs-empirical angle (Fig. 2d), per model: ``[h, w, 3]`` uint8."""
+    figure = Figure(figsize=(9.0, 2.8), dpi=100)
+    counts_ax, angle_ax = figure.subplots(1, 2)
+    width = 0.8 / len(views)
+    for index, view in enumerate(views.values()):
+        blocks = view.report["blocks"]
+        x = np.arange(len(blocks)) + (index - (len(views) - 1) / 2) * width
+        colour = MODEL_COLOURS[index]
+        counts_ax.bar(x, [b["defects_per_image"] for b in blocks], width, color=colour, label=view.label)
+        angles = [np.nan if b["angle_singular_empirical"] is None else b["angle_singular_empirical"] for b in blocks]
+        angle_ax.plot(np.arange(len(blocks)), angles, "o-", color=colour, markersize=3, label=view.label)
+    depth = max(len(view.report["blocks"]) for view in views.values())
+    for ax, title in ((counts_ax, "defective tokens"), (angle_ax, "angle singular vs empirical direction (°)")):
+        ax.axvline(block, color="grey", linestyle="--", linewidth=0.8)
+        ax.set_xticks(range(depth))
+        ax.set_xlabel("block (dashed: shown)")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+    angle_ax.set_ylim(0, 90)
+    figure.suptitle(f"per block; singular directions: {method} method", fontsize=9)
+    figure.tight_layout()
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def _cell(value: float | None, digits: int = 1) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def numbers_table(views: dict[str, ModelView], block: int) -> str:
+    """Markdown table: per model, defects at ``block`` and per block, mean norms, cosine to the first model's tokens."""
+    reference = next(iter(views.values()))
+    normal = torch.ones(reference.grid.shape[:2], dtype=torch.bool)
+    for row, col in reference.defects:
+        normal[row, col] = False
+    lines = [f"| model | defects at block {block} | defects per block | mean norm, defects | mean norm, normal | "
+             f"cos to {reference.label} (its normal tokens) |", "|---|---|---|---|---|---|"]
+    for view in views.values():
+        stats = view.report["blocks"][block]
+        cosine = F.cosine_similarity(view.grid.double(), reference.grid.double(), dim=-1)[normal].mean()
+        per_block = " ".join(str(b["defects_per_image"]).removesuffix(".0") for b in view.report["blocks"])
+        lines.append(f"| {view.label}: `{view.spec}` | {len(view.defects)} | {per_block} | {_cell(stats['norm_defective'])} | "
+                     f"{_cell(stats['norm_normal'])} | {float(cosine):.5f} |")
+    return "\n".join(lines)
+
+
+class Viewer:
+    """The models of one app and the answer to one request (no gradio here: tests call it directly).
+
+    ``specs``: one or two backbone specs, labelled ``original`` and ``repaired``. A spec that
+    fails to load, or whose patch size or depth differs from the first loaded one, is kept
+    in ``failures`` ``{label: message}`` and shown on the page instead of its pictures.
+    """
+
+    def __init__(self, specs: Sequence[str], method: str = "expected", max_pixels: int = MAX_PIXELS,
+                 resolution: int | None = None):
+        if not 1 <= len(specs) <= len(LABELS):
+            raise InputError(f"the viewer shows one or two models side by side, got {len(specs)}")
+        self.specs = dict(zip(LABELS, specs))
+        self.method, self.max_pixels = method, max_pixels
+        self.models: dict[str, LoadedModel] = {}
+        self.failures: dict[str, str] = {}
+        for label, spec in self.specs.items():
+            try:
+                loaded = load_model(spec, method)
+            except Exception as error:  # noqa: BLE001 - any failure is shown on the page, the others still serve
+                self.failures[label] = f"`{spec}` could not be loaded: {error}"
+                log.warning("viewer: %s could not be loaded: %s", spec, error)
+                continue
+            first = next(iter(self.models.values()), loaded)
+            if (loaded.patch, loaded.depth) != (first.patch, first.depth):
+                self.failures[label] = (f"`{spec}` has patch {loaded.patch} and {loaded.depth} blocks, `{first.spec}` "
+                                        f"patch {first.patch} and {first.depth} blocks: they cannot be shown side by side")
+                continue
+            self.models[label] = loaded
+        first = next(iter(self.models.values()), None)
+        self.patch = first.patch if first else 14
+        self.depth = first.depth if first else 1
+        self.resolution = resolution or (first.resolution if first else CALIBRATION_RESOLUTION)
+        if self.resolution % self.patch:
+            raise InputError(f"resolution {self.resolution} is not a multiple of the patch size {self.patch}")
+        self.max_resolution = max(self.resolution * 2, 518) // self.patch * self.patch
+        self._samples = Path(tempfile.mkdtemp(prefix="sinder-hub-samples-"))
+
+    def sample_path(self, name: str | None) -> str | None:
+        """A ``skimage.data`` sample written once as ``<name>.png``, for the image input."""
+        if not name:
+            return None
+        path = self._samples / f"{name}.png"
+        if not path.exists():
+            sample_images([name])[name].save(path)
+        return str(path)
+
+    def read_image(self, path: str | Path) -> Image.Image:
+        """The uploaded file as RGB; ``InputError`` for an empty, undecodable, tiny or too large file."""
+        path = Path(path)
+        if path.stat().st_size == 0:
+            raise InputError(f"{path.name} is empty (0 bytes)")
+        try:
+            with Image.open(path) as header:
+                width, height = header.size
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as error:
+            reason = str(error).replace(f"'{path}'", "it")
+            raise InputError(f"{path.name} is not an image that can be read ({reason})") from error
+        if width * height > self.max_pixels:
+            raise InputError(f"{path.name} has {width}×{height} = {width * height:,} pixels, over the limit of "
+                             f"{self.max_pixels:,}")
+        try:
+            return load_rgb(path, min_size=self.patch)
+        except ValueError as error:  # the message starts with the full path, a temporary file's here
+            raise InputError(str(error).replace(str(path), path.name)) from error
+
+    @torch.inference_mode()
+    def answer(self, path: str | Path | None, resolution: int | None = None, block: int | None = None) -> Answer:
+        """Pictures and figures of the image at ``path`` for every loaded model; errors come back as ``message``."""
+        started = time.perf_counter()
+        if not self.models:
+            return Answer("No model could be loaded: " + "; ".join(self.failures.values()), {})
+        if path is None:
+            return Answer("Upload or paste an image, or pick a sample.", {})
+        try:
+            image = self.read_image(path)
+        except InputError as error:
+            return Answer(f"**Error:** {error}", {})
+        resolution = min(max(self.patch, round((resolution or self.resolution) / self.patch) * self.patch), self.max_resolution)
+        block = min(max(int(self.depth - 1 if block is None else block), 0), self.depth - 1)
+        name = Path(path).stem
+        tensor = sinder_transform(resolution)(image)
+        views = {}
+        for label, loaded in self.models.items():
+            report = defect_report(loaded.model, {name: tensor}, loaded.directions)
+            tokens = block_outputs(loaded.model, tensor[None])[block][0]
+            grid = patch_grid(loaded.model, tokens, (resolution, resolution)).float()
+            views[label] = ModelView(label, loaded.spec, report, grid, report["blocks"][block]["defect_positions"][name])
+        vmax = max(float(token_norms(view.grid).max()) for view in views.values())
+        for view in views.values():
+            view.norm_picture = norm_picture(view.grid, view.defects, self.patch, vmax)
+            view.pca_picture = upscale((pca_rgb(view.grid) * 255).round().astype(np.uint8), self.patch)
+        chart, table = block_chart(views, block, self.method), numbers_table(views, block)
+        grid_h, grid_w = next(iter(views.values())).grid.shape[:2]
+        message = (f"`{Path(path).name}`: {image.width}×{image.height} px, centre crop at {resolution} px "
+                   f"({grid_h}×{grid_w} tokens), block {block}; answered in {time.perf_counter() - started:.2f} s")
+        return Answer(message, views, block, vmax, chart, table)
+
+
+def unopened_path(payload) -> str | None:
+    """Preprocessing of the image input: the uploaded file's path, unopened (``gr.Image`` would decode it first
+    and a bad file would end in gradio's generic error instead of the viewer's message)."""
+    return None if payload is None else payload.path
+
+
+def header(viewer: Viewer) -> str:
+    """The page's introduction: which models, their load times, the direction method."""
+    lines = ["# sinder-hub viewer: singular defects, original vs repaired",
+             f"Singular defect directions: {METHOD_NOTES[viewer.method]}. Defective tokens (eq. 5, 4σ) are "
+             "outlined in red on the token-norm maps; the two maps share one colour scale."]
+    for label, loaded in viewer.models.items():
+        lines.append(f"- **{label}**: `{loaded.spec}` (loaded in {loaded.load_seconds:.1f} s, directions in "
+                     f"{loaded.directions_seconds:.1f} s, native resolution {loaded.resolution} px)")
+    lines += [f"- **{label}**: **Error:** {message}" for label, message in viewer.failures.items()]
+    return "\n".join(lines)
+
+
+def build_app(models: Sequence[str] | None = None, resolution: int | None = None, method: str = "expected",
+              max_pixels: int = MAX_PIXELS) -> gr.Blocks:
+    """A Gradio Blocks app showing ``models`` (one or two specs, default ``default_models()``) side by side.
+
+    Loads the models and their directions now. ``resolution``: the default input size (a
+    multiple of the patch; default the first model's native one); ``max_pixels``: larger
+    uploads are refused. Launch with ``app.launch(server_name=..., server_port=...)``.
+    """
+    viewer = Viewer(list(models or default_models()), method, max_pixels, resolution)
+    with gr.Blocks(title="sinder-hub viewer") as app:
+        gr.Markdown(header(viewer), elem_id="header")
+        with gr.Row():
+            with gr.Column(scale=1, min_width=260):
+                image = gr.Image(label="image: upload or paste", type="filepath", sources=["upload", "clipboard"],
+                                 elem_id="input-image", height=260)
+                image.preprocess = unopened_path  # not a subclass: gradio writes a .pyi beside any Component subclass
+                sample = gr.Dropdown(choices=list(SAMPLE_IMAGE_NAMES), value=None, label="or a skimage.data sample", elem_id="sample")
+                size = gr.Slider(4 * viewer.patch, viewer.max_resolution, value=viewer.resolution, step=viewer.patch,
+                                 label=f"resolution (px, multiple of the patch, {viewer.patch})", elem_id="resolution")
+                block = gr.Slider(0, viewer.depth - 1, value=viewer.depth - 1, step=1, label="block (0 = first)", elem_id="block")
+            pictures = []
+            for index, label in enumerate(viewer.specs):
+                with gr.Column(scale=1, min_width=260):
+                    gr.Markdown(f"### {label}: `{viewer.specs[label]}`")
+                    pictures.append(gr.Image(label="token norm", format="png", interactive=False, elem_id=f"norm-{index}"))
+                    pictures.append(gr.Image(label="PCA of the patch tokens", format="png", interactive=False,
+                                             elem_id=f"pca-{index}"))
+        message = gr.Markdown(elem_id="message")
+        table = gr.Markdown(elem_id="numbers")
+        chart = gr.Image(label="per block", format="png", interactive=False, elem_id="chart")
+
+        def respond(path, resolution, shown_block):
+            answer = viewer.answer(path, resolution, shown_block)
+            updates = []
+            for label in viewer.specs:
+                view = answer.views.get(label)
+                if view is None:
+                    updates += [gr.update(value=None, label="token norm"), gr.update(value=None)]
+                else:
+                    updates += [gr.update(value=view.norm_picture, label=f"token norm at block {answer.block} "
+                                          f"(0 – {answer.vmax:.0f}, shared scale; red: defects)"),
+                                gr.update(value=view.pca_picture)]
+            return [answer.message, answer.table, answer.chart, *updates]
+
+        sample.change(viewer.sample_path, inputs=sample, outputs=image)
+        gr.on([image.change, size.change, block.change], respond, inputs=[image, size, block],
+              outputs=[message, table, chart, *pictures], trigger_mode="always_last")
+    return app
