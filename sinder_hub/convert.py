@@ -35,6 +35,7 @@ from .data import IMAGENET_MEAN, IMAGENET_STD
 from .dinov2 import check_dinov2_like, timm_to_transformers_state_dict
 from .errors import RunFolderError
 from .files import atomic_path
+from .runs import INCOMPLETE
 from .models import base_architecture
 
 # DINOv2's own preprocessing (facebook/dinov2-*): resize short side to 256, centre-crop 224, bicubic
@@ -45,7 +46,6 @@ IMAGE_PROCESSOR = dict(
 )
 FORMATS = ("timm", "transformers", "both")
 REPORT_FILE = "repair_report.json"
-INCOMPLETE_FILE = "INCOMPLETE"  # written by the trainer into a run folder until the run has finished
 # every file an export writes (save_for_hf, save_pretrained incl. shards, the image processor, report, pictures, card):
 # the only files export(..., overwrite=True) removes
 EXPORT_FILES = ("config.json", "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
@@ -173,7 +173,7 @@ def check_export_target(source: Path | None, out_dir: str | Path, format: str, o
             if folder.resolve() == resolved or folder.resolve() in resolved.parents:
                 where = "is" if folder.resolve() == resolved else "contains"
                 raise RunFolderError(f"--to {folder} {where} the source {source}; export into another folder")
-        if (source / INCOMPLETE_FILE).exists():
+        if (source / INCOMPLETE).exists():
             raise RunFolderError(f"this run is incomplete: {source} (finish it with --resume or start again)")
     for folder in folders:
         if folder.exists() and not folder.is_dir():

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import logging
-import warnings
+import threading
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
-from torchvision.transforms import v2
+from torchvision import transforms
+
+from .errors import DataError
 
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+# PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS), made explicit: larger images are refused
+MAX_PIXELS = 89_478_485
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa")
+LISTED_MISSING_SHOWN = 3
 
 # Natural images shipped with scikit-image; grayscale ones are converted to RGB.
 SAMPLE_IMAGE_NAMES = (
@@ -26,19 +31,20 @@ SAMPLE_IMAGE_NAMES = (
 )
 HELD_OUT_SAMPLES = ("astronaut", "coffee", "motorcycle_right", "camera", "grass")
 TRAIN_SAMPLES = tuple(name for name in SAMPLE_IMAGE_NAMES if name not in HELD_OUT_SAMPLES)
+_PIL_LIMIT = threading.Lock()
 
 
-def sinder_transform(resolution: int = 518) -> v2.Compose:
-    """The authors' transform: bicubic antialiased resize of the short side, centre crop, ImageNet normalisation.
+def sinder_transform(resolution: int = 518) -> transforms.Compose:
+    """The authors' transform: bicubic antialiased resize of the short side and centre crop, both on
+    the PIL image (torchvision's PIL path), then ImageNet normalisation.
 
     PIL image -> ``[3, resolution, resolution]`` float32.
     """
-    return v2.Compose([
-        v2.ToImage(),
-        v2.Resize(resolution, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-        v2.CenterCrop(resolution),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    return transforms.Compose([
+        transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(resolution),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
 
 
@@ -60,42 +66,114 @@ def sample_images(names: tuple[str, ...] | list[str] | None = None) -> dict[str,
     return {name: Image.fromarray(_skimage_array(name)).convert("RGB") for name in names}
 
 
+def _is_image_file(path: Path) -> bool:
+    try:
+        with Image.open(path):
+            return True
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return False
+
+
 def list_images(source: str | Path) -> list[Path]:
-    """Image paths under a folder (recursive, sorted) or listed in a text file, one per line."""
+    """Image paths under a folder (recursive, sorted) or listed in a text file, one per line.
+
+    Raises ``DataError`` for a missing source, an image file given as the source, a list file that
+    is not text, a listed path that does not exist, or no images at all.
+    """
     source = Path(source)
     if not source.exists():
-        raise FileNotFoundError(f"data source {source} does not exist (expected a folder of images or a text file of paths)")
+        raise DataError(f"data source {source} does not exist; expected a folder of images or a text file "
+                        "listing image paths")
     if source.is_file():
-        lines = [line.strip() for line in source.read_text().splitlines()]
-        paths = [Path(line) if Path(line).is_absolute() else source.parent / line for line in lines if line and not line.startswith("#")]
+        if source.suffix.lower() in IMAGE_SUFFIXES or _is_image_file(source):
+            raise DataError(f"{source} is an image file; --data takes a folder of images or a text file "
+                            "listing image paths")
+        try:
+            lines = [line.strip() for line in source.read_text(encoding="utf-8").splitlines()]
+        except UnicodeDecodeError as error:
+            raise DataError(f"{source} is not a text file (byte {error.start} is not UTF-8); expected a folder "
+                            "of images or a text file listing image paths, one per line") from error
+        paths = [Path(line) if Path(line).is_absolute() else source.parent / line
+                 for line in lines if line and not line.startswith("#")]
+        missing = [path for path in paths if not path.is_file()]
+        if missing:
+            shown = ", ".join(map(str, missing[:LISTED_MISSING_SHOWN]))
+            raise DataError(f"{source}: {len(missing)} of {len(paths)} listed images do not exist or are not files "
+                            f"({shown}{', ...' if len(missing) > LISTED_MISSING_SHOWN else ''})")
+        if not paths:
+            raise DataError(f"{source} lists no image paths; expected one image path per line")
     else:
         paths = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not paths:
-        raise ValueError(f"no images found in {source} (looked for {', '.join(IMAGE_SUFFIXES)})")
+        if not paths:
+            raise DataError(f"no images found in {source} (looked for {', '.join(IMAGE_SUFFIXES)})")
     return paths
 
 
-def load_rgb(path: str | Path, min_size: int = 1) -> Image.Image:
-    """Open any image as RGB (grayscale, CMYK, palette, alpha composited on white).
+def _open(path: str | Path, max_pixels: int | None) -> Image.Image:
+    """``Image.open`` with PIL's own bomb limit replaced by ``max_pixels`` (checked on the header)."""
+    with _PIL_LIMIT:  # the limit is global to PIL: switched off only around this open
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            image = Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+    width, height = image.size
+    if max_pixels is not None and width * height > max_pixels:
+        image.close()
+        raise DataError(f"{path}: image of {width}x{height} px ({width * height:,} pixels) is over the limit of "
+                        f"{max_pixels:,} pixels; raise --max-pixels if the file is trusted")
+    return image
 
-    Raises ``ValueError`` naming the file when it cannot be decoded or is smaller than
-    ``min_size`` pixels on a side.
+
+def _high_depth_to_l(image: Image.Image) -> Image.Image:
+    """A 16-bit (``I;16*``), 32-bit integer (``I``) or float (``F``) image as 8-bit ``L``, scaled, not clipped.
+
+    ``I;16*`` by its bit depth (65535 -> 255). ``I`` and ``F`` by the smallest range that holds their
+    values: ``[0, 1]`` (``F`` only), ``[0, 255]`` or ``[0, 65535]``, else their own min..max.
+    """
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode.startswith("I;16"):
+        low, top = 0.0, 65535.0
+    else:
+        finite = values[np.isfinite(values)]
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        ranges = (1.0, 255.0, 65535.0) if image.mode == "F" else (255.0, 65535.0)
+        top = next((r for r in ranges if low >= 0 and high <= r), None)
+        if top is None:
+            top = high - low
+        else:
+            low = 0.0
+    scaled = np.nan_to_num((values - low) * (255.0 / max(top, 1e-12)), nan=0.0, posinf=255.0, neginf=0.0)
+    return Image.fromarray(np.clip(np.round(scaled), 0, 255).astype(np.uint8), "L")
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    if image.mode.startswith("I") or image.mode == "F":
+        return _high_depth_to_l(image).convert("RGB")
+    return image.convert("RGB")  # 1, L, P, RGB(X), CMYK, YCbCr, LAB, HSV
+
+
+def load_rgb(path: str | Path, min_size: int = 1, max_pixels: int | None = MAX_PIXELS) -> Image.Image:
+    """Open any image as RGB: alpha composited on white, 16-bit / 32-bit / float grayscale scaled to 0-255
+    (see ``_high_depth_to_l``), every other PIL mode converted by PIL.
+
+    Raises ``DataError`` naming the file when it cannot be decoded, has more than ``max_pixels``
+    pixels (``None``: no limit) or is smaller than ``min_size`` pixels on a side.
     """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                image.load()
-                if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-                    rgba = image.convert("RGBA")
-                    canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                    rgb = Image.alpha_composite(canvas, rgba).convert("RGB")
-                else:
-                    rgb = image.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombWarning) as error:
-        raise ValueError(f"{path}: cannot read image ({error})") from error
+        with _open(path, max_pixels) as image:
+            image.load()
+            rgb = _to_rgb(image)
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
+        if isinstance(error, DataError):
+            raise
+        raise DataError(f"{path}: cannot read image ({error})") from error
     if min(rgb.size) < min_size:
-        raise ValueError(f"{path}: image of {rgb.size[0]}x{rgb.size[1]} px is smaller than one {min_size}-px patch")
+        raise DataError(f"{path}: image of {rgb.size[0]}x{rgb.size[1]} px is smaller than one {min_size}-px patch")
     return rgb
 
 
@@ -103,21 +181,23 @@ class ImageFiles(Dataset):
     """Image files as normalised tensors; an unreadable file gives ``(index, None, reason)``.
 
     Items are ``(index, image [3, R, R] | None, problem str | None)``; the trainer skips
-    and counts the ``None`` ones, so one bad file never ends a run.
+    and counts the ``None`` ones, so one bad file never ends a run. ``max_pixels`` goes to ``load_rgb``.
     """
 
-    def __init__(self, paths: list[Path], resolution: int = 518, min_size: int = 14):
+    def __init__(self, paths: list[Path], resolution: int = 518, min_size: int = 14,
+                 max_pixels: int | None = MAX_PIXELS):
         self.paths = list(paths)
         self.transform = sinder_transform(resolution)
         self.min_size = min_size
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int):
         try:
-            image = load_rgb(self.paths[index], min_size=self.min_size)
-        except ValueError as error:
+            image = load_rgb(self.paths[index], min_size=self.min_size, max_pixels=self.max_pixels)
+        except DataError as error:
             return index, None, str(error)
         return index, self.transform(image), None
 

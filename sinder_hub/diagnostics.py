@@ -14,6 +14,7 @@ other patch tokens of the grid, the border included.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,18 @@ from torch import nn
 from .analysis import singular_defect_directions
 from .defects import defect_mask
 from .tokens import block_outputs, patch_grid
+
+
+def json_safe(value):
+    """``value`` with every NaN or infinite float replaced by ``None`` (lists, tuples and dicts walked), so that
+    ``json.dumps(..., allow_nan=False)`` accepts it."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
 
 
 def _degrees(cosine: torch.Tensor) -> torch.Tensor:
@@ -123,7 +136,8 @@ def defect_report(
     - ``token_angles`` ``{name: [H * W]}`` (row-major): every patch token's acute angle to
       the singular direction; ``defect_positions`` ``{name: [[row, col], ...]}``.
 
-    Entries that need defects are ``None`` where there are none.
+    Entries that need defects are ``None`` where there are none; so is any figure that is not finite
+    (``json_safe``).
     """
     if not images:
         raise ValueError("defect_report needs at least one image")
@@ -146,7 +160,7 @@ def defect_report(
             angles = angle_to_direction(grid, direction).flatten()
             per_block[index].append(_ImageResult(name, mask, _grid_statistics(grid, mask), grid[mask], angles))
     blocks = [_block_entry(index, entries, directions[index]) for index, entries in enumerate(per_block)]
-    return {
+    return json_safe({
         "images": list(images),
         "grid": grids,
         "mask_thr": mask_thr,
@@ -154,7 +168,7 @@ def defect_report(
         "depth": depth,
         "dim": int(directions.shape[1]),
         "blocks": blocks,
-    }
+    })
 
 
 def _block_entry(index: int, results: list[_ImageResult], direction: torch.Tensor) -> dict:

@@ -31,10 +31,16 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torchvision.transforms import v2
 
-from .data import list_images, load_rgb, sinder_transform
+from .data import IMAGE_SUFFIXES, MAX_PIXELS, list_images, load_rgb, sinder_transform
+from .errors import DataError
+from .files import atomic_path
 from .tokens import patch_grid
 
 IGNORE_INDEX = 255
+TASKS = ("knn", "linseg", "kmeans")
+CLASSIFICATION_LAYOUT = "ROOT/train/<class>/ and ROOT/val/<class>/ image folders, at least 2 classes"
+SEGMENTATION_LAYOUT = "ROOT/<split>/images/<stem>.* with ROOT/<split>/masks/<stem>.png"
+SHOWN = 3
 Encoder = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -64,12 +70,14 @@ def patch_token_encoder(model: nn.Module) -> Encoder:
     return encode
 
 
-def encode_files(encoder: Encoder, paths: list[Path], resolution: int, batch_size: int = 16) -> torch.Tensor:
+def encode_files(encoder: Encoder, paths: list[Path], resolution: int, batch_size: int = 16,
+                 max_pixels: int | None = MAX_PIXELS) -> torch.Tensor:
     """Encode image files in batches: ``[N, ...]`` (whatever the encoder returns per image)."""
     transform = sinder_transform(resolution)
     outputs = []
     for start in range(0, len(paths), batch_size):
-        batch = torch.stack([transform(load_rgb(path, min_size=14)) for path in paths[start:start + batch_size]])
+        batch = torch.stack([transform(load_rgb(path, min_size=14, max_pixels=max_pixels))
+                             for path in paths[start:start + batch_size]])
         outputs.append(encoder(batch))
     return torch.cat(outputs)
 
@@ -77,18 +85,39 @@ def encode_files(encoder: Encoder, paths: list[Path], resolution: int, batch_siz
 # --- data -----------------------------------------------------------------------------
 
 
+def _layout(root: Path) -> str:
+    """What a dataset folder looks like, for error messages."""
+    if (root / "images").is_dir() and (root / "masks").is_dir():
+        return "a single segmentation split (images/ + masks/)"
+    splits = [p for p in sorted(root.iterdir()) if p.is_dir()] if root.is_dir() else []
+    if any((p / "images").is_dir() and (p / "masks").is_dir() for p in splits):
+        return "a segmentation layout (<split>/images/ + <split>/masks/)"
+    if any(q.is_dir() for p in splits for q in p.iterdir()):
+        return "a classification layout (<split>/<class>/)"
+    if root.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in root.iterdir()):
+        return "image files directly in it"
+    return f"sub-folders {', '.join(p.name for p in splits[:4])}" if splits else "no sub-folders"
+
+
 def classification_split(root: str | Path, split: str, classes: list[str] | None = None) -> tuple[list[Path], torch.Tensor, list[str]]:
-    """Images of ``ROOT/split/<class>/``: ``(paths, labels [N], classes)``; ``classes`` default to the folder's."""
-    folder = Path(root) / split
-    if not folder.is_dir():
-        raise FileNotFoundError(f"classification split {folder} does not exist (expected {folder}/<class>/*.png)")
+    """Images of ``ROOT/split/<class>/``: ``(paths, labels [N], classes)``; ``classes`` default to the folder's.
+
+    Raises ``DataError`` naming the folder when the layout is not ``CLASSIFICATION_LAYOUT``.
+    """
+    root = Path(root)
+    folder = root / split
+    if not folder.is_dir() or ((folder / "images").is_dir() and (folder / "masks").is_dir()):
+        raise DataError(f"--data {root}: found {_layout(root)}; knn expects {CLASSIFICATION_LAYOUT}")
     found = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    if classes is None and len(found) < 2:
+        raise DataError(f"{folder} has {len(found)} class folder{'s' * (len(found) != 1)} "
+                        f"({', '.join(found) or 'none'}); knn expects {CLASSIFICATION_LAYOUT}")
     if not found:
-        raise ValueError(f"{folder} has no class sub-folders")
+        raise DataError(f"{folder} has no class folders; knn expects {CLASSIFICATION_LAYOUT}")
     classes = found if classes is None else classes
     unknown = [name for name in found if name not in classes]
     if unknown:
-        raise ValueError(f"{folder} has classes {unknown} that are not in the training split")
+        raise DataError(f"{folder} has classes {unknown} that are not in the training split")
     paths, labels = [], []
     for name in found:
         for path in list_images(folder / name):
@@ -98,17 +127,38 @@ def classification_split(root: str | Path, split: str, classes: list[str] | None
 
 
 def segmentation_split(root: str | Path, split: str) -> list[tuple[Path, Path]]:
-    """``(image, mask)`` pairs of ``ROOT/split/images/<stem>.*`` and ``ROOT/split/masks/<stem>.png``."""
-    folder = Path(root) / split
-    if not (folder / "images").is_dir():
-        raise FileNotFoundError(f"segmentation split {folder} has no images/ folder (expected images/<stem>.* and masks/<stem>.png)")
-    pairs = []
-    for image in list_images(folder / "images"):
-        mask = folder / "masks" / f"{image.stem}.png"
-        if not mask.is_file():
-            raise FileNotFoundError(f"no mask {mask} for image {image}")
-        pairs.append((image, mask))
-    return pairs
+    """``(image, mask)`` pairs of ``ROOT/split/images/<stem>.*`` and ``ROOT/split/masks/<stem>.png``.
+
+    Raises ``DataError`` naming the folder when the layout is not ``SEGMENTATION_LAYOUT`` or an image has no mask.
+    """
+    root = Path(root)
+    folder = root / split
+    if not (folder / "images").is_dir() or not (folder / "masks").is_dir():
+        raise DataError(f"--data {root}: found {_layout(root)}, no {folder}/images/ + masks/; "
+                        f"segmentation expects {SEGMENTATION_LAYOUT} (splits: train and val for linseg, val for kmeans)")
+    images = list_images(folder / "images")
+    orphans = [image.name for image in images if not (folder / "masks" / f"{image.stem}.png").is_file()]
+    if orphans:
+        raise DataError(f"{folder}: {len(orphans)} of {len(images)} images have no mask in {folder / 'masks'} "
+                        f"({', '.join(orphans[:SHOWN])}{', ...' if len(orphans) > SHOWN else ''}); "
+                        "expected masks/<stem>.png for every image")
+    return [(image, folder / "masks" / f"{image.stem}.png") for image in images]
+
+
+def check_dataset(root: str | Path, task: str) -> None:
+    """Raise ``DataError`` (one line naming the folder) unless ``root`` has the layout ``task`` needs;
+    lists files but reads no image, so it runs before any model loads."""
+    root = Path(root)
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    if not root.is_dir():
+        raise DataError(f"--data {root} is not a folder; expected a dataset folder "
+                        f"({CLASSIFICATION_LAYOUT if task == 'knn' else SEGMENTATION_LAYOUT})")
+    if task == "knn":
+        classification_split(root, "val", classification_split(root, "train")[2])
+    else:
+        for split in ("train", "val") if task == "linseg" else ("val",):
+            segmentation_split(root, split)
 
 
 def load_mask(mask_path: Path, image_path: Path, resolution: int) -> torch.Tensor:
@@ -117,17 +167,18 @@ def load_mask(mask_path: Path, image_path: Path, resolution: int) -> torch.Tenso
         image_size = image.size
     with Image.open(mask_path) as mask:
         if mask.mode not in ("L", "P", "I", "I;16"):
-            raise ValueError(f"{mask_path}: mask must be a single-channel index image (L or P), got mode {mask.mode}")
+            raise DataError(f"{mask_path}: mask must be a single-channel index image (L or P), got mode {mask.mode}")
         if mask.size != image_size:
-            raise ValueError(f"{mask_path}: mask is {mask.size[0]}x{mask.size[1]} px but its image {image_path} is {image_size[0]}x{image_size[1]}")
+            raise DataError(f"{mask_path}: mask is {mask.size[0]}x{mask.size[1]} px but its image {image_path} is {image_size[0]}x{image_size[1]}")
         labels = torch.from_numpy(np.asarray(mask, dtype=np.int64).copy())[None]
     labels = v2.functional.resize(labels, resolution, interpolation=v2.InterpolationMode.NEAREST)
     return v2.functional.center_crop(labels, resolution)[0]
 
 
-def load_segmentation(encoder: Encoder, pairs: list[tuple[Path, Path]], resolution: int, batch_size: int = 16):
+def load_segmentation(encoder: Encoder, pairs: list[tuple[Path, Path]], resolution: int, batch_size: int = 16,
+                      max_pixels: int | None = MAX_PIXELS):
     """Patch features ``[N, H, W, D]`` and masks ``[N, R, R]`` of ``(image, mask)`` pairs."""
-    features = encode_files(encoder, [image for image, _ in pairs], resolution, batch_size)
+    features = encode_files(encoder, [image for image, _ in pairs], resolution, batch_size, max_pixels)
     masks = torch.stack([load_mask(mask, image, resolution) for image, mask in pairs])
     return features, masks
 
@@ -136,7 +187,7 @@ def _num_classes(*masks: torch.Tensor) -> int:
     labels = torch.cat([m.flatten() for m in masks])
     labels = labels[labels != IGNORE_INDEX]
     if not len(labels):
-        raise ValueError("the masks hold no labelled pixel (all 255)")
+        raise DataError("the masks hold no labelled pixel (all 255); expected class indices 0-254")
     return int(labels.max()) + 1
 
 
@@ -202,12 +253,13 @@ def knn_votes(
     return votes.scatter_add_(1, train_labels[index], weights)
 
 
-def knn_evaluate(encoder: Encoder, root: str | Path, resolution: int = 224, k: int = 20, temperature: float = 0.07, batch_size: int = 16) -> dict:
+def knn_evaluate(encoder: Encoder, root: str | Path, resolution: int = 224, k: int = 20, temperature: float = 0.07,
+                 batch_size: int = 16, max_pixels: int | None = MAX_PIXELS) -> dict:
     """k-NN top-1 / top-5 (percent) of ``ROOT/val`` against ``ROOT/train`` with class-token features."""
     train_paths, train_labels, classes = classification_split(root, "train")
     val_paths, val_labels, _ = classification_split(root, "val", classes)
-    train_features = encode_files(encoder, train_paths, resolution, batch_size)
-    val_features = encode_files(encoder, val_paths, resolution, batch_size)
+    train_features = encode_files(encoder, train_paths, resolution, batch_size, max_pixels)
+    val_features = encode_files(encoder, val_paths, resolution, batch_size, max_pixels)
     votes = knn_votes(train_features, train_labels, val_features, len(classes), k=k, temperature=temperature)
     return {**topk_accuracy(votes, val_labels), "k": k, "temperature": temperature, "classes": classes,
             "train_images": len(train_paths), "val_images": len(val_paths)}
@@ -246,7 +298,7 @@ def train_linear_probe(
     inputs = ((features - mean) / std).flatten(0, 2)
     counts = patch_label_counts(masks, tuple(features.shape[1:3]), num_classes).flatten(0, 2)
     if counts.sum() == 0:
-        raise ValueError("the training masks hold no labelled pixel (all 255)")
+        raise DataError("the training masks hold no labelled pixel (all 255); expected class indices 0-254")
     linear = nn.Linear(features.shape[-1], num_classes)
     nn.init.zeros_(linear.weight)
     nn.init.zeros_(linear.bias)
@@ -273,11 +325,13 @@ def train_linear_probe(
 
 def linear_probe_segmentation(
     encoder: Encoder, root: str | Path, resolution: int = 224, steps: int = 100, weight_decay: float = 1e-4,
-    batch_size: int = 16,
+    batch_size: int = 16, max_pixels: int | None = MAX_PIXELS,
 ) -> dict:
     """Linear probe on frozen patch features: trained on ``ROOT/train``, mIoU / pixel accuracy on ``ROOT/val``."""
-    train_features, train_masks = load_segmentation(encoder, segmentation_split(root, "train"), resolution, batch_size)
-    val_features, val_masks = load_segmentation(encoder, segmentation_split(root, "val"), resolution, batch_size)
+    train_features, train_masks = load_segmentation(encoder, segmentation_split(root, "train"), resolution, batch_size,
+                                                    max_pixels)
+    val_features, val_masks = load_segmentation(encoder, segmentation_split(root, "val"), resolution, batch_size,
+                                                max_pixels)
     num_classes = _num_classes(train_masks, val_masks)
     predict = train_linear_probe(train_features, train_masks, num_classes, steps=steps, weight_decay=weight_decay, batch_size=batch_size)
     scores = segmentation_scores(confusion_matrix(predict(val_features, tuple(val_masks.shape[-2:])), val_masks, num_classes))
@@ -325,12 +379,12 @@ def match_clusters(confusion: torch.Tensor) -> torch.Tensor:
 
 def kmeans_segmentation(
     encoder: Encoder, root: str | Path, resolution: int = 224, clusters: int | None = None, seed: int = 0,
-    batch_size: int = 16, split: str = "val",
+    batch_size: int = 16, split: str = "val", max_pixels: int | None = MAX_PIXELS,
 ) -> dict:
     """Unsupervised segmentation: k-means on the L2-normalised patch features of ``ROOT/split``
     (``clusters`` default: the number of classes), clusters painted over their patches,
     matched to labels by the Hungarian algorithm, scored by mIoU / pixel accuracy."""
-    features, masks = load_segmentation(encoder, segmentation_split(root, split), resolution, batch_size)
+    features, masks = load_segmentation(encoder, segmentation_split(root, split), resolution, batch_size, max_pixels)
     num_classes = _num_classes(masks)
     clusters = clusters or num_classes
     N, H, W, D = features.shape
@@ -402,7 +456,8 @@ def _random_shape(rng: np.random.Generator, size: int, kind: str, radius_range: 
 
 def _save_rgb(array: np.ndarray, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((array * 255).round().astype(np.uint8)).save(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray((array * 255).round().astype(np.uint8)).save(tmp, format="PNG")
 
 
 def make_shapes_dataset(root: str | Path, n_per_class: int = 8, size: int = 112, seed: int = 0) -> Path:
@@ -441,5 +496,6 @@ def make_shapes_dataset(root: str | Path, n_per_class: int = 8, size: int = 112,
             folder = root / "segmentation" / split
             _save_rgb(canvas, folder / "images" / f"{index:04d}.png")
             (folder / "masks").mkdir(parents=True, exist_ok=True)
-            Image.fromarray(labels).save(folder / "masks" / f"{index:04d}.png")
+            with atomic_path(folder / "masks" / f"{index:04d}.png") as tmp:
+                Image.fromarray(labels).save(tmp, format="PNG")
     return root

@@ -19,6 +19,11 @@ from typing import Any, Iterator
 from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
+from safetensors import safe_open
+
+from .errors import InputError, SinderError
+from .files import atomic_path
+from .runs import INCOMPLETE
 
 # model_cards/ inside the installed package (a wheel), else at the root of a source checkout
 TEMPLATES = Path(__file__).resolve().parent / "model_cards"
@@ -43,8 +48,12 @@ NO_REPORT_REASON = (
 )
 
 
-class PushError(RuntimeError):
+class PushError(SinderError, RuntimeError):
     """A push that cannot be done or was refused; the message is one line and never contains the token."""
+
+
+class UnpushableFolderError(PushError, InputError):
+    """A folder that is not a finished, loadable model folder (exit code 2: nothing was attempted)."""
 
 
 @dataclass(frozen=True)
@@ -70,7 +79,7 @@ def detect_kind(folder: str | Path) -> str:
         return "timm"
     if "model_type" in config:
         return "transformers"
-    raise ValueError(f"{Path(folder) / CONFIG_FILE} has neither 'architecture' (timm) nor 'model_type' (transformers)")
+    raise InputError(f"{Path(folder) / CONFIG_FILE} has neither 'architecture' (timm) nor 'model_type' (transformers)")
 
 
 def build_model_card(
@@ -114,7 +123,9 @@ def write_model_card(
 ) -> Path:
     """Write ``folder/README.md`` (see ``build_model_card``) and return its path."""
     path = Path(folder) / CARD_FILE
-    build_model_card(folder, kind, report, repo_id, interpolation_note).save(path)
+    card = str(build_model_card(folder, kind, report, repo_id, interpolation_note))
+    with atomic_path(path) as tmp:
+        tmp.write_text(card, encoding="utf-8")
     return path
 
 
@@ -181,7 +192,19 @@ def _card_variables(folder: Path, kind: str, config: dict, report: dict | None, 
         "run_rows": _run_rows(report),
         "hyperparameter_rows": [(key, _value(value)) for key, value in (report.get("hyperparameters") or {}).items()],
         "pictures": pictures,
+        "outcome_warning": _outcome_warning(report.get("outcome")),
     }
+
+
+def _outcome_warning(outcome: Any) -> str | None:
+    """A sentence for the card when the report's ``outcome.status`` is not ``ok``, else ``None``."""
+    if not isinstance(outcome, dict) or outcome.get("status", "ok") == "ok":
+        return None
+    status = outcome.get("status")
+    what = {"degraded": "reports a degraded outcome", "failed": "failed"}.get(status, f"reports the outcome `{status}`")
+    reasons = [" ".join(str(reason).split()) for reason in outcome.get("reasons") or []]  # one paragraph
+    why = f"Reasons recorded in `{REPORT_FILE}`: {'; '.join(reasons)}." if reasons else "No reason was recorded."
+    return f"**Warning: the repair run that produced these weights {what}.** {why} Check the figures below before using this model."
 
 
 def _native_resolution(config: dict) -> int | None:
@@ -281,7 +304,16 @@ def _load_report(folder: Path, report: dict | str | Path | None) -> dict | None:
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8"))
+    """A JSON object from ``path``; ``InputError`` naming the file and the position of invalid JSON."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise InputError(f"{path}: invalid JSON at line {error.lineno} column {error.colno}: {error.msg}") from error
+    except UnicodeDecodeError as error:
+        raise InputError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from error
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a JSON object, found a {type(data).__name__}")
+    return data
 
 
 # ---------------------------------------------------------------- push
@@ -295,17 +327,27 @@ def upload_files(folder: str | Path) -> list[str]:
 
 
 def check_folder(folder: str | Path) -> None:
-    """Raise ``PushError`` naming what is missing when ``folder`` is not a model folder."""
+    """Raise ``UnpushableFolderError`` naming the problem when ``folder`` is not a finished model folder:
+    not a folder, a run marked ``INCOMPLETE``, no config or weights, or a ``.safetensors`` file that does not open."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise PushError(f"{folder} is not a folder")
+        raise UnpushableFolderError(f"{folder} is not a folder")
+    if (folder / INCOMPLETE).exists():
+        raise UnpushableFolderError(f"this run is incomplete: {folder} (finish it with --resume or start again)")
     missing = []
     if not (folder / CONFIG_FILE).is_file():
         missing.append(CONFIG_FILE)
     if not any(path.is_file() for pattern in WEIGHT_PATTERNS for path in folder.glob(pattern)):
         missing.append("weights file (model.safetensors or pytorch_model.bin)")
     if missing:
-        raise PushError(f"{folder} cannot be pushed: it has no {' and no '.join(missing)}")
+        raise UnpushableFolderError(f"{folder} cannot be pushed: it has no {' and no '.join(missing)}")
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except Exception as error:  # the header is read and checked against the file size
+            raise UnpushableFolderError(f"{path} does not load, the file is truncated or corrupt "
+                                        f"({str(error).splitlines()[0] if str(error) else type(error).__name__})") from error
 
 
 def push_folder(
@@ -343,7 +385,8 @@ def push_folder(
         raise PushError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (nothing was uploaded)")
     api = HfApi(token=token)
     if card_is_new:
-        card_path.write_text(card, encoding="utf-8")
+        with atomic_path(card_path) as tmp:
+            tmp.write_text(card, encoding="utf-8")
     try:
         with _explained(f"creating {repo_id} on {api.endpoint}", token):
             repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id

@@ -25,13 +25,15 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import huggingface_hub.constants
 import pytest
+import safetensors.torch
+import torch
 
 from sinder_hub.hub import PushError, push_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 REPO_ID = "alice/vit-small-sinder"
 LFS_SUFFIXES = (".safetensors", ".png")
-from sinder_hub.commands import push as push_tool  # noqa: E402
+from sinder_hub.cli import run_command  # noqa: E402
 
 
 class FakeHub(http.server.ThreadingHTTPServer):
@@ -167,7 +169,7 @@ def folder(tmp_path):
     (run / "checkpoint").mkdir(parents=True)
     (run / "config.json").write_text(json.dumps({"architecture": "vit_small_patch14_dinov2", "num_classes": 0,
                                                  "model_args": {"img_size": 224}}))
-    (run / "model.safetensors").write_bytes(os.urandom(3000))
+    safetensors.torch.save_file({"weight": torch.rand(732)}, run / "model.safetensors")  # a valid file of 3,000 bytes
     (run / "repair_report.json").write_text(json.dumps({"source_model": "planted-swiglu", "steps": 12}))
     (run / "before_after_astronaut.png").write_bytes(os.urandom(500))
     (run / "checkpoint" / "state.pt").write_bytes(b"optimiser state")
@@ -206,7 +208,7 @@ def all_bearer(hub: FakeHub, token: str) -> bool:
 
 
 def run_tool(capfd, *args: str) -> tuple[int, str, str]:
-    code = push_tool.main([str(arg) for arg in args])
+    code = run_command("push", [str(arg) for arg in args])
     out, err = capfd.readouterr()
     return code, out, err
 
@@ -214,7 +216,7 @@ def run_tool(capfd, *args: str) -> tuple[int, str, str]:
 def failure_line(err: str) -> str:
     """The tool's one-line error: the last line of stderr (upload progress bars may come before it)."""
     lines = err.strip().splitlines()
-    assert [line for line in lines if line.startswith("push failed:")] == lines[-1:]
+    assert [line for line in lines if line.startswith("error:")] == lines[-1:]
     return lines[-1]
 
 
@@ -278,7 +280,7 @@ def test_refused_commit_leaves_the_folder_intact(folder, hub_env, capfd, token):
     with FakeHub(commit_status=403) as hub:
         hub_env(hub.url)
         code, out, err = run_tool(capfd, folder, "--repo-id", REPO_ID)
-    assert code != 0
+    assert code == 1
     line = failure_line(err)
     assert "HTTP 403" in line and "don't have the rights" in line and REPO_ID in line
     assert snapshot(folder) == before  # the README written for the push is gone again
@@ -292,7 +294,7 @@ def test_unreachable_hub_leaves_the_folder_intact(folder, hub_env, capfd):
         hub_env(f"http://127.0.0.1:{sock.getsockname()[1]}")
     before = snapshot(folder)
     code, out, err = run_tool(capfd, folder, "--repo-id", REPO_ID)
-    assert code != 0
+    assert code == 1
     line = failure_line(err)
     assert "could not reach the hub" in line
     assert snapshot(folder) == before
@@ -304,8 +306,8 @@ def test_missing_token_is_reported_before_any_request(folder, hub_env, capfd, mo
     with FakeHub() as hub:
         hub_env(hub.url)
         code, out, err = run_tool(capfd, folder, "--repo-id", REPO_ID)
-    assert code != 0 and hub.requests == []
-    assert err.strip() == "push failed: no Hugging Face token: set HF_TOKEN or run `hf auth login` (nothing was uploaded)"
+    assert code == 1 and hub.requests == []
+    assert err.strip() == "error: no Hugging Face token: set HF_TOKEN or run `hf auth login` (nothing was uploaded)"
     assert snapshot(folder) == before
 
 

@@ -1,4 +1,3 @@
-import importlib.util
 import json
 import subprocess
 import sys
@@ -82,9 +81,9 @@ def sample_files(folder: Path) -> list[Path]:
 
 
 def test_diagnose_names_a_missing_image(tmp_path):
-    spec = importlib.util.spec_from_file_location("diagnose", ROOT / "tools" / "diagnose.py")
-    diagnose = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(diagnose)
+    from sinder_hub.commands import diagnose
+    from sinder_hub.errors import DataError
+
     missing = tmp_path / "nope.png"
-    with pytest.raises(FileNotFoundError, match="nope.png"):
+    with pytest.raises(DataError, match="--images .*nope.png does not exist"):
         diagnose.main(["--model", "planted-swiglu", "--images", str(missing), "--out", str(tmp_path)])

@@ -8,13 +8,15 @@ seen), then prints the held-out defects before and after and writes the run fold
 """
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from sinder_hub.cli import ArgumentParser
 from sinder_hub.data import HELD_OUT_SAMPLES, TRAIN_SAMPLES, sample_images
+from sinder_hub.errors import InputError
+from sinder_hub.files import atomic_path
 from sinder_hub.trainer import RepairConfig, repair
 
 
@@ -33,19 +35,29 @@ def write_training_crops(folder: Path, crops_per_image: int, seed: int = 0) -> i
             crop = image.crop((left, top, left + side, top + side)).resize((256, 256))
             if k % 2:
                 crop = crop.transpose(0)  # horizontal flip
-            crop.save(folder / f"{name}_{k:02d}.png")
+            with atomic_path(folder / f"{name}_{k:02d}.png") as tmp:
+                crop.save(tmp, format="PNG")
             count += 1
     return count
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="demo-output")
     parser.add_argument("--model", default="planted-swiglu")
     parser.add_argument("--crops-per-image", type=int, default=16)
     parser.add_argument("--precision", choices=("fp32", "tf32", "bf16"), default="tf32")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
+    if args.crops_per_image <= 0:
+        raise InputError(f"--crops-per-image {args.crops_per_image}: expected a positive integer")
+    if Path(args.output).exists() and not Path(args.output).is_dir():
+        raise InputError(f"--output {args.output} is a file; expected a folder for the training crops and the run")
+    if args.model.startswith("planted-"):
+        from sinder_hub.testing import PLANTED_VARIANTS
+
+        if args.model not in PLANTED_VARIANTS:
+            raise InputError(f"--model {args.model}: unknown planted backbone; known: {', '.join(PLANTED_VARIANTS)}")
 
     started = time.perf_counter()
     output = Path(args.output)

@@ -3,19 +3,18 @@
     python tools/push.py DIR --repo-id USER/NAME [--private] [--revision REV] [--create-pr] [--dry-run]
 
 The token comes from HF_TOKEN or `hf auth login`; it is never printed. README.md (the model card) is
-written into DIR first if it is missing.
+written into DIR first if it is missing. A folder that is not a finished model folder is refused (exit 2), a
+failed upload ends with one line (exit 1) and the folder as it was.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
-
-from sinder_hub.hub import PushError, push_folder
+from sinder_hub.cli import ArgumentParser
+from sinder_hub.hub import push_folder
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="push", description=__doc__.splitlines()[0])
     parser.add_argument("folder", metavar="DIR", help="folder with config.json and the weights")
     parser.add_argument("--repo-id", required=True, help="hub model repo, USER/NAME (created if needed)")
     parser.add_argument("--private", action="store_true", help="create the repo as private")
@@ -25,12 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="list the files and print the card; no network")
     args = parser.parse_args(argv)
 
-    try:
-        result = push_folder(args.folder, args.repo_id, private=args.private, revision=args.revision,
-                             create_pr=args.create_pr, dry_run=args.dry_run, commit_message=args.commit_message)
-    except PushError as error:
-        print(f"push failed: {error}", file=sys.stderr)
-        return 1
+    result = push_folder(args.folder, args.repo_id, private=args.private, revision=args.revision,
+                         create_pr=args.create_pr, dry_run=args.dry_run, commit_message=args.commit_message)
 
     if args.dry_run:
         print(f"dry run: would upload {len(result.files)} files from {result.folder} to {result.repo_id}")
