@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -38,12 +39,18 @@ def run_command(name: str, argv: list[str]) -> int:
     try:
         code = module.main(argv)
     except SinderError as error:
-        print(f"error: {error}", file=sys.stderr)
+        _report(error)
         return error.exit_code
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as error:  # a path the user gave
-        print(f"error: {error}", file=sys.stderr)
+        _report(error)
         return 2
     return code if isinstance(code, int) else 0
+
+
+def _report(error: BaseException) -> None:
+    """One line on stderr; under ``accelerate launch`` only from the first process (all fail alike)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {error}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

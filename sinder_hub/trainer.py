@@ -34,6 +34,7 @@ import torch.utils.checkpoint
 from torch import nn
 from torch.utils.data import DataLoader
 
+from . import backbones
 from .analysis import singular_defect_directions
 from .data import HELD_OUT_SAMPLES, MAX_PIXELS, SAMPLE_IMAGE_NAMES, ImageFiles, collate_one, list_images, sample_images, sinder_transform
 from .defects import GAUSSIAN_KERNELS, defect_mask, neighbor_loss
@@ -124,8 +125,9 @@ class RepairConfig:
         for name, ok, expected in checks:
             if not ok:
                 value = getattr(self, name)
-                raise InputError(f"--{name.replace('_', '-')} {value if not isinstance(value, tuple) else ' '.join(value)!s}: "
-                                 f"expected {expected}")
+                shown = " ".join(value) if isinstance(value, tuple) else str(value)
+                given = f" {shown}:" if shown else " is required:"
+                raise InputError(f"--{name.replace('_', '-')}{given} expected {expected}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -694,8 +696,6 @@ def repair(config: RepairConfig, accelerator=None) -> RepairResult:
 def _repair(config: RepairConfig, accelerator) -> RepairResult:
     from accelerate import Accelerator
 
-    from .backbones import load_backbone
-
     # -- everything that can be checked without a model
     config.validate()
     paths = select_images(list_images(config.data), config.num_images)
@@ -704,24 +704,26 @@ def _repair(config: RepairConfig, accelerator) -> RepairResult:
     run.check()
     saved = read_checkpoint(run.checkpoint, config, digest) if config.resume else None
     accelerator = accelerator or Accelerator()
-    device, rank = accelerator.device, accelerator.process_index
     plan = DataPlan(len(paths), config.images_per_step, accelerator.num_processes)
     _on_every_process(accelerator, run.acquire)
     try:
-        return _train(config, accelerator, run, paths, digest, plan, saved, load_backbone, device, rank)
+        return _train(config, accelerator, run, paths, digest, plan, saved)
     except BaseException:
         if accelerator.is_main_process:
             run.release(failed=True)
         raise
 
 
-def _train(config, accelerator, run, paths, digest, plan, saved, load_backbone, device, rank) -> RepairResult:
+def _train(config, accelerator, run: RunFolder, paths: list[Path], digest: str, plan: DataPlan,
+           saved: dict | None) -> RepairResult:
+    """Algorithm 1 on a checked configuration and an acquired run folder."""
+    device, rank = accelerator.device, accelerator.process_index
     autocast = set_precision(config.precision)
     torch.manual_seed(config.seed)
     started = time.perf_counter()
 
     # -- model, directions (Algorithm 1, line 1), held-out images before the repair
-    model = load_backbone(config.model).to(device).eval()
+    model = backbones.load_backbone(config.model).to(device).eval()
     patch = model.patch_embed.patch_size
     if config.resolution % patch[0] or config.resolution % patch[1]:
         raise InputError(f"--resolution {config.resolution}: expected a multiple of {config.model}'s "
