@@ -28,13 +28,13 @@ import torch
 import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .analysis import singular_defect_directions
 from .backbones import load_backbone
-from .data import SAMPLE_IMAGE_NAMES, load_rgb, sample_images, sinder_transform
+from .data import MAX_PIXELS, SAMPLE_IMAGE_NAMES, load_rgb, sample_images, sinder_transform
 from .diagnostics import defect_report
-from .errors import InputError
+from .errors import DataError, InputError
 from .plots import MODEL_COLOURS, pca_rgb, token_norms
 from .testing import CALIBRATION_RESOLUTION
 from .tokens import block_outputs, patch_grid
@@ -42,7 +42,6 @@ from .tokens import block_outputs, patch_grid
 log = logging.getLogger(__name__)
 
 DEMO_RUN = Path("demo-output") / "run"
-MAX_PIXELS = 40_000_000  # larger uploads are refused before decoding (PIL itself warns at 89 MP)
 LABELS = ("original", "repaired")
 OUTLINE = (255, 0, 0)
 METHOD_NOTES = {
@@ -245,17 +244,8 @@ class Viewer:
         if path.stat().st_size == 0:
             raise InputError(f"{path.name} is empty (0 bytes)")
         try:
-            with Image.open(path) as header:
-                width, height = header.size
-        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as error:
-            reason = str(error).replace(f"'{path}'", "it")
-            raise InputError(f"{path.name} is not an image that can be read ({reason})") from error
-        if width * height > self.max_pixels:
-            raise InputError(f"{path.name} has {width}×{height} = {width * height:,} pixels, over the limit of "
-                             f"{self.max_pixels:,}")
-        try:
-            return load_rgb(path, min_size=self.patch)
-        except ValueError as error:  # the message starts with the full path, a temporary file's here
+            return load_rgb(path, min_size=self.patch, max_pixels=self.max_pixels)
+        except DataError as error:  # the message starts with the full path, a temporary file's here
             raise InputError(str(error).replace(str(path), path.name)) from error
 
     @torch.inference_mode()

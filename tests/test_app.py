@@ -64,7 +64,7 @@ def test_bad_inputs_get_a_message_and_the_viewer_still_answers(specs, photo, tmp
     (tmp_path / "notes.png").write_text("not an image")
     Image.new("RGB", (400, 300)).save(tmp_path / "large.png")
     assert viewer.answer(tmp_path / "empty.png").message == "**Error:** empty.png is empty (0 bytes)"
-    assert viewer.answer(tmp_path / "notes.png").message.startswith("**Error:** notes.png is not an image that can be read")
+    assert viewer.answer(tmp_path / "notes.png").message.startswith("**Error:** notes.png: cannot read image")
     assert "over the limit of 96,000" in viewer.answer(tmp_path / "large.png").message
     answer = viewer.answer(photo, resolution=112, block=PLANTED_BLOCK)
     assert list(answer.views) == ["original"] and answer.views["original"].norm_picture.shape == (112, 112, 3)
@@ -114,7 +114,7 @@ def test_browser_shows_both_models_and_the_defect_counts_of_defect_report(specs,
         bad = tmp_path / "notes.png"
         bad.write_text("these are notes, not a picture")
         upload(browser, bad)
-        wait.until(lambda b: "notes.png is not an image" in message(b))
+        wait.until(lambda b: "notes.png: cannot read image" in message(b))
 
         browser.find_element(By.CSS_SELECTOR, "#input-image button[aria-label='Remove Image']").click()
         started = time.perf_counter()

@@ -15,8 +15,9 @@ import torch
 
 from sinder_hub.cli import ArgumentParser
 from sinder_hub.data import HELD_OUT_SAMPLES, TRAIN_SAMPLES, sample_images
-from sinder_hub.errors import InputError
+from sinder_hub.errors import InputError, RunFolderError
 from sinder_hub.files import atomic_path
+from sinder_hub.runs import RunFolder
 from sinder_hub.trainer import RepairConfig, repair
 
 
@@ -48,6 +49,7 @@ def main(argv=None) -> int:
     parser.add_argument("--crops-per-image", type=int, default=16)
     parser.add_argument("--precision", choices=("fp32", "tf32", "bf16"), default="tf32")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run of an earlier demo in OUTPUT/run")
     args = parser.parse_args(argv)
     if args.crops_per_image <= 0:
         raise InputError(f"--crops-per-image {args.crops_per_image}: expected a positive integer")
@@ -59,6 +61,12 @@ def main(argv=None) -> int:
         if args.model not in PLANTED_VARIANTS:
             raise InputError(f"--model {args.model}: unknown planted backbone; known: {', '.join(PLANTED_VARIANTS)}")
 
+    try:  # before writing anything
+        RunFolder(Path(args.output) / "run", overwrite=args.overwrite).check()
+    except RunFolderError:
+        raise RunFolderError(f"{Path(args.output) / 'run'} holds an earlier demo run; pass --overwrite to replace it "
+                             f"(make demo does) or choose another --output") from None
+
     started = time.perf_counter()
     output = Path(args.output)
     count = write_training_crops(output / "train-images", args.crops_per_image)
@@ -67,7 +75,7 @@ def main(argv=None) -> int:
     config = RepairConfig(
         model=args.model, data=str(output / "train-images"), output=str(output / "run"), num_images=count,
         resolution=224, limit_layers=3, window=100, directions_method="expected", save_every=0, quiet=args.quiet,
-        num_workers=0, precision=args.precision,
+        num_workers=0, precision=args.precision, overwrite=args.overwrite,
     )
     report = repair(config).report
     held_out = report["held_out"]

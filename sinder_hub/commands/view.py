@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 
 from sinder_hub.analysis import METHODS
+from sinder_hub.data import MAX_PIXELS
 from sinder_hub.errors import SinderError
 
 
@@ -31,7 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(default: the first model's native one; 224 for planted-* models and runs repaired at 224)")
     parser.add_argument("--method", choices=METHODS, default="expected",
                         help="MLP linearisation for the singular directions (expected: ~1 s per model on a CPU)")
-    parser.add_argument("--max-pixels", type=positive_int, default=40_000_000, help="larger uploads are refused")
+    parser.add_argument("--max-pixels", type=positive_int, default=MAX_PIXELS,
+                        help="larger uploads are refused (default: PIL's decompression-bomb limit)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=lambda text: positive_int(text, 65535), help="port (default: gradio's, 7860 or the next free one)")
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
