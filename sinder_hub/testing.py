@@ -1,8 +1,8 @@
 """Planted-defect backbones: small ViTs of several families whose singular defect we plant ourselves.
 
 Real weights cannot be downloaded in tests, so ``planted_backbone`` builds a 12-block,
-width-384 stock timm architecture with random weights (std 0.04, layer scale 0.5 where the
-family has one) and plants one defect at block ``PLANTED_BLOCK`` (k), following
+width-384 stock timm architecture with random weights (std 0.04, layer scale 0.5, folded into
+the output projections where the family has none) and plants one defect at block ``PLANTED_BLOCK`` (k), following
 FIXTURE-NOTES. Variants (``PLANTED_VARIANTS``):
 
 - ``planted-gelu`` / ``planted-swiglu``: DINOv2 (patch 14, layer scale, GELU / packed SwiGLU);
@@ -68,19 +68,23 @@ from .families import BlockDescription, describe_model, get_path
 from .tokens import prepare_blocks
 
 PLANTED_BLOCK = 4
+LAYER_SCALE = 0.5  # of the families that have one; folded into the output projections' weights of those that have none
 _BASE_ARGS = {"img_size": 224, "dynamic_img_size": True, "num_classes": 0}
+_LAYER_SCALE_ARGS = {**_BASE_ARGS, "init_values": LAYER_SCALE}
 _SMALL = {"embed_dim": 384, "depth": 12, "num_heads": 6}
 PLANTED_VARIANTS: dict[str, tuple[str, dict]] = {
-    "planted-gelu": ("vit_small_patch14_dinov2", {**_BASE_ARGS, "init_values": 0.5}),
+    "planted-gelu": ("vit_small_patch14_dinov2", dict(_LAYER_SCALE_ARGS)),
     # the giant DINOv2 architecture is the one with the packed SwiGLU MLP: shrink it
-    "planted-swiglu": ("vit_giant_patch14_dinov2", {**_SMALL, **_BASE_ARGS, "init_values": 0.5}),
-    "planted-deit3": ("deit3_small_patch16_224", {**_BASE_ARGS, "init_values": 0.5}),
+    "planted-swiglu": ("vit_giant_patch14_dinov2", {**_SMALL, **_LAYER_SCALE_ARGS}),
+    "planted-deit3": ("deit3_small_patch16_224", dict(_LAYER_SCALE_ARGS)),
     "planted-clip": ("vit_base_patch16_clip_quickgelu_224", {**_SMALL, **_BASE_ARGS}),
     # DINOv3 has no absolute position embedding; the positional trigger needs one
-    "planted-dinov3": ("vit_small_plus_patch16_dinov3", {**_BASE_ARGS, "init_values": 0.5, "use_abs_pos_emb": True}),
+    "planted-dinov3": ("vit_small_plus_patch16_dinov3", {**_LAYER_SCALE_ARGS, "use_abs_pos_emb": True}),
 }
-# of seeds 0-7, the fewest spurious early flags with >= 4 defects per image (tests/test_fixture.py)
-DEFAULT_SEEDS = {"planted-gelu": 2, "planted-swiglu": 2, "planted-deit3": 2, "planted-clip": 2, "planted-dinov3": 2}
+# of seeds 0-7 (tests/test_fixture.py's measures at 224 px on the 17 sample images): DINOv2, the fewest
+# spurious flags before block k with >= 4 defects per image; the others, no grid with >= 3 spurious flags
+# before block k (the trainer would act on it), then the fewest spurious flags, then the most defects
+DEFAULT_SEEDS = {"planted-gelu": 2, "planted-swiglu": 2, "planted-deit3": 6, "planted-clip": 5, "planted-dinov3": 0}
 
 CALIBRATION_RESOLUTION = 224
 WEIGHT_STD = 0.04  # block weights large enough that blocks matter
@@ -95,6 +99,7 @@ STEP_WIDTH = 0.3  # in standard deviations of the analysis' inputs: resolved by 
 NORM_GAIN = 300.0  # block k's norm2 gain on ρ's channels: the step is this much sharper on real tokens
 SWIGLU_GATE_SHIFT = 10.0  # SwiGLU: the two gates differ by this, their constant "up" halves give the height
 LAYER_SCALES = (".gamma", "gamma_1", "gamma_2")  # parameter names: timm Block's LayerScale, EvaBlock's
+OUTPUT_PROJECTIONS = ("attn.proj.weight", "mlp.fc2.weight")  # what a layer scale multiplies
 
 
 @functools.lru_cache(maxsize=1)
@@ -104,11 +109,16 @@ def _calibration_images() -> torch.Tensor:
     return torch.stack([transform(image) for image in sample_images(TRAIN_SAMPLES).values()])
 
 
-def _draw_weights(model: nn.Module, layer_scale: float | None, generator: torch.Generator) -> None:
-    """Random DINOv2-like weights for every parameter, drawn in parameter order."""
+def _draw_weights(model: nn.Module, generator: torch.Generator) -> None:
+    """Random DINOv2-like weights for every parameter, drawn in parameter order.
+
+    Layer scales are ``LAYER_SCALE``; a family without them gets its output projections drawn
+    ``LAYER_SCALE`` times smaller instead, so that its blocks matter as much (CLIP).
+    """
+    folded = not any(name.endswith(LAYER_SCALES) for name, _ in model.named_parameters())
     for name, parameter in model.named_parameters():
         if name.endswith(LAYER_SCALES):
-            value = torch.full(parameter.shape, layer_scale)
+            value = torch.full(parameter.shape, LAYER_SCALE)
         elif name.endswith(".bias"):
             value = torch.zeros(parameter.shape)
         elif "norm" in name:
@@ -120,7 +130,8 @@ def _draw_weights(model: nn.Module, layer_scale: float | None, generator: torch.
         elif name == "pos_embed":
             value = POS_EMBED_STD * torch.randn(parameter.shape, generator=generator)
         else:
-            value = WEIGHT_STD * torch.randn(parameter.shape, generator=generator)
+            std = WEIGHT_STD * (LAYER_SCALE if folded and name.endswith(OUTPUT_PROJECTIONS) else 1.0)
+            value = std * torch.randn(parameter.shape, generator=generator)
         parameter.copy_(value)
 
 
@@ -129,15 +140,15 @@ def _centred(x: torch.Tensor) -> torch.Tensor:
     return x - x.mean(dim=-1, keepdim=True)
 
 
-def _mlp_inputs(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _mlp_inputs(model: nn.Module, images: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Centred patch tokens entering block k's MLP and the patch tokens leaving block k: two ``[B, H*W, D]``."""
     x, blocks = prepare_blocks(model, images)
-    for block in blocks[:PLANTED_BLOCK]:
+    for block in blocks[:k]:
         x = block(x)
     captured = []
-    hook = model.blocks[PLANTED_BLOCK].norm2.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    hook = model.blocks[k].norm2.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
     try:
-        output = blocks[PLANTED_BLOCK](x)
+        output = blocks[k](x)
     finally:
         hook.remove()
     prefix = model.num_prefix_tokens
@@ -227,22 +238,28 @@ def _plant_trigger(block: nn.Module, layout: BlockDescription, readout: torch.Te
 
 
 @torch.no_grad()
-def planted_backbone(variant: str = "planted-swiglu", seed: int | None = None) -> nn.Module:
-    """A timm ViT of ``variant``'s family (eval) with a singular defect planted at block ``PLANTED_BLOCK``."""
+def planted_backbone(variant: str = "planted-swiglu", seed: int | None = None, model_args: dict | None = None,
+                     planted_block: int | None = None) -> nn.Module:
+    """A timm ViT of ``variant``'s family (eval) with a singular defect planted at block ``planted_block``
+    (default ``PLANTED_BLOCK``); ``model_args`` override the variant's timm arguments (e.g. ``depth``, ``embed_dim``)."""
     if variant not in PLANTED_VARIANTS:
         raise ValueError(f"unknown planted variant {variant!r}; known: {', '.join(PLANTED_VARIANTS)}")
-    architecture, model_args = PLANTED_VARIANTS[variant]
+    architecture, variant_args = PLANTED_VARIANTS[variant]
+    model_args = {**variant_args, **(model_args or {})}
+    k = PLANTED_BLOCK if planted_block is None else planted_block
     generator = torch.Generator().manual_seed(DEFAULT_SEEDS[variant] if seed is None else seed)
     with torch.device("meta"):  # skip timm's initialisation: every weight is drawn below
         model = timm.create_model(architecture, pretrained=False, **model_args)
+    if not 0 <= k < len(model.blocks):
+        raise ValueError(f"planted_block {k}: expected a block of the model (0 to {len(model.blocks) - 1})")
     model = model.to_empty(device="cpu").eval()
     for module in model.modules():  # Eva's RoPE frequencies and zero k_bias are buffers, not drawn below
         if hasattr(module, "init_non_persistent_buffers"):
             module.init_non_persistent_buffers()
-    _draw_weights(model, model_args.get("init_values"), generator)
+    _draw_weights(model, generator)
     layouts = describe_model(model, variant).blocks
-    tokens, output = _mlp_inputs(model, _calibration_images())
-    block, layout = model.blocks[PLANTED_BLOCK], layouts[PLANTED_BLOCK]
+    tokens, output = _mlp_inputs(model, _calibration_images(), k)
+    block, layout = model.blocks[k], layouts[k]
     dim = tokens.shape[-1]
 
     # step 3 (channels): ρ pairs the two quietest channels at block k. Only pos_embed writes them
@@ -258,7 +275,7 @@ def planted_backbone(variant: str = "planted-swiglu", seed: int | None = None) -
     _blind_outputs(model.pos_embed[0].T, ones, readout)
     if isinstance(model.norm_pre, nn.LayerNorm):  # equal gains: a token's pre-norm scale cannot leak into ρ
         model.norm_pre.weight[quiet] = 1.0
-    for early, early_layout in zip(model.blocks[:PLANTED_BLOCK + 1], layouts):
+    for early, early_layout in zip(model.blocks[:k + 1], layouts):
         for weight in _attention_inputs(early, early_layout):
             _blind_inputs(weight, early.norm1.weight, readout)
         for path in early_layout.mlp_inputs:
@@ -291,7 +308,7 @@ def planted_backbone(variant: str = "planted-swiglu", seed: int | None = None) -
     _plant_trigger(block, layout, readout, defect_direction, DEFECT_TO_MEDIAN * output.norm(dim=-1).median())
 
     # step 4: later blocks carry the defect unchanged
-    for later, later_layout in zip(model.blocks[PLANTED_BLOCK + 1:], layouts[PLANTED_BLOCK + 1:]):
+    for later, later_layout in zip(model.blocks[k + 1:], layouts[k + 1:]):
         start, stop = later_layout.value_rows
         _blind_inputs(get_path(later, later_layout.value).weight[start:stop], later.norm1.weight, defect_direction)
         for path in later_layout.mlp_inputs:

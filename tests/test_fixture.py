@@ -1,6 +1,7 @@
-"""The planted-defect backbone has the defect FIXTURE-NOTES describes, measured on all 17 sample images.
+"""The planted-defect backbones have the defect FIXTURE-NOTES describes, measured on all 17 sample images.
 
-From block k = ``PLANTED_BLOCK`` on, at 224 px, for both variants:
+From block k = ``PLANTED_BLOCK`` on, at 224 px, for every variant (DINOv2 GELU and SwiGLU,
+DeiT-III, CLIP, DINOv3):
 
 1. every image has a few defects (at least 3, 0.3–5 % of the grid), and the patch tokens
    with a norm of at least 4× the grid's median are exactly those that ``defect_mask``
@@ -15,13 +16,14 @@ Also: blocks before k flag few spurious tokens (under one per grid, at most 5 % 
 with the 3 that make the trainer act), builds are deterministic, and timm's own
 ``save_for_hf`` / ``local-dir:`` round trip restores the model without sinder_hub.
 
-``python tests/test_fixture.py`` prints the measured numbers (224 and 518 px, sampled at
-100,000 samples); it takes a few minutes.
+``python tests/test_fixture.py [variant ...]`` prints the measured numbers (224 and 518 px,
+sampled at 100,000 samples); it takes a few minutes per variant.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass
 
@@ -33,6 +35,7 @@ from sinder_hub.analysis import singular_defect_directions
 from sinder_hub.data import sample_images, sinder_transform
 from sinder_hub.defects import defect_mask
 from sinder_hub.diagnostics import angle_to_direction, mean_pairwise_angle
+from sinder_hub.families import describe_model
 from sinder_hub.testing import PLANTED_BLOCK, PLANTED_VARIANTS, planted_backbone
 from sinder_hub.tokens import block_outputs, patch_grid
 
@@ -138,6 +141,25 @@ def test_early_blocks_flag_few_tokens(planted):
     assert (counts >= 3).float().mean() <= 0.05, f"{planted.variant}: {counts.tolist()}"
 
 
+# variant -> (model class, prefix tokens, patch, layer scales, MLP kind, pre-norm before block 0, RoPE)
+ANATOMY = {
+    "planted-gelu": ("VisionTransformer", 1, 14, ("ls1.gamma", "ls2.gamma"), "gelu", False, False),
+    "planted-swiglu": ("VisionTransformer", 1, 14, ("ls1.gamma", "ls2.gamma"), "swiglu_packed", False, False),
+    "planted-deit3": ("VisionTransformer", 1, 16, ("ls1.gamma", "ls2.gamma"), "gelu", False, False),
+    "planted-clip": ("VisionTransformer", 1, 16, (None, None), "quick_gelu", True, False),
+    "planted-dinov3": ("Eva", 5, 16, ("gamma_1", "gamma_2"), "swiglu_split", False, True),
+}
+
+
+def test_each_variant_has_its_family_anatomy(planted):
+    described = describe_model(planted.model)
+    block = described.blocks[0]
+    anatomy = (type(planted.model).__name__, described.num_prefix_tokens, described.patch_size[0],
+               (block.layer_scale1, block.layer_scale2), block.mlp_kind,
+               isinstance(planted.model.norm_pre, torch.nn.LayerNorm), described.rope)
+    assert anatomy == ANATOMY[planted.variant]
+
+
 def test_builds_are_deterministic(planted):
     again = planted_backbone(planted.variant).state_dict()
     for name, tensor in planted.model.state_dict().items():
@@ -209,5 +231,5 @@ def _report(variant: str) -> None:
 
 
 if __name__ == "__main__":
-    for planted_variant in PLANTED_VARIANTS:
+    for planted_variant in sys.argv[1:] or PLANTED_VARIANTS:
         _report(planted_variant)
