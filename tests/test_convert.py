@@ -13,7 +13,8 @@ from test_backbones import assert_same_weights, random_dinov2
 from timm.models import save_for_hf
 
 import sinder_hub.hub
-from sinder_hub.convert import export, to_transformers, transformers_config
+from sinder_hub import BackboneError
+from sinder_hub.convert import export, save_timm, to_transformers, transformers_config
 from sinder_hub.dinov2 import from_transformers, timm_architecture
 
 MODEL_TYPES = {
@@ -162,3 +163,48 @@ def test_export_tool(tmp_path, monkeypatch):
                      ("model", str(tmp_path / "authors"), "both", False, False)]
     with pytest.raises(SystemExit):
         tool.main(["run", "--from-authors", "x.pth", "--to", "out"])
+
+
+OTHER_FAMILY_LOADER = textwrap.dedent("""
+    import sys
+
+    import timm
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    image = load_file(sys.argv[1])["image"]
+    out = {}
+    for folder in sys.argv[2:]:
+        model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+        with torch.no_grad():
+            out[folder] = model.forward_features(image)
+    assert "sinder_hub" not in sys.modules
+    save_file(out, sys.argv[1] + ".out")
+""")
+OTHER_FAMILIES = ("deit3_small_patch16_224", "vit_base_patch16_clip_quickgelu_224", "vit_base_patch16_siglip_224",
+                  "vit_small_patch16_dinov3", "vit_small_plus_patch16_dinov3")
+
+
+def test_other_families_export_to_stock_timm_folders(tmp_path):
+    """save_timm of DeiT-III, CLIP, SigLIP and DINOv3 (Eva) models: a subprocess that never imports sinder_hub
+    loads each folder with timm's ``local-dir:`` and gets the same features; transformers export is refused."""
+    models = {}
+    for index, name in enumerate(OTHER_FAMILIES):
+        model = sinder_hub.load_backbone(name, pretrained=False, depth=2, embed_dim=64, num_heads=2, img_size=64)
+        with torch.no_grad():
+            for p in model.parameters():  # not timm's init: every tensor matters
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(index))
+        folder = tmp_path / name
+        save_timm(model, folder)
+        assert json.loads((folder / "config.json").read_text())["architecture"] == name
+        models[str(folder)] = model
+    with pytest.raises(BackboneError, match="not a DINOv2-like backbone"):
+        to_transformers(models[str(tmp_path / "vit_small_patch16_dinov3")])
+    image = torch.randn(1, 3, 64, 64)
+    safetensors.torch.save_file({"image": image}, tmp_path / "image.safetensors")
+    subprocess.run([sys.executable, "-c", OTHER_FAMILY_LOADER, str(tmp_path / "image.safetensors"), *models],
+                   check=True, cwd=tmp_path)
+    loaded = safetensors.torch.load_file(tmp_path / "image.safetensors.out")
+    with torch.no_grad():
+        for folder, model in models.items():
+            assert torch.equal(loaded[folder], model.forward_features(image)), folder
