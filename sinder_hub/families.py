@@ -131,7 +131,7 @@ class ModelDescription:
 
 def _activation_kind(act: nn.Module, where: str) -> str:
     for cls, name in ACTIVATIONS:
-        if type(act) is cls or (cls is not nn.GELU and isinstance(act, cls)):
+        if isinstance(act, cls):
             if name == "gelu" and getattr(act, "approximate", "none") == "tanh":
                 return "gelu_tanh"
             return name

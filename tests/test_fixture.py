@@ -16,8 +16,8 @@ Also: blocks before k flag few spurious tokens (under one per grid, at most 5 % 
 with the 3 that make the trainer act), builds are deterministic, and timm's own
 ``save_for_hf`` / ``local-dir:`` round trip restores the model without sinder_hub.
 
-``python tests/test_fixture.py [variant ...]`` prints the measured numbers (224 and 518 px,
-sampled at 100,000 samples); it takes a few minutes per variant.
+``python tests/test_fixture.py [variant ...]`` prints the measured numbers (224 and 518 px, 512
+for 16-px patches; sampled at 100,000 samples); it takes a few minutes per variant.
 """
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ def _degrees(angle: float | None) -> str:
 
 
 def _report(variant: str) -> None:
-    """Print the measured numbers of one variant (224 and 518 px; sampled at 100,000 samples)."""
+    """Print the measured numbers of one variant (224 and 518 px, 512 for 16-px patches; sampled at 100,000 samples)."""
     start = time.perf_counter()
     model = planted_backbone(variant)
     build_s = time.perf_counter() - start
@@ -201,7 +201,8 @@ def _report(variant: str) -> None:
         "sampled": singular_defect_directions(model, method="sampled"),
     }
     print(f"\n## {variant}  (build {build_s:.1f} s)")
-    for resolution in (224, 518):
+    patch = model.patch_embed.patch_size[0]
+    for resolution in (224, 518 // patch * patch):  # 518 px for 14-px patches, 512 for 16
         names, images = sample_batch(resolution)
         blocks = block_defects(model, images, directions["expected"])
         grid_size = blocks[0].masks[0].numel()
