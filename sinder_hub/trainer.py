@@ -34,7 +34,7 @@ import torch.utils.checkpoint
 from torch import nn
 from torch.utils.data import DataLoader
 
-from . import backbones
+from . import backbones, families
 from .analysis import singular_defect_directions
 from .data import HELD_OUT_SAMPLES, MAX_PIXELS, SAMPLE_IMAGE_NAMES, ImageFiles, collate_one, list_images, sample_images, sinder_transform
 from .defects import GAUSSIAN_KERNELS, defect_mask, neighbor_loss
@@ -501,7 +501,7 @@ def compare_held_out(model, before: dict, after: dict) -> dict:
     """Defect counts at the last block before/after, and cosines of normal tokens and of the class
     token (the mean of the patch tokens for models without one) to the original's."""
     prefix = model.num_prefix_tokens
-    has_class_token = getattr(model, "cls_token", None) is not None
+    has_class_token = families.has_class_token(model)
     normal_cos, class_cos = [], []
     for name in before:
         cos = nn.functional.cosine_similarity(before[name]["features"], after[name]["features"], dim=-1)

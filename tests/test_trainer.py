@@ -316,3 +316,27 @@ def test_kernel_5_fast_step_equals_naive_step(planted_state):
     assert set(grads["fast"]) == set(grads["naive"])
     for n, reference in grads["naive"].items():
         assert ((grads["fast"][n] - reference).norm() / reference.norm()).item() < 1e-6, n
+
+
+@pytest.mark.parametrize("variant", ["planted-deit3", "planted-clip", "planted-dinov3"])
+def test_fast_step_equals_naive_step_on_other_families(variant):
+    """Layer scale or none, QuickGELU, Eva with RoPE and split SwiGLU: the same loss and ε gradients from
+    both steps for a loss at the planted block 4 with a 3-block window (float64)."""
+    original = load_backbone(variant)
+    directions = singular_defect_directions(original, method="expected")
+    image = sinder_transform(224)(sample_images(["astronaut"])["astronaut"])[None].double()
+    config = RepairConfig(limit_layers=3)
+    results, grads = {}, {}
+    for name, image_loss in (("fast", fast_image_loss), ("naive", naive_image_loss)):
+        model = load_backbone(variant, pretrained=False)
+        model.load_state_dict(original.state_dict())
+        model.double()
+        eps = parametrize_singular_values(model)
+        results[name] = image_loss(model, image, directions, config, set_precision("fp32"), force_block=4)
+        grads[name] = {n: p.grad for n, p in eps.items() if p.grad is not None}
+    assert results["fast"].block == results["naive"].block == 4 and results["fast"].defects >= 3
+    assert results["fast"].loss == pytest.approx(results["naive"].loss, rel=1e-9)
+    assert {int(n.split(".")[1]) for n in grads["fast"]} == {2, 3, 4}
+    assert set(grads["fast"]) == set(grads["naive"])
+    for n, reference in grads["naive"].items():
+        assert ((grads["fast"][n] - reference).norm() / reference.norm()).item() < 1e-6, n
