@@ -30,7 +30,7 @@ def fresh_venv(tmp_path_factory):
                              capture_output=True, text=True, check=True).stdout.strip()
     ours = [p for p in {sysconfig.get_paths()["purelib"], *site.getsitepackages()} if Path(p).is_dir()]
     Path(purelib, "borrowed_dependencies.pth").write_text("\n".join(ours) + "\n")
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--prefix", str(venv), str(wheel)],
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", str(wheel)],
                    check=True, capture_output=True)
     return venv
 
