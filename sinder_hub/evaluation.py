@@ -48,12 +48,13 @@ Encoder = Callable[[torch.Tensor], torch.Tensor]
 
 
 def class_token_encoder(model: nn.Module) -> Encoder:
-    """``[B, 3, R, R]`` images -> final-normed class tokens ``[B, D]`` (DINOv2's k-NN feature)."""
+    """``[B, 3, R, R]`` images -> the model's own pooled feature ``[B, D]``: the final-normed class token
+    (DINOv2's k-NN feature), or timm's pooling for models without one (SigLIP's attention pool)."""
     device = next(model.parameters()).device
 
     @torch.inference_mode()
     def encode(images: torch.Tensor) -> torch.Tensor:
-        return model.forward_features(images.to(device))[:, 0].float().cpu()
+        return model.forward_head(model.forward_features(images.to(device)), pre_logits=True).float().cpu()
 
     return encode
 

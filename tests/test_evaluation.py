@@ -12,6 +12,7 @@ from sinder_hub.data import IMAGENET_MEAN, IMAGENET_STD
 from sinder_hub.errors import DataError
 from sinder_hub.evaluation import (
     SHAPE_CLASSES,
+    class_token_encoder,
     confusion_matrix,
     kmeans,
     kmeans_segmentation,
@@ -192,3 +193,17 @@ def test_evaluate_tool_prints_two_columns(shapes, tmp_path, capsys, monkeypatch,
     results = json.loads(out.read_text())
     assert results["task"] == task and results["original"]["model"] == "a" and results["repaired"]["model"] == "bb"
     assert 0 <= results["repaired"][metric] <= 100
+
+
+def test_the_image_feature_is_the_class_token_or_the_models_own_pooling():
+    """DINOv2: the final-normed class token; SigLIP (no class token): timm's attention pool, not a patch token."""
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    dinov2 = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=224, depth=2, num_classes=0).eval()
+    with torch.no_grad():
+        assert torch.equal(class_token_encoder(dinov2)(images), dinov2.forward_features(images)[:, 0])
+    siglip = timm.create_model("vit_base_patch16_siglip_224", pretrained=False, depth=2, num_classes=0).eval()
+    with torch.no_grad():
+        tokens = siglip.forward_features(images)
+        pooled = class_token_encoder(siglip)(images)
+        assert torch.allclose(pooled, siglip.forward_head(tokens, pre_logits=True))
+        assert not torch.allclose(pooled, tokens[:, 0])
