@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # The GPU benchmark of docs/benchmarks.md in one call: the step benchmark of the issue's
 # goals (ViT-g/14, 518 px, loss at block 25, TF32 and bf16) and the demo repair in fp32,
-# tf32 and bf16 (the effect of the precision on the result).
+# tf32 and bf16 (the effect of the precision on the result), then the end-to-end run
+# (tools/bench_full.py: a planted-defect ViT-g/14 at 518 px, repaired on FULL_IMAGES
+# generated JPEGs, each processed once; killed after FULL_TIMEOUT seconds).
 #
 #   bash tools/bench_gpu.sh [RESULTS_DIR]        # RESULTS_DIR defaults to ./bench-gpu
 #
 # MODEL, RES, BLOCK, SAMPLES, PRECISIONS, DEMO_ARGS override the sizes (a small dry run on
 # a CPU: MODEL=vit_small_patch14_dinov2 RES=224 BLOCK=11 SAMPLES=2000 PRECISIONS=fp32 ...).
+# FULL_IMAGES (default 2000: about 2 minutes of training at the ViT-g step times measured
+# so far), FULL_TIMEOUT (default 480 s) and FULL_ARGS (more bench_full.py flags, e.g. the
+# tiny size --depth 6 --width 192 --planted-block 3 --resolution 224 --directions-method
+# expected) size the end-to-end run; FULL_IMAGES=0 skips it.
 set -euo pipefail
 results=${1:-bench-gpu}
 mkdir -p "$results"
@@ -52,3 +58,10 @@ for p, report in reports.items():
 print(json.dumps(table, indent=1))
 json.dump(table, open(f"{results}/demo_precisions.json", "w"), indent=1)
 EOF
+
+# the end-to-end run last: what it costs depends on the card, and a timeout here keeps the results above
+if [ "${FULL_IMAGES:-2000}" != 0 ]; then
+    timeout "${FULL_TIMEOUT:-480}" $python tools/bench_full.py --num-images "${FULL_IMAGES:-2000}" --quiet \
+        --json "$results/bench_full.json" ${FULL_ARGS:-} | tee "$results/bench_full.txt" \
+        || echo "bench_full.py failed or ran past ${FULL_TIMEOUT:-480} s (exit ${PIPESTATUS[0]})"
+fi

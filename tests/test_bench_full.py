@@ -1,0 +1,73 @@
+"""tools/bench_full.py at a tiny size on the CPU: its figures are present and add up, its image cache is reused."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_IMAGES = 24
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location("bench_full", REPO / "tools" / "bench_full.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_full"] = module  # the image pool pickles its function by module name
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_run_figures_add_up(tmp_path):
+    output = tmp_path / "figures.json"
+    command = [sys.executable, str(REPO / "tools" / "bench_full.py"), "--depth", "6", "--width", "192",
+               "--planted-block", "3", "--resolution", "224", "--num-images", str(NUM_IMAGES), "--limit-layers", "3",
+               "--directions-method", "expected", "--num-workers", "0", "--precision", "fp32", "--quiet",
+               "--cache", str(tmp_path / "cache"), "--json", str(output)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "images/s" in done.stdout and "held out" in done.stdout
+    result = json.loads(output.read_text())
+
+    assert result["device"].startswith("cpu (")
+    assert result["model"]["depth"] == 6 and result["model"]["embed_dim"] == 192
+    assert result["images_processed"] == result["steps"] == NUM_IMAGES
+    loss, clear = result["loss"], result["clear"]
+    assert loss["images"] + clear["images"] == NUM_IMAGES
+    assert (loss["images"], clear["images"]) == (result["report_images"]["with_loss"], result["report_images"]["clear"])
+    histogram = result["loss_layer_histogram"]
+    assert sum(histogram.values()) == loss["images"] and histogram.get("3", 0) > 0  # the planted block gives losses
+    assert loss["time_s"] > 0
+    assert result["images_per_s"] > 0 and result["loader_wait_s"] > 0  # no workers: decoding happens in next()
+    assert loss["time_s"] + clear["time_s"] + result["loader_wait_s"] <= result["loop_s"]
+    assert result["build_s"] > 0 and result["directions_s"] > 0
+    assert result["build_s"] + result["directions_s"] < result["setup_s"] < result["total_s"]
+    assert result["peak_memory_gib"] > 0.1
+    held = result["held_out"]
+    assert held["defects_before"] > 0 and held["defects_after"] >= 0
+    assert 0.9 < held["normal_token_cosine"] <= 1.0 + 1e-6 and 0.9 < held["class_token_cosine"] <= 1.0 + 1e-6
+
+    images = sorted((tmp_path / "cache").glob("*.jpg"))
+    assert len(images) == NUM_IMAGES
+    with Image.open(images[0]) as image:
+        assert image.format == "JPEG" and image.size == (640, 480)
+
+
+def test_image_cache_is_deterministic_and_reused(tmp_path):
+    tool = load_tool()
+    paths, made_s = tool.training_images(tmp_path, 3, processes=1)
+    assert made_s > 0 and [p.name for p in paths] == ["000000.jpg", "000001.jpg", "000002.jpg"]
+    first = [p.read_bytes() for p in paths]
+    assert len(set(first)) == 3  # different crops
+
+    assert tool.training_images(tmp_path, 3, processes=1)[1] == 0.0  # complete: reused
+    assert tool.training_images(tmp_path, 2, processes=1)[1] == 0.0  # a prefix of a larger cache
+
+    paths[1].unlink()  # an incomplete cache is completed, to the same bytes
+    assert tool.training_images(tmp_path, 3, processes=1)[1] > 0
+    assert [p.read_bytes() for p in paths] == first
+
+    other = tmp_path / "other"  # another seed draws other crops
+    assert tool.training_images(other, 1, seed=1, processes=1)[0][0].read_bytes() != first[0]
