@@ -1,4 +1,4 @@
-"""Exporting a backbone as stock timm / transformers folders, and timm -> transformers for DINOv2 ViTs.
+"""Exporting a backbone as stock timm / transformers folders, and timm -> transformers for DINOv2, CLIP and DINOv3 ViTs.
 
 What a DINOv2 checkpoint looks like (architectures, the timm <-> transformers key maps, the
 transformers -> timm direction) is ``sinder_hub.dinov2``; this module builds the transformers
@@ -6,7 +6,9 @@ model from it. timm's packed SwiGLU ``mlp.fc1`` is sized with ``mlp_ratio = 2H /
 with ``H = ceil8(int(D * mlp_ratio) * 2 / 3)``. transformers >= 5 saves folders with the legacy key
 names (``attention.attention.query``, ``mlp.weights_in``...) and renames them on load (the names
 transformers 4 used). timm folders (``save_timm``) work for every family ``load_backbone`` accepts;
-transformers folders only for DINOv2.
+transformers folders for DINOv2 (``Dinov2Model`` / ``Dinov2WithRegistersModel``), CLIP vision towers
+(``CLIPVisionModel``) and DINOv3 ViTs (``DINOv3ViTModel``); the CLIP and DINOv3 key maps are
+``sinder_hub.hf_families``. Other families (DeiT-III, SigLIP, EVA02) are a ``BackboneError``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from transformers import (
     BitImageProcessor,
+    CLIPImageProcessor,
     Dinov2Config,
     Dinov2Model,
     Dinov2WithRegistersConfig,
@@ -32,6 +35,7 @@ from transformers import (
 
 from .backbones import load_backbone
 from .data import IMAGENET_MEAN, IMAGENET_STD
+from . import hf_families
 from .dinov2 import check_dinov2_like, timm_to_transformers_state_dict
 from .errors import RunFolderError
 from .files import atomic_path
@@ -44,6 +48,8 @@ IMAGE_PROCESSOR = dict(
     crop_size={"height": 224, "width": 224}, do_rescale=True, rescale_factor=1 / 255,
     do_normalize=True, image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD), do_convert_rgb=True,
 )
+# timm's interpolation names -> PIL resample codes, for the CLIP / DINOv3 processors (read from pretrained_cfg)
+RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3}
 FORMATS = ("timm", "transformers", "both")
 REPORT_FILE = "repair_report.json"
 # every file an export writes (save_for_hf, save_pretrained incl. shards, the image processor, report, pictures, card):
@@ -60,9 +66,12 @@ def _swiglu_ratio(embed_dim: int, hidden: int) -> int:
     raise ValueError(f"no integer transformers mlp_ratio gives a SwiGLU hidden size of {hidden} at width {embed_dim}")
 
 
-def transformers_config(model: VisionTransformer) -> Dinov2Config | Dinov2WithRegistersConfig:
-    """transformers config of a DINOv2-like timm ViT (no classifier head, square image size)."""
-    check_dinov2_like(model, "the model")
+def transformers_config(model: nn.Module):
+    """transformers config of a DINOv2-like timm ViT (no classifier head, square image size), or of a
+    CLIP / DINOv3 one (``hf_families.config_of``)."""
+    if hf_families.transformers_family(model):
+        return hf_families.config_of(model)
+    check_dinov2_like(model, "the model (transformers export: DINOv2, CLIP or DINOv3 ViTs)")
     block = model.blocks[0]
     swiglu = isinstance(block.mlp, GluMlp)
     if swiglu and (not isinstance(block.mlp.act, nn.SiLU) or block.mlp.gate_last):
@@ -86,8 +95,12 @@ def transformers_config(model: VisionTransformer) -> Dinov2Config | Dinov2WithRe
     return Dinov2Config(**kwargs)
 
 
-def to_transformers(model: VisionTransformer) -> Dinov2Model | Dinov2WithRegistersModel:
-    """timm DINOv2 ViT -> transformers model with the same weights (eval mode)."""
+def to_transformers(model: nn.Module) -> nn.Module:
+    """timm DINOv2 / CLIP / DINOv3 ViT -> transformers ``Dinov2Model`` (``Dinov2WithRegistersModel``) /
+    ``CLIPVisionModel`` / ``DINOv3ViTModel`` with the same weights (eval mode). For CLIP, timm's
+    ``forward_features`` is ``hf_model.post_layernorm(hf_model(pixel_values).last_hidden_state)``."""
+    if hf_families.transformers_family(model):
+        return hf_families.to_transformers(model)
     config = transformers_config(model)
     with torch.device("meta"):  # no random init: every weight is assigned below
         hf_model = (Dinov2WithRegistersModel if config.model_type == "dinov2_with_registers" else Dinov2Model)(config)
@@ -108,8 +121,26 @@ def save_timm(model: VisionTransformer, folder: str | Path) -> None:
 def save_transformers(model: VisionTransformer, folder: str | Path) -> None:
     """transformers folder (``config.json``, ``model.safetensors``, ``preprocessor_config.json``) for
     ``AutoModel`` / ``AutoImageProcessor.from_pretrained`` without remote code."""
-    to_transformers(model).save_pretrained(folder)
-    BitImageProcessor(**IMAGE_PROCESSOR).save_pretrained(folder)
+    hf_model = to_transformers(model)
+    hf_model.save_pretrained(folder)
+    image_processor(model, hf_model.config).save_pretrained(folder)
+
+
+def image_processor(model: nn.Module, config) -> BitImageProcessor | CLIPImageProcessor:
+    """DINOv2: its own preprocessing (``IMAGE_PROCESSOR``); CLIP / DINOv3: the timm model's
+    ``pretrained_cfg`` (mean, std, interpolation, crop_pct) at the model's image size."""
+    if config.model_type.startswith("dinov2"):
+        return BitImageProcessor(**IMAGE_PROCESSOR)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = config.image_size
+    kwargs = dict(
+        do_resize=True, size={"shortest_edge": round(size / cfg.get("crop_pct", 1.0))},
+        resample=RESAMPLE.get(cfg.get("interpolation"), 3), do_center_crop=True,
+        crop_size={"height": size, "width": size}, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+        image_mean=list(cfg.get("mean", IMAGENET_MEAN)), image_std=list(cfg.get("std", IMAGENET_STD)),
+        do_convert_rgb=True,
+    )
+    return (CLIPImageProcessor if config.model_type == "clip_vision_model" else BitImageProcessor)(**kwargs)
 
 
 def export(model_or_run_dir: nn.Module | str | Path, out_dir: str | Path, format: str = "timm",

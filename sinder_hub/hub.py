@@ -34,12 +34,112 @@ CONFIG_FILE = "config.json"
 REPORT_FILE = "repair_report.json"
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 NOT_UPLOADED = ["checkpoint/*"]  # the trainer's resumable state stays local
-TAGS = ["dinov2", "sinder", "vision", "image-feature-extraction", "singular-defects"]
+TAGS = ["sinder", "vision", "image-feature-extraction", "singular-defects"]  # and the family's tag (FAMILIES)
 REPO_ID_PLACEHOLDER = "your-username/your-repo"
 DEFAULT_INTERPOLATION_NOTE = (
     "Below that size transformers' plain `Dinov2Model` resamples them without antialiasing, while timm "
     "(and `Dinov2WithRegistersModel`) antialias, so the two libraries give slightly different features there."
 )
+
+
+CLIP_BIBTEX = """@inproceedings{radford2021clip,
+  title         = {Learning Transferable Visual Models From Natural Language Supervision},
+  author        = {Radford, Alec and Kim, Jong Wook and Hallacy, Chris and Ramesh, Aditya and Goh, Gabriel and Agarwal, Sandhini and Sastry, Girish and Askell, Amanda and Mishkin, Pamela and Clark, Jack and Krueger, Gretchen and Sutskever, Ilya},
+  booktitle     = {International Conference on Machine Learning (ICML)},
+  year          = {2021},
+  eprint        = {2103.00020},
+  archivePrefix = {arXiv}
+}"""
+DINOV3_BIBTEX = """@article{simeoni2025dinov3,
+  title         = {{DINOv3}},
+  author        = {Sim{\\'e}oni, Oriane and Vo, Huy V. and Seitzer, Maximilian and Baldassarre, Federico and Oquab, Maxime and others},
+  journal       = {arXiv preprint arXiv:2508.10104},
+  year          = {2025},
+  eprint        = {2508.10104},
+  archivePrefix = {arXiv}
+}"""
+DEIT3_BIBTEX = """@inproceedings{touvron2022deit3,
+  title         = {{DeiT III}: Revenge of the {ViT}},
+  author        = {Touvron, Hugo and Cord, Matthieu and J{\\'e}gou, Herv{\\'e}},
+  booktitle     = {European Conference on Computer Vision (ECCV)},
+  year          = {2022},
+  eprint        = {2204.07118},
+  archivePrefix = {arXiv}
+}"""
+SIGLIP_BIBTEX = """@inproceedings{zhai2023siglip,
+  title         = {Sigmoid Loss for Language Image Pre-Training},
+  author        = {Zhai, Xiaohua and Mustafa, Basil and Kolesnikov, Alexander and Beyer, Lucas},
+  booktitle     = {International Conference on Computer Vision (ICCV)},
+  year          = {2023},
+  eprint        = {2303.15343},
+  archivePrefix = {arXiv}
+}"""
+EVA02_BIBTEX = """@article{fang2024eva02,
+  title         = {{EVA-02}: A Visual Representation for Neon Genesis},
+  author        = {Fang, Yuxin and Sun, Quan and Wang, Xinggang and Huang, Tiejun and Wang, Xinlong and Cao, Yue},
+  journal       = {Image and Vision Computing},
+  year          = {2024},
+  eprint        = {2303.11331},
+  archivePrefix = {arXiv}
+}"""
+DINOV2_BIBTEX = """@article{oquab2024dinov2,
+  title         = {{DINOv2}: Learning Robust Visual Features without Supervision},
+  author        = {Oquab, Maxime and Darcet, Timoth{\\'e}e and Moutakanni, Th{\\'e}o and Vo, Huy V. and Szafraniec, Marc and Khalidov, Vasil and Fernandez, Pierre and Haziza, Daniel and Massa, Francisco and El-Nouby, Alaaeldin and Howes, Russell and Huang, Po-Yao and Xu, Hu and Sharma, Vasu and Li, Shang-Wen and Galuba, Wojciech and Rabbat, Mike and Assran, Mido and Ballas, Nicolas and Synnaeve, Gabriel and Misra, Ishan and Jegou, Herv{\\'e} and Mairal, Julien and Labatut, Patrick and Joulin, Armand and Bojanowski, Piotr},
+  journal       = {Transactions on Machine Learning Research},
+  year          = {2024},
+  eprint        = {2304.07193},
+  archivePrefix = {arXiv}
+}"""
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a card says about a ViT family: its name, hub tag, license, transformers class (``None``
+    without a transformers export), the sentence about other input sizes, and its citation."""
+
+    name: str
+    tag: str
+    license: str
+    license_note: str
+    model_class: str | None
+    interpolation_note: str
+    bibtex: str
+
+
+_ABS_POS_NOTE = "Check features at other input sizes against the original model before relying on them."
+FAMILIES = {
+    "dinov2": Family("DINOv2", "dinov2", "apache-2.0", "DINOv2's license (Apache-2.0)", "Dinov2Model",
+                     DEFAULT_INTERPOLATION_NOTE, DINOV2_BIBTEX),
+    "dinov3": Family("DINOv3", "dinov3", "other", "the DINOv3 License of the original weights", "DINOv3ViTModel",
+                     "It has no absolute position embedding (RoPE only), so nothing is resampled for other "
+                     "sizes, but features there still differ from those at the training size.", DINOV3_BIBTEX),
+    "clip": Family("CLIP", "clip", "other", "the license of the original CLIP weights (OpenAI: MIT; "
+                   "OpenCLIP / MetaCLIP checkpoints: see their model cards)", "CLIPVisionModel",
+                   "transformers' `CLIPVisionModel` resamples them only with `interpolate_pos_encoding=True`. "
+                   + _ABS_POS_NOTE, CLIP_BIBTEX),
+    "deit3": Family("DeiT-III", "deit3", "apache-2.0", "DeiT-III's license (Apache-2.0)", None,
+                    _ABS_POS_NOTE, DEIT3_BIBTEX),
+    "siglip": Family("SigLIP", "siglip", "apache-2.0", "SigLIP's license (Apache-2.0)", None,
+                     _ABS_POS_NOTE, SIGLIP_BIBTEX),
+    "eva02": Family("EVA02", "eva02", "mit", "EVA02's license (MIT)", None,
+                    "EVA02 resamples its absolute position embedding and RoPE grid for other sizes. " + _ABS_POS_NOTE,
+                    EVA02_BIBTEX),
+}
+TRANSFORMERS_FAMILIES = {"dinov2": "dinov2", "dinov2_with_registers": "dinov2", "dinov3_vit": "dinov3",
+                         "clip_vision_model": "clip"}
+
+
+def family_of(architecture: str | None, model_type: str | None = None) -> Family:
+    """The family of a timm architecture name or a transformers ``model_type`` (DINOv2 when unknown)."""
+    if model_type in TRANSFORMERS_FAMILIES:
+        return FAMILIES[TRANSFORMERS_FAMILIES[model_type]]
+    name = (architecture or "").lower()
+    for key, test in (("dinov3", "dinov3" in name), ("dinov2", "dinov2" in name), ("clip", "_clip_" in name),
+                      ("siglip", "siglip" in name), ("deit3", name.startswith("deit3")),
+                      ("eva02", name.startswith("eva02"))):
+        if test:
+            return FAMILIES[key]
+    return FAMILIES["dinov2"]
 NO_REPORT_REASON = (
     f"this folder has no `{REPORT_FILE}`, the file in which a sinder-hub repair run records what it "
     "measured. The weights were repaired elsewhere (for example, the SINDER authors' released checkpoint "
@@ -102,12 +202,13 @@ def build_model_card(
     report = _load_report(folder, report)
     config = _read_json(folder / CONFIG_FILE) if (folder / CONFIG_FILE).is_file() else {}
     variables = _card_variables(folder, kind, config, report, repo_id)
-    variables["interpolation_note"] = interpolation_note or DEFAULT_INTERPOLATION_NOTE
+    family = variables.pop("family")
+    variables["interpolation_note"] = interpolation_note or family.interpolation_note
     card_data = ModelCardData(
-        license="apache-2.0",
+        license=family.license,
         library_name=kind,
         pipeline_tag="image-feature-extraction",
-        tags=TAGS + [kind],
+        tags=[family.tag] + TAGS + [kind],
         base_model=variables["base_model"],
         datasets=_hub_datasets(report),
     )
@@ -169,10 +270,27 @@ def _card_variables(folder: Path, kind: str, config: dict, report: dict | None, 
     source_model = report.get("source_model")
     model_args = config.get("model_args") or report.get("model_args") or {}
     registers = int(model_args.get("reg_tokens") or config.get("num_register_tokens") or 0)
+    architecture = report.get("architecture") or config.get("architecture")
+    family = family_of(architecture, config.get("model_type"))
+    if family.tag == "dinov3" and not registers and config.get("model_type") is None:
+        registers = 4  # timm's DINOv3 ViTs have 4 storage tokens built in
+    model_class = family.model_class
+    if config.get("model_type") == "dinov2_with_registers":
+        model_class = "Dinov2WithRegistersModel"
+    prefix = "the class token" if family.tag != "siglip" else "nothing (no class token)"
+    if registers:
+        kind_of = "storage" if family.tag == "dinov3" else "register"
+        prefix = f"the class token and {registers} {kind_of} tokens"
     pictures = [name for name in report.get("pictures") or sorted(p.name for p in folder.glob("before_after_*.png"))
                 if (folder / name).is_file()]
     return {
-        "title": repo_id.split("/")[-1] if repo_id else "DINOv2 with its singular defects repaired (SINDER)",
+        "title": repo_id.split("/")[-1] if repo_id else f"{family.name} with its singular defects repaired (SINDER)",
+        "family": family,
+        "family_name": family.name,
+        "license_note": family.license_note,
+        "family_bibtex": family.bibtex,
+        "clip": family.tag == "clip",
+        "rope_only": family.tag == "dinov3",
         "repo_id": repo_id or REPO_ID_PLACEHOLDER,
         "repo_id_known": repo_id is not None,
         "kind": kind,
@@ -180,10 +298,10 @@ def _card_variables(folder: Path, kind: str, config: dict, report: dict | None, 
         "source_sha256": report.get("source_sha256"),
         "sinder_hub_version": report.get("sinder_hub_version"),
         "base_model": base_model_of(source_model),
-        "architecture": report.get("architecture") or config.get("architecture"),
-        "model_class": "Dinov2WithRegistersModel" if config.get("model_type") == "dinov2_with_registers" else "Dinov2Model",
-        "prefix_tokens": 1 + registers,
-        "prefix_description": f"the class token and {registers} register tokens" if registers else "the class token",
+        "architecture": architecture,
+        "model_class": model_class,
+        "prefix_tokens": (family.tag != "siglip") + registers,
+        "prefix_description": prefix,
         "processor_resolution": _processor_resolution(folder),
         "native_resolution": _native_resolution(config),
         "has_report": bool(report),

@@ -170,7 +170,7 @@ def test_usage_snippets_are_valid_python(tmp_path, kind):
     if kind == "timm":
         assert f'timm.create_model("hf-hub:{REPO_ID}", pretrained=True' in blocks[0]
     else:
-        assert f'AutoModel.from_pretrained("{REPO_ID}")' in blocks[0]
+        assert f'Dinov2Model.from_pretrained("{REPO_ID}")' in blocks[0]
         assert f'AutoImageProcessor.from_pretrained("{REPO_ID}")' in blocks[0]
 
 
