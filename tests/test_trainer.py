@@ -41,13 +41,18 @@ def planted_state():
     return model.state_dict(), singular_defect_directions(model, method="expected")
 
 
+def float64_copy(variant: str, state_dict: dict):
+    """A float64 copy of ``variant`` with ``state_dict``, in singular-value form: ``(model, {name: ε})``."""
+    model = load_backbone(variant, pretrained=False)
+    model.load_state_dict(state_dict)
+    model.double()
+    return model, parametrize_singular_values(model)
+
+
 def run_steps(image_loss, planted_state, images, steps, config):
     """The authors' batch-size-1 loop in float64, with ``image_loss`` computing each image's gradient."""
     state_dict, directions = planted_state
-    model = load_backbone("planted-swiglu", pretrained=False)
-    model.load_state_dict(state_dict)
-    model.double()
-    eps = parametrize_singular_values(model)
+    model, eps = float64_copy("planted-swiglu", state_dict)
     optimizer = torch.optim.SGD(eps.values(), lr=config.lr, momentum=config.momentum)
     autocast = set_precision("fp32")
     trace = []
@@ -92,10 +97,7 @@ def test_fast_step_differentiates_and_factorises_only_the_window(planted_state):
     config = RepairConfig(limit_layers=3)
     grads = {}
     for name, image_loss in (("fast", fast_image_loss), ("naive", naive_image_loss)):
-        model = load_backbone("planted-swiglu", pretrained=False)
-        model.load_state_dict(state_dict)
-        model.double()
-        eps = parametrize_singular_values(model)
+        model, eps = float64_copy("planted-swiglu", state_dict)
         result = image_loss(model, image, directions, config, set_precision("fp32"), force_block=6)
         assert result.block == 6 and result.defects >= 3
         grads[name] = {n: p.grad for n, p in eps.items() if p.grad is not None}
@@ -105,10 +107,7 @@ def test_fast_step_differentiates_and_factorises_only_the_window(planted_state):
                           if any(m.U is not None for m in block.modules() if isinstance(m, SingularValueLinear))}
             assert touched == factorised == {4, 5, 6}
     # gradient checkpointing recomputes the same blocks with the same kernels: the same gradients
-    model = load_backbone("planted-swiglu", pretrained=False)
-    model.load_state_dict(state_dict)
-    model.double()
-    eps = parametrize_singular_values(model)
+    model, eps = float64_copy("planted-swiglu", state_dict)
     config.checkpoint_blocks = True
     assert fast_image_loss(model, image, directions, config, set_precision("fp32"), force_block=6).block == 6
     checkpointed = {n: p.grad for n, p in eps.items() if p.grad is not None}
@@ -117,8 +116,9 @@ def test_fast_step_differentiates_and_factorises_only_the_window(planted_state):
         assert ((g - grads["fast"][n]).norm() / grads["fast"][n].norm()).item() < 1e-12, n
     assert set(grads["fast"]) == set(grads["naive"])
     for n, reference in grads["naive"].items():
-        # float64 round-off, amplified by the planted trigger's steep step: measured ≤ 2.6e-7
-        assert ((grads["fast"][n] - reference).norm() / reference.norm()).item() < 1e-6, n
+        # float64 round-off, amplified by the planted trigger's steep step (block 4's fc1): measured ≤ 2.6e-6
+        # on the astronaut through the PIL pixel path (≤ 2.6e-7 through the earlier tensor resize)
+        assert ((grads["fast"][n] - reference).norm() / reference.norm()).item() < 1e-5, n
 
 
 def test_repair_writes_a_run_folder_that_stock_timm_loads(train_folder, tmp_path):
@@ -285,10 +285,7 @@ def test_limit_layers_zero_trains_every_block_up_to_the_loss_in_both_steps(plant
     config = RepairConfig(limit_layers=0)
     grads = {}
     for name, image_loss in (("fast", fast_image_loss), ("naive", naive_image_loss)):
-        model = load_backbone("planted-swiglu", pretrained=False)
-        model.load_state_dict(state_dict)
-        model.double()
-        eps = parametrize_singular_values(model)
+        model, eps = float64_copy("planted-swiglu", state_dict)
         assert image_loss(model, image, directions, config, set_precision("fp32"), force_block=6).block == 6
         grads[name] = {n: p.grad for n, p in eps.items() if p.grad is not None}
         assert {int(n.split(".")[1]) for n in grads[name]} == set(range(7)), name
@@ -305,10 +302,7 @@ def test_kernel_5_fast_step_equals_naive_step(planted_state):
     config = RepairConfig(limit_layers=3, kernel=5)
     results, grads = {}, {}
     for name, image_loss in (("fast", fast_image_loss), ("naive", naive_image_loss)):
-        model = load_backbone("planted-swiglu", pretrained=False)
-        model.load_state_dict(state_dict)
-        model.double()
-        eps = parametrize_singular_values(model)
+        model, eps = float64_copy("planted-swiglu", state_dict)
         results[name] = image_loss(model, image, directions, config, set_precision("fp32"))
         grads[name] = {n: p.grad for n, p in eps.items() if p.grad is not None}
     assert results["fast"].block == results["naive"].block is not None
@@ -328,10 +322,7 @@ def test_fast_step_equals_naive_step_on_other_families(variant):
     config = RepairConfig(limit_layers=3)
     results, grads = {}, {}
     for name, image_loss in (("fast", fast_image_loss), ("naive", naive_image_loss)):
-        model = load_backbone(variant, pretrained=False)
-        model.load_state_dict(original.state_dict())
-        model.double()
-        eps = parametrize_singular_values(model)
+        model, eps = float64_copy(variant, original.state_dict())
         results[name] = image_loss(model, image, directions, config, set_precision("fp32"), force_block=4)
         grads[name] = {n: p.grad for n, p in eps.items() if p.grad is not None}
     assert results["fast"].block == results["naive"].block == 4 and results["fast"].defects >= 3
