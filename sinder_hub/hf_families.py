@@ -15,6 +15,9 @@ and its transformers patterns, ``"{}"`` a block index, several targets split / c
   or split SwiGLU MLP) <-> ``transformers.DINOv3ViTModel``, whose ``last_hidden_state`` is after the
   final norm like timm's ``forward_features``. ``DINOv3ViTModel`` has no absolute position embedding, so
   an Eva with ``use_abs_pos_emb=True`` (``planted-dinov3``) is refused.
+
+Both families also go back (``clip_from_transformers`` / ``dinov3_from_transformers``: the weights round-trip
+exactly, under the stock ViT-B/16 CLIP or ViT-S(+)/16 DINOv3 timm name with the config's shape as model args).
 """
 
 from __future__ import annotations
@@ -241,6 +244,46 @@ def to_transformers(model: nn.Module):
         rope = hf_model.rope_embeddings
         rope.inv_freq = 1 / config.rope_theta ** torch.arange(0, 1, 4 / rope.head_dim, dtype=torch.float32)
     return hf_model.eval()
+
+
+def dinov3_to_timm_state_dict(state_dict: dict[str, torch.Tensor], swiglu: bool) -> dict[str, torch.Tensor]:
+    state_dict = {k: v for k, v in state_dict.items() if k != DINOV3_MASK_TOKEN}
+    if state_dict.get("embeddings.register_tokens", torch.ones(1)).numel() == 0:
+        del state_dict["embeddings.register_tokens"]
+    separate = {}  # Eva's separate q_bias / v_bias (no key bias): the fused qkv pattern would also match them
+    for key in [k for k in state_dict if k.endswith(("attention.q_proj.bias", "attention.v_proj.bias"))]:
+        if key.replace("q_proj", "k_proj").replace("v_proj", "k_proj") not in state_dict:
+            separate[key] = state_dict.pop(key)
+    key_map = DINOV3_KEY_MAP + (DINOV3_SWIGLU_MLP_MAP if swiglu else DINOV3_GELU_MLP_MAP)
+    out = _remap(state_dict, key_map, reverse=True)
+    return {**out, **_remap(separate, [entry for entry in key_map if entry[0].endswith("_bias")], reverse=True)}
+
+
+def dinov3_timm_architecture(config) -> tuple[str, dict]:
+    """``(timm architecture, model_args)`` of a ``DINOv3ViTConfig`` (the ViT-S/16 or S+/16 name, full args)."""
+    if config.layer_norm_eps != 1e-5 or config.hidden_act != ("silu" if config.use_gated_mlp else "gelu"):
+        raise ValueError("timm's DINOv3 ViTs use LayerNorm eps 1e-5 and GELU (SwiGLU: SiLU) "
+                         f"(config: eps {config.layer_norm_eps}, hidden_act {config.hidden_act!r})")
+    if config.key_bias or config.query_bias != config.value_bias or not (config.proj_bias and config.mlp_bias):
+        raise ValueError("timm's DINOv3 ViTs have query and value biases together (or neither), no key bias, "
+                         "and biased output and MLP projections")
+    name = "vit_small_plus_patch16_dinov3" if config.use_gated_mlp else "vit_small_patch16_dinov3"
+    image_size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
+    return name + ("_qkvb" if config.query_bias and not config.use_gated_mlp else ""), dict(
+        img_size=image_size, patch_size=config.patch_size, embed_dim=config.hidden_size,
+        depth=config.num_hidden_layers, num_heads=config.num_attention_heads,
+        mlp_ratio=config.intermediate_size / config.hidden_size, num_reg_tokens=config.num_register_tokens,
+        qkv_bias=config.query_bias, rope_temperature=config.rope_theta, num_classes=0,
+    )
+
+
+def dinov3_from_transformers(hf_model, **model_kwargs) -> Eva:
+    """``DINOv3ViTModel`` -> timm DINOv3 Eva (eval, ``num_classes=0``) with the same weights."""
+    architecture, model_args = dinov3_timm_architecture(hf_model.config)
+    model = timm.create_model(architecture, pretrained=False, **{**model_args, **model_kwargs})  # not meta: RoPE buffers
+    state_dict = dinov3_to_timm_state_dict(hf_model.state_dict(), hf_model.config.use_gated_mlp)
+    model.load_state_dict(state_dict, strict=True)
+    return model.eval()
 
 
 def clip_from_transformers(hf_model, **model_kwargs) -> VisionTransformer:

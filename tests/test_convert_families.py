@@ -15,7 +15,7 @@ from test_backbones import assert_same_weights
 import sinder_hub
 from sinder_hub import BackboneError
 from sinder_hub.convert import export, save_timm, to_transformers
-from sinder_hub.hf_families import clip_from_transformers
+from sinder_hub.hf_families import clip_from_transformers, dinov3_from_transformers
 from sinder_hub.hub import build_model_card
 
 # name -> (transformers class, timm model args); depth 2 keeps them fast, 224 px is their native size
@@ -24,6 +24,7 @@ FAMILIES = {
     "vit_base_patch16_clip_quickgelu_224": ("CLIPVisionModel", {}),
     "vit_small_patch16_dinov3": ("DINOv3ViTModel", {"img_size": 224}),
     "vit_small_plus_patch16_dinov3": ("DINOv3ViTModel", {"img_size": 224}),
+    "vit_small_patch16_dinov3_qkvb": ("DINOv3ViTModel", {"img_size": 224}),  # Eva's separate q_bias / v_bias
 }
 STOCK_LOADER = textwrap.dedent("""
     import sys
@@ -99,10 +100,15 @@ def test_stock_transformers_loads_the_timm_features(tmp_path):
                 assert relative(ours[:, 0], loaded[folder + "/pooler"]) <= 1e-4, name
 
 
-def test_clip_round_trip_is_exact():
-    model = random_model("vit_base_patch16_clip_quickgelu_224", 7)
-    back = clip_from_transformers(to_transformers(model))
-    assert back.pretrained_cfg["architecture"] == "vit_base_patch16_clip_quickgelu_224"
+@pytest.mark.parametrize("name, args", [("vit_base_patch16_clip_quickgelu_224", {}), ("vit_base_patch16_clip_224", {}),
+                                        ("vit_small_patch16_dinov3", {"img_size": 224}),
+                                        ("vit_small_plus_patch16_dinov3", {"img_size": 224}),
+                                        ("vit_small_patch16_dinov3_qkvb", {"img_size": 224})])
+def test_round_trip_is_exact(name, args):
+    model = random_model(name, 7, **args)
+    hf_model = to_transformers(model)
+    back = (clip_from_transformers if "clip" in name else dinov3_from_transformers)(hf_model)
+    assert back.pretrained_cfg["architecture"] == name
     assert_same_weights(back, model)
 
 
