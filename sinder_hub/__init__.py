@@ -1,4 +1,4 @@
-"""sinder-hub: repair the singular defects of DINOv2 backbones (SINDER, ECCV 2024)."""
+"""sinder-hub: repair the singular defects of vision transformers, DINOv2 first (SINDER, ECCV 2024)."""
 
 from . import models
 from .analysis import BlockMaps, block_linear_maps, leading_left_singular_vector, singular_defect_directions
