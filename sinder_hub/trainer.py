@@ -409,12 +409,13 @@ class TrainState:
             self.clear_window.append(flag == CLEAR)
             if flag == LOSS:
                 self.loss_layers[block] += 1
-        known = {entry["path"] for entry in self.bad_files}
-        for index, problem in step.bad_files:
-            if str(paths[index]) not in known:
-                log.warning("skipping %s", problem)
-                self.bad_files.append({"path": str(paths[index]), "problem": problem})
-                known.add(str(paths[index]))
+        if step.bad_files:
+            known = {entry["path"] for entry in self.bad_files}
+            for index, problem in step.bad_files:
+                if str(paths[index]) not in known:
+                    log.warning("skipping %s", problem)
+                    self.bad_files.append({"path": str(paths[index]), "problem": problem})
+                    known.add(str(paths[index]))
         self.updates += int(step.updated)
         self.skipped_nan += int(step.nan)
         self.step += 1

@@ -56,15 +56,6 @@ def one_error_line(capsys, code: int, expected_code: int, *names: str) -> str:
 
 
 @pytest.fixture
-def no_model(monkeypatch):
-    """Fail the test if a command loads a model."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr(sinder_hub.backbones, "load_backbone", refuse)
-
-
-@pytest.fixture
 def timm_folder(tmp_path):
     folder = tmp_path / "timm"
     save_for_hf(small_vit(), folder, safe_serialization=True)

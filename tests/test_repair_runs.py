@@ -54,14 +54,6 @@ def one_error_line(capsys) -> str:
     return err[0]
 
 
-@pytest.fixture
-def no_model(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr(sinder_hub.backbones, "load_backbone", refuse)
-
-
 @pytest.mark.parametrize("extra, named", [
     (("--resolution", "0"), "--resolution 0"),
     (("--lr", "-1"), "--lr -1"),

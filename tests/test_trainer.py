@@ -49,6 +49,25 @@ def float64_copy(variant: str, state_dict: dict):
     return model, parametrize_singular_values(model)
 
 
+def astronaut_224() -> torch.Tensor:
+    """The held-out astronaut at 224 px, float64: ``[1, 3, 224, 224]``."""
+    return sinder_transform(224)(sample_images(["astronaut"])["astronaut"])[None].double()
+
+
+def one_step(image_loss, variant, state_dict, directions, config, force_block=None):
+    """``image_loss`` once on a fresh float64 copy, the astronaut: ``(ImageLoss, {name: ε gradient}, model)``."""
+    model, eps = float64_copy(variant, state_dict)
+    result = image_loss(model, astronaut_224(), directions, config, set_precision("fp32"), force_block=force_block)
+    return result, {n: p.grad for n, p in eps.items() if p.grad is not None}, model
+
+
+def assert_same_gradients(grads: dict, reference: dict, rtol: float) -> None:
+    """The same ε received a gradient, and each equals the reference to ``rtol`` (relative 2-norm)."""
+    assert set(grads) == set(reference)
+    for n, expected in reference.items():
+        assert ((grads[n] - expected).norm() / expected.norm()).item() < rtol, n
+
+
 def run_steps(image_loss, planted_state, images, steps, config):
     """The authors' batch-size-1 loop in float64, with ``image_loss`` computing each image's gradient."""
     state_dict, directions = planted_state
@@ -93,32 +112,24 @@ def test_fast_step_differentiates_and_factorises_only_the_window(planted_state):
     from sinder_hub.singular_values import SingularValueLinear
 
     state_dict, directions = planted_state
-    image = sinder_transform(224)(sample_images(["astronaut"])["astronaut"])[None].double()
     config = RepairConfig(limit_layers=3)
     grads = {}
     for name, image_loss in (("fast", fast_image_loss), ("naive", naive_image_loss)):
-        model, eps = float64_copy("planted-swiglu", state_dict)
-        result = image_loss(model, image, directions, config, set_precision("fp32"), force_block=6)
+        result, grads[name], model = one_step(image_loss, "planted-swiglu", state_dict, directions, config, 6)
         assert result.block == 6 and result.defects >= 3
-        grads[name] = {n: p.grad for n, p in eps.items() if p.grad is not None}
         if name == "fast":
             touched = {int(n.split(".")[1]) for n in grads[name]}
             factorised = {i for i, block in enumerate(model.blocks)
                           if any(m.U is not None for m in block.modules() if isinstance(m, SingularValueLinear))}
             assert touched == factorised == {4, 5, 6}
     # gradient checkpointing recomputes the same blocks with the same kernels: the same gradients
-    model, eps = float64_copy("planted-swiglu", state_dict)
     config.checkpoint_blocks = True
-    assert fast_image_loss(model, image, directions, config, set_precision("fp32"), force_block=6).block == 6
-    checkpointed = {n: p.grad for n, p in eps.items() if p.grad is not None}
-    assert set(checkpointed) == set(grads["fast"])
-    for n, g in checkpointed.items():
-        assert ((g - grads["fast"][n]).norm() / grads["fast"][n].norm()).item() < 1e-12, n
-    assert set(grads["fast"]) == set(grads["naive"])
-    for n, reference in grads["naive"].items():
-        # float64 round-off, amplified by the planted trigger's steep step (block 4's fc1): measured ≤ 2.6e-6
-        # on the astronaut through the PIL pixel path (≤ 2.6e-7 through the earlier tensor resize)
-        assert ((grads["fast"][n] - reference).norm() / reference.norm()).item() < 1e-5, n
+    result, checkpointed, _ = one_step(fast_image_loss, "planted-swiglu", state_dict, directions, config, 6)
+    assert result.block == 6
+    assert_same_gradients(checkpointed, grads["fast"], rtol=1e-12)
+    # float64 round-off, amplified by the planted trigger's steep step (block 4's fc1): measured ≤ 2.6e-6
+    # on the astronaut through the PIL pixel path (≤ 2.6e-7 through the earlier tensor resize)
+    assert_same_gradients(grads["fast"], grads["naive"], rtol=1e-5)
 
 
 def test_repair_writes_a_run_folder_that_stock_timm_loads(train_folder, tmp_path):
@@ -144,13 +155,7 @@ def test_repair_writes_a_run_folder_that_stock_timm_loads(train_folder, tmp_path
         assert torch.equal(stock.state_dict()[key], value)
 
 
-def test_missing_or_empty_data_fails_before_loading_a_model(tmp_path, monkeypatch):
-    import sinder_hub.backbones
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr(sinder_hub.backbones, "load_backbone", refuse)
+def test_missing_or_empty_data_fails_before_loading_a_model(tmp_path, no_model):
     with pytest.raises(DataError, match="does not exist"):
         repair(RepairConfig(**SMALL, data=str(tmp_path / "nope"), output=str(tmp_path / "run")))
     (tmp_path / "empty").mkdir()
@@ -281,35 +286,26 @@ def test_limit_layers_zero_trains_every_block_up_to_the_loss_in_both_steps(plant
     """``limit_layers = 0`` is "no limit" (the authors' ``if args.limit_layers:``): a loss at block 6 moves
     blocks 0–6, and the fast and naive steps give the same gradients (float64)."""
     state_dict, directions = planted_state
-    image = sinder_transform(224)(sample_images(["astronaut"])["astronaut"])[None].double()
     config = RepairConfig(limit_layers=0)
     grads = {}
     for name, image_loss in (("fast", fast_image_loss), ("naive", naive_image_loss)):
-        model, eps = float64_copy("planted-swiglu", state_dict)
-        assert image_loss(model, image, directions, config, set_precision("fp32"), force_block=6).block == 6
-        grads[name] = {n: p.grad for n, p in eps.items() if p.grad is not None}
+        result, grads[name], _ = one_step(image_loss, "planted-swiglu", state_dict, directions, config, 6)
+        assert result.block == 6
         assert {int(n.split(".")[1]) for n in grads[name]} == set(range(7)), name
-    for n, reference in grads["naive"].items():
-        # float64 round-off through the planted trigger at block 4, larger with blocks 0–3 in the graph too:
-        # measured ≤ 2.6e-6 (blocks.4.mlp.fc1)
-        assert ((grads["fast"][n] - reference).norm() / reference.norm()).item() < 1e-5, n
+    # float64 round-off through the planted trigger at block 4: measured ≤ 2.6e-6 (blocks.4.mlp.fc1)
+    assert_same_gradients(grads["fast"], grads["naive"], rtol=1e-5)
 
 
 def test_kernel_5_fast_step_equals_naive_step(planted_state):
     """The 5x5 kernel through both steps: same loss block and loss, same gradients (float64)."""
     state_dict, directions = planted_state
-    image = sinder_transform(224)(sample_images(["astronaut"])["astronaut"])[None].double()
     config = RepairConfig(limit_layers=3, kernel=5)
-    results, grads = {}, {}
-    for name, image_loss in (("fast", fast_image_loss), ("naive", naive_image_loss)):
-        model, eps = float64_copy("planted-swiglu", state_dict)
-        results[name] = image_loss(model, image, directions, config, set_precision("fp32"))
-        grads[name] = {n: p.grad for n, p in eps.items() if p.grad is not None}
-    assert results["fast"].block == results["naive"].block is not None
-    assert results["fast"].loss == pytest.approx(results["naive"].loss, rel=1e-9)
-    assert set(grads["fast"]) == set(grads["naive"])
-    for n, reference in grads["naive"].items():
-        assert ((grads["fast"][n] - reference).norm() / reference.norm()).item() < 1e-6, n
+    (fast, fast_grads, _), (naive, naive_grads, _) = (
+        one_step(image_loss, "planted-swiglu", state_dict, directions, config)
+        for image_loss in (fast_image_loss, naive_image_loss))
+    assert fast.block == naive.block is not None
+    assert fast.loss == pytest.approx(naive.loss, rel=1e-9)
+    assert_same_gradients(fast_grads, naive_grads, rtol=1e-6)
 
 
 @pytest.mark.parametrize("variant", ["planted-deit3", "planted-clip", "planted-dinov3"])
@@ -318,16 +314,11 @@ def test_fast_step_equals_naive_step_on_other_families(variant):
     both steps for a loss at the planted block 4 with a 3-block window (float64)."""
     original = load_backbone(variant)
     directions = singular_defect_directions(original, method="expected")
-    image = sinder_transform(224)(sample_images(["astronaut"])["astronaut"])[None].double()
     config = RepairConfig(limit_layers=3)
-    results, grads = {}, {}
-    for name, image_loss in (("fast", fast_image_loss), ("naive", naive_image_loss)):
-        model, eps = float64_copy(variant, original.state_dict())
-        results[name] = image_loss(model, image, directions, config, set_precision("fp32"), force_block=4)
-        grads[name] = {n: p.grad for n, p in eps.items() if p.grad is not None}
-    assert results["fast"].block == results["naive"].block == 4 and results["fast"].defects >= 3
-    assert results["fast"].loss == pytest.approx(results["naive"].loss, rel=1e-9)
-    assert {int(n.split(".")[1]) for n in grads["fast"]} == {2, 3, 4}
-    assert set(grads["fast"]) == set(grads["naive"])
-    for n, reference in grads["naive"].items():
-        assert ((grads["fast"][n] - reference).norm() / reference.norm()).item() < 1e-6, n
+    (fast, fast_grads, _), (naive, naive_grads, _) = (
+        one_step(image_loss, variant, original.state_dict(), directions, config, 4)
+        for image_loss in (fast_image_loss, naive_image_loss))
+    assert fast.block == naive.block == 4 and fast.defects >= 3
+    assert fast.loss == pytest.approx(naive.loss, rel=1e-9)
+    assert {int(n.split(".")[1]) for n in fast_grads} == {2, 3, 4}
+    assert_same_gradients(fast_grads, naive_grads, rtol=1e-6)

@@ -11,6 +11,7 @@ Exit codes: 0 done, 1 the run failed or degraded the model (the report says why)
 
 import argparse
 import json
+import sys
 from dataclasses import fields
 
 from sinder_hub.cli import ArgumentParser
@@ -59,8 +60,6 @@ def parse_args(argv=None) -> RepairConfig:
 
 
 def main(argv=None) -> int:
-    import sys
-
     config = parse_args(argv)
     result = repair(config)
     if result.interrupted_by:
