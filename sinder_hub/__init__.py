@@ -4,6 +4,12 @@ from . import models
 from .analysis import BlockMaps, block_linear_maps, leading_left_singular_vector, singular_defect_directions
 from .backbones import BackboneError, load_backbone
 from .defects import NeighborLoss, defect_logits, defect_mask, neighbor_loss
-from .singular_values import SingularValueLinear, merge_singular_values, parametrize_singular_values, singular_value_parameters
+from .singular_values import (
+    SingularValueLinear,
+    merge_singular_values,
+    parametrize_singular_values,
+    singular_value_parameters,
+    sync_singular_values,
+)
 
 __version__ = "0.1.0"

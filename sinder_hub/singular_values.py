@@ -9,19 +9,34 @@ Eva's fused qkv with separate ``q_bias`` / ``v_bias`` reads ``qkv.weight`` itsel
 ``qkv_bias_separate`` (call the layer, then add the biases) while parametrised, and back
 on merge.
 
-We compute ``U diag(S + ε) Vᵀ`` as ``W₀ + U diag(ε) Vᵀ``: the same function of ``ε`` with
-the same gradient, but exactly ``W₀`` at ``ε = 0`` (no SVD round-off), so a parametrised
-model with ``ε = 0`` is bit-identical to the original.
+As in the authors' code, a layer's weight is ``U diag(S + ε) Vᵀ`` rebuilt from its factors
+(at the caller's matmul precision: TF32 under ``--precision tf32``, as theirs), a function
+of ``ε`` alone, so a run resumed from a checkpoint of ``ε``, or split over processes,
+computes with exactly the weights of an uninterrupted one-process run. Unlike theirs, a
+layer keeps its original ``W₀`` (no SVD round-off) until a non-zero ``ε`` first reaches it:
+blocks that are never trained stay bit-identical to the original.
 
 Speed and memory:
 - the SVD of a layer is computed the first time a gradient reaches its ``ε`` (lazily, so
-  blocks that never receive an update never pay for it);
-- the layer uses its weight as merged for the current ``ε`` (re-merged only after ``ε``
-  changes), with or without autograd;
+  blocks that never receive an update never pay for it), or the first time a non-zero ``ε``
+  has to be applied;
+- the layer keeps one weight on its device: the ``weight`` buffer holds the weight for the
+  ``ε`` last applied, replaced by ``U diag(S + ε) Vᵀ`` (one ``[rows, r] x [r, in]``
+  product) after ``ε`` changes; ``W₀`` is not kept once it has been replaced. So a
+  parametrised model's ``state_dict()`` holds the weights it computes with (same keys as
+  before);
+- the eager forward applies pending ``ε`` changes itself (it checks ``ε._version``: the
+  optimiser and ``copy_`` update ``ε`` in place). Compiled code does not: call
+  ``sync_singular_values(model)`` before running compiled blocks after ``ε`` changed;
 - its backward computes ``∂L/∂ε_k = Σ_t (g_t · u_k)(x_t · v_k)`` from two projections
   instead of forming the dense ``∂L/∂W`` and back-propagating through the rebuild.
-- ``reference_mode()`` switches to the authors' pattern instead: rebuild
-  ``U diag(S + ε) Vᵀ`` with autograd on every forward (the naive baseline and test oracle).
+- ``reference_mode()`` switches to the authors' pattern instead: rebuild the weight with
+  autograd on every forward (the naive baseline and test oracle), with the same values as
+  the fast path.
+
+The merge (``merge_singular_values``) writes ``U diag(S + ε) Vᵀ`` computed in float64.
+Loading a parametrised model's state dict into a parametrised model is not supported:
+restore ``ε`` into a freshly parametrised model with ``copy_`` instead, as the trainer does.
 """
 
 from __future__ import annotations
@@ -80,33 +95,36 @@ class _SingularValueLinearFunction(torch.autograd.Function):
 
 
 class SingularValueLinear(nn.Module):
-    """``y = x W(ε)ᵀ + b``, ``W(ε) = W₀ + U diag(ε) Vᵀ`` on the output rows ``rows``.
+    """``y = x W(ε)ᵀ + b``, ``W(ε) = U diag(S + ε) Vᵀ`` on the output rows ``rows`` (``W₀`` elsewhere).
 
-    ``weight`` ``[out, in]`` and ``bias`` ``[out]`` are the frozen original tensors (same
-    names as in ``nn.Linear``, so state-dict keys do not change); ``eps`` ``[r]`` with
-    ``r = min(len(rows), in)`` is the trainable part; ``U [len(rows), r]``, ``S [r]``,
-    ``Vh [r, in]`` are the frozen SVD factors of ``W₀[rows]``, filled on first use.
+    ``weight`` ``[out, in]`` holds the weight for ``eps_applied``, the ``ε`` last applied (``W₀``
+    while that is zero), and ``bias`` ``[out]`` the frozen original bias (same names as in
+    ``nn.Linear``, so state-dict keys do not change); ``eps`` ``[r]`` with ``r = min(len(rows), in)``
+    is the trainable part; ``U [len(rows), r]``, ``S [r]``, ``Vh [r, in]`` are the frozen SVD
+    factors of ``W₀[rows]``, filled on first use. Invariant: ``eps_applied`` (a non-persistent
+    buffer) is zero and ``weight`` equals ``W₀`` until the layer is factorised.
     """
 
     def __init__(self, linear: nn.Linear, rows: tuple[int, int] | None = None):
         super().__init__()
         out_features, in_features = linear.weight.shape
         self.rows = rows or (0, out_features)
-        self.register_buffer("weight", linear.weight.detach())
+        self.register_buffer("weight", linear.weight.detach())  # replaced, never written in place
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
         rank = min(self.rows[1] - self.rows[0], in_features)
         self.eps = nn.Parameter(torch.zeros(rank, dtype=linear.weight.dtype, device=linear.weight.device))
         self.register_buffer("U", None)
         self.register_buffer("S", None)
         self.register_buffer("Vh", None)
-        self._cached_weight: torch.Tensor | None = None
-        self._cached_version = -1
+        self.register_buffer("eps_applied", torch.zeros_like(self.eps.detach()), persistent=False)
+        self._applied_version = self.eps._version
+        self.register_state_dict_pre_hook(_sync_before_saving)
 
     def extra_repr(self) -> str:
         return f"in={self.weight.shape[1]}, out={self.weight.shape[0]}, trainable rows={self.rows}, rank={self.eps.numel()}"
 
     def factorize(self) -> None:
-        """SVD of the trainable rows, once: float64 arithmetic, stored in the weight's dtype.
+        """SVD of the trainable rows of ``W₀``, once: float64 arithmetic, stored in the weight's dtype.
 
         Taken through the Gram matrix of the shorter side: ``AᵀA = V S² Vᵀ`` (eigh), then
         a QR of ``A V = U S`` gives ``U`` with orthonormal columns, also where ``S`` is tiny.
@@ -116,6 +134,7 @@ class SingularValueLinear(nn.Module):
         """
         if self.U is not None:
             return
+        assert not bool(self.eps_applied.any()), "weight must still be W₀ when the layer is factorised"
         start, stop = self.rows
         weight = self.weight[start:stop].double()
         tall = weight.shape[0] >= weight.shape[1]
@@ -130,46 +149,86 @@ class SingularValueLinear(nn.Module):
             U, V = V, U
         self.U, self.S, self.Vh = (t.to(self.weight.dtype).contiguous() for t in (U, S, V.T))
 
+    def sync_weight(self) -> None:
+        """Bring ``weight`` to the current ``ε`` after it changed: its trainable rows become
+        ``U diag(S + ε) Vᵀ`` (no autograd, no autocast, at the caller's matmul precision)."""
+        if self._applied_version == self.eps._version:
+            return
+        with torch.no_grad():
+            if bool((self.eps != self.eps_applied).any()):
+                self.factorize()
+                with torch.autocast(device_type=self.weight.device.type, enabled=False):
+                    rows = (self.U * (self.S + self.eps)) @ self.Vh
+                self.weight = self._with_rows(rows)
+                self.eps_applied.copy_(self.eps)
+        self._applied_version = self.eps._version
+
+    def current_weight(self) -> torch.Tensor:
+        """``W(ε)`` ``[out, in]`` without autograd: ``weight`` after applying pending ``ε`` changes."""
+        self.sync_weight()
+        return self.weight
+
     def merged_weight(self) -> torch.Tensor:
-        """``W(ε)`` ``[out, in]``, differentiable w.r.t. ``ε`` when autograd is on (computed in full precision)."""
+        """``W(ε)`` ``[out, in]`` for the merge, without autograd: ``U diag(S + ε) Vᵀ`` computed in float64 and
+        cast to the weight's dtype (the original weight itself while unfactorised with ``ε = 0``)."""
         if self.U is None:
             if not bool(self.eps.detach().any()):
                 return self.weight
             self.factorize()
-        device_type = self.weight.device.type
-        with torch.autocast(device_type=device_type, enabled=False):
-            delta = (self.U * self.eps) @ self.Vh
+        with torch.no_grad():
+            rows = (self.U.double() * (self.S.double() + self.eps.double())) @ self.Vh.double()
+        return self._with_rows(rows.to(self.weight.dtype))
+
+    def _rebuilt_weight(self) -> torch.Tensor:
+        """``W(ε)`` ``[out, in]`` rebuilt with autograd (reference mode): ``weight + U diag(ε − ε_applied) Vᵀ``
+        on the trainable rows, exactly ``weight`` once synced, with the gradient of ``U diag(S + ε) Vᵀ``."""
+        self.factorize()
+        start, stop = self.rows
+        with torch.autocast(device_type=self.weight.device.type, enabled=False):
+            rows = self.weight[start:stop] + (self.U * (self.eps - self.eps_applied)) @ self.Vh
+        return self._with_rows(rows)
+
+    def _with_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """``weight`` ``[out, in]`` with its trainable rows replaced by ``rows`` ``[len(rows), in]`` (a new tensor)."""
         start, stop = self.rows
         if (start, stop) == (0, self.weight.shape[0]):
-            return self.weight + delta
-        return torch.cat([self.weight[:start], self.weight[start:stop] + delta, self.weight[stop:]])
-
-    def current_weight(self) -> torch.Tensor:
-        """``W(ε)`` without autograd, cached until ``ε`` changes (the optimiser updates it in place)."""
-        if self._cached_weight is None or self._cached_version != self.eps._version:
-            with torch.no_grad():
-                self._cached_weight = self.merged_weight()
-            self._cached_version = self.eps._version
-        return self._cached_weight
+            return rows
+        return torch.cat([self.weight[:start], rows, self.weight[stop:]])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling():  # compiled code: the caller runs sync_singular_values first
+            self.sync_weight()
         if not (torch.is_grad_enabled() and self.eps.requires_grad):
-            return F.linear(x, self.current_weight(), self.bias)
+            return F.linear(x, self.weight, self.bias)
         if _REFERENCE_MODE:
-            self.factorize()
-            return F.linear(x, self.merged_weight(), self.bias)
-        return _SingularValueLinearFunction.apply(x, self.eps, self.current_weight(), self.bias, self)
+            return F.linear(x, self._rebuilt_weight(), self.bias)
+        return _SingularValueLinearFunction.apply(x, self.eps, self.weight, self.bias, self)
 
     def to_linear(self) -> nn.Linear:
-        """A plain ``nn.Linear`` holding ``W(ε)`` (the merge of §4.2)."""
-        with torch.no_grad():
-            weight = self.merged_weight().detach().clone()
+        """A plain ``nn.Linear`` holding ``W(ε)`` computed in float64 (the merge of §4.2)."""
+        weight = self.merged_weight()
         linear = nn.Linear(weight.shape[1], weight.shape[0], bias=self.bias is not None, device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
             linear.weight.copy_(weight)
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
         return linear
+
+
+def _sync_before_saving(layer: SingularValueLinear, prefix: str, keep_vars: bool) -> None:
+    """State-dict pre-hook: the saved ``weight`` is ``W(ε)`` for the saved ``ε``."""
+    layer.sync_weight()
+
+
+def sync_singular_values(model: nn.Module) -> None:
+    """Apply pending ``ε`` changes to the weights of every ``SingularValueLinear`` in ``model``.
+
+    The eager forward does this itself; code that compiles a block must call it before running
+    the compiled block after ``ε`` changed (the compiled forward does not check ``ε``).
+    """
+    for module in model.modules():
+        if isinstance(module, SingularValueLinear):
+            module.sync_weight()
 
 
 def _block_linears(block: nn.Module, where: str = "block"):
@@ -184,8 +243,9 @@ def parametrize_singular_values(model: nn.Module) -> dict[str, nn.Parameter]:
     """Put every movable linear layer of ``model.blocks`` in singular-value form; freeze everything else.
 
     Returns ``{name: ε}`` for all of them, in block order (the optimiser's parameter order).
-    Idempotent. With ``ε = 0`` the model computes exactly what it did before (Eva's fused qkv with
-    separate biases: up to float rounding, the bias being added after the product instead of in it).
+    Idempotent. Until a non-zero ``ε`` is applied the model computes exactly what it did before
+    (Eva's fused qkv with separate biases: up to float rounding, the bias being added after the
+    product instead of in it).
     Raises ``BackboneError`` for a block ``families.describe_block`` does not support.
     """
     described = describe_model(model)
