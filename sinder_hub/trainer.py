@@ -18,6 +18,7 @@ SGD, and like theirs the run cycles through the images until the clear-rate rule
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -41,8 +42,9 @@ from .defects import GAUSSIAN_KERNELS, defect_mask, neighbor_loss
 from .errors import InputError, RepairError, RunFolderError
 from .files import atomic_path, write_json_atomic
 from .runs import REPORT, RunFolder
-from .singular_values import merge_singular_values, parametrize_singular_values, reference_mode
-from .tokens import patch_grid, prepare_blocks
+from .singular_values import (SingularValueLinear, merge_singular_values, parametrize_singular_values, reference_mode,
+                              sync_singular_values)
+from .tokens import grid_size, patch_grid, prepare_blocks
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,8 @@ class RepairConfig:
     images_per_step: int = 1
     precision: str = "tf32"
     checkpoint_blocks: bool = False
+    compile: bool = False
+    count_batch: int = 4
     seed: int = 0
     directions_method: str = "sampled"
     directions_samples: int = 100_000
@@ -80,7 +84,7 @@ class RepairConfig:
     resume: bool = False
     overwrite: bool = False
     allow_degraded: bool = False
-    num_workers: int = 2
+    num_workers: int = 4
     max_pixels: int = MAX_PIXELS
     held_out: tuple[str, ...] = HELD_OUT_SAMPLES
     quiet: bool = False
@@ -91,7 +95,8 @@ class RepairConfig:
                    "precision", "seed", "directions_method", "directions_samples")
     HYPERPARAMETERS = ("resolution", "lr", "momentum", "mask_thr", "skip_less_than", "limit_layers", "kernel",
                        "temperature", "window", "stop_clear", "max_steps", "num_images", "images_per_step",
-                       "precision", "checkpoint_blocks", "seed", "data", "directions_method", "directions_samples")
+                       "precision", "checkpoint_blocks", "compile", "count_batch", "seed", "data", "directions_method",
+                       "directions_samples")
 
     def hyperparameters(self) -> dict:
         return {key: getattr(self, key) for key in self.HYPERPARAMETERS}
@@ -114,6 +119,7 @@ class RepairConfig:
             ("max_steps", self.max_steps >= 1, "at least 1"),
             ("images_per_step", self.images_per_step >= 1, "at least 1"),
             ("precision", self.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
+            ("count_batch", self.count_batch >= 1, "at least 1 block"),
             ("directions_method", self.directions_method in DIRECTIONS_METHODS, f"one of {', '.join(DIRECTIONS_METHODS)}"),
             ("directions_samples", self.directions_samples >= 1, "at least 1"),
             ("save_every", self.save_every >= 0, "0 (only on signals and at the end) or a number of steps"),
@@ -280,6 +286,92 @@ def fast_image_loss(model, image, directions, config, autocast, force_block: int
     return image_loss
 
 
+def _block_and_count(block, x, direction, prefix: int, grid_hw: tuple[int, int], mask_thr: float, kernel: int):
+    """One block without autograd and its defect count: ``[1, N, D]`` -> (``[1, N, D]``, 0-d count).
+
+    Compiled once by ``compiled_image_loss`` and reused for every block of the same shapes
+    (the block is an argument, its weights graph inputs)."""
+    y = block(x)
+    grid = y[0, prefix:].unflatten(0, grid_hw)
+    mask, _ = defect_mask(grid.float(), direction, mask_thr=mask_thr, kernel=kernel)
+    return y, mask.sum()
+
+
+def _run_block(block, x):
+    return block(x)
+
+
+@functools.cache
+def _compiled_block_and_count():
+    return torch.compile(_block_and_count, dynamic=False)
+
+
+@functools.cache
+def _compiled_block():
+    """One block with autograd (forward and backward compiled), its layers factorised beforehand."""
+    return torch.compile(_run_block, dynamic=False)
+
+
+def compiled_image_loss(model, image, directions, config, autocast, force_block: int | None = None) -> ImageLoss:
+    """Algorithm 1 for one ``[1, 3, R, R]`` image with a compiled detection scan (``--compile``).
+
+    The blocks run without autograd through one ``torch.compile``d function (block and
+    defect count fused, no autograd graph recorded); the counts stay on the device and are
+    read every ``config.count_batch`` blocks, so the scan runs at most ``count_batch − 1``
+    blocks past the loss block. Only the inputs of the last ``limit_layers`` blocks are
+    kept. For an image with a loss the window is run again with autograd from its first
+    block's input, each block compiled with its backward (its layers factorised first, so
+    that the compiled backward only projects onto the factors), and back-propagated as in
+    the naive step: the same gradients up to the compiled kernels' rounding, for
+    ``limit_layers`` more block forwards than ``fast_image_loss``. A clear image costs
+    about one no-grad forward.
+    """
+    image_hw = image.shape[-2:]
+    block_and_count = _compiled_block_and_count()
+    sync_singular_values(model)  # compiled code reads the weights as they are
+    depth, keep = len(model.blocks), config.limit_layers or len(model.blocks)
+    grid_hw = grid_size(model, image_hw)
+    found = None
+    with torch.no_grad(), autocast():
+        x, blocks = prepare_blocks(model, image)
+        inputs = deque(maxlen=keep + config.count_batch)  # (index, input) of the latest blocks
+        counts = []
+        for index, block in enumerate(blocks):
+            inputs.append((index, x))
+            x, count = block_and_count(block, x, directions[index], model.num_prefix_tokens, grid_hw,
+                                       config.mask_thr, config.kernel)
+            counts.append(count)
+            if len(counts) < config.count_batch and index < depth - 1:
+                continue
+            first_of_batch = index - len(counts) + 1
+            for offset, defects in enumerate(torch.stack(counts).tolist()):
+                candidate = first_of_batch + offset
+                if candidate == force_block or (force_block is None and gives_loss(int(defects), config)):
+                    found = candidate
+                    break
+            counts = []
+            if found is not None:
+                break
+    if found is None:
+        return ImageLoss(block=None)
+    start = max(0, found - keep + 1)
+    x = next(saved for index, saved in inputs if index == start)
+    del inputs
+    for block in model.blocks[start:found + 1]:
+        for layer in block.modules():
+            if isinstance(layer, SingularValueLinear):
+                layer.factorize()
+    run_block = _compiled_block()
+    with autocast():
+        for index in range(start, found + 1):
+            if config.checkpoint_blocks:
+                x = torch.utils.checkpoint.checkpoint(blocks[index], x, use_reentrant=False)
+            else:
+                x = run_block(blocks[index], x)
+        result = _loss_at(model, x, image_hw, directions[found], config)
+    return _backward(result, found)
+
+
 def naive_image_loss(model, image, directions, config, autocast, force_block: int | None = None) -> ImageLoss:
     """The authors' pattern: every layer's weight rebuilt with autograd on every forward, autograd
     through every block from the start, then the gradients of the blocks outside the window
@@ -352,7 +444,8 @@ def train_step(model, batch: list, directions, config, autocast, optimizer, para
             blocks.append(-1)
             bad.append((index, problem))
             continue
-        result = fast_image_loss(model, image[None].to(accelerator.device), directions, config, autocast)
+        image_loss = compiled_image_loss if config.compile else fast_image_loss
+        result = image_loss(model, image[None].to(accelerator.device, non_blocking=True), directions, config, autocast)
         flags.append(CLEAR if result.block is None else LOSS)
         blocks.append(-1 if result.block is None else result.block)
         losses.append(result.loss)
@@ -748,7 +841,8 @@ def _train(config, accelerator, run: RunFolder, paths: list[Path], digest: str, 
         state = TrainState(clear_window=deque([False] * config.window, maxlen=config.window))
     loader = DataLoader(ImageFiles(paths, config.resolution, max_pixels=config.max_pixels), batch_size=1,
                         sampler=plan.sequence(rank, state.step, config.max_steps),
-                        num_workers=config.num_workers, collate_fn=collate_one)
+                        num_workers=config.num_workers, collate_fn=collate_one, pin_memory=device.type == "cuda",
+                        prefetch_factor=4 if config.num_workers else None)
     batches = iter(loader)
     progress = None
     if accelerator.is_main_process and not config.quiet:

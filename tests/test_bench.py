@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-KEYS = {"fast_step_s", "naive_step_s", "clear_image_s", "directions_s", "setup_s", "fast_peak_gib", "naive_peak_gib", "device"}
+KEYS = {"fast_step_s", "naive_step_s", "clear_image_s", "directions_s", "setup_s", "fast_peak_gib", "naive_peak_gib", "device",
+        "compiled_step_s", "compiled_clear_image_s", "compiled_peak_gib", "weights_gib", "factors_gib"}
 
 
 def test_bench_json_has_every_key():
@@ -19,4 +20,7 @@ def test_bench_json_has_every_key():
     assert KEYS <= set(result)
     assert result["loss_block"] == 4 and result["device"].startswith("cpu")
     assert all(result[key] > 0 for key in KEYS - {"device"})
+    # the compiled step's gradients are the naive step's; the ledger counts the window's factors (blocks 3–4)
+    assert result["compiled_grad_rel_diff"] < 1e-4 and result["grad_rel_diff"] < 1e-4
+    assert result["factors_gib"] < result["weights_gib"]
     assert result["naive_peak_gib"] > 0.1  # the process holds at least the model

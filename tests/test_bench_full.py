@@ -71,3 +71,19 @@ def test_image_cache_is_deterministic_and_reused(tmp_path):
 
     other = tmp_path / "other"  # another seed draws other crops
     assert tool.training_images(other, 1, seed=1, processes=1)[0][0].read_bytes() != first[0]
+
+
+def test_tiny_run_with_compile_times_the_compiled_scan(tmp_path):
+    """``--compile``: the wrapped ``compiled_image_loss`` is what the loop timed (every image is counted)."""
+    output = tmp_path / "figures.json"
+    command = [sys.executable, str(REPO / "tools" / "bench_full.py"), "--depth", "6", "--width", "192",
+               "--planted-block", "3", "--resolution", "224", "--num-images", "8", "--limit-layers", "3",
+               "--directions-method", "expected", "--num-workers", "1", "--precision", "fp32", "--quiet",
+               "--compile", "--count-batch", "2", "--cache", str(tmp_path / "cache"), "--json", str(output)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "--compile" in done.stdout
+    result = json.loads(output.read_text())
+    assert result["compile"] is True and result["count_batch"] == 2 and result["num_workers"] == 1
+    assert result["loss"]["images"] + result["clear"]["images"] == result["steps"] == 8
+    assert sum(result["loss_layer_histogram"].values()) == result["loss"]["images"] > 0

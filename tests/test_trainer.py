@@ -311,14 +311,71 @@ def test_kernel_5_fast_step_equals_naive_step(planted_state):
 @pytest.mark.parametrize("variant", ["planted-deit3", "planted-clip", "planted-dinov3"])
 def test_fast_step_equals_naive_step_on_other_families(variant):
     """Layer scale or none, QuickGELU, Eva with RoPE and split SwiGLU: the same loss and ε gradients from
-    both steps for a loss at the planted block 4 with a 3-block window (float64)."""
+    the fast, the compiled and the naive step for a loss at the planted block 4 with a 3-block window (float64)."""
+    from sinder_hub.trainer import compiled_image_loss
+
     original = load_backbone(variant)
     directions = singular_defect_directions(original, method="expected")
     config = RepairConfig(limit_layers=3)
-    (fast, fast_grads, _), (naive, naive_grads, _) = (
+    (fast, fast_grads, _), (compiled, compiled_grads, _), (naive, naive_grads, _) = (
         one_step(image_loss, variant, original.state_dict(), directions, config, 4)
-        for image_loss in (fast_image_loss, naive_image_loss))
-    assert fast.block == naive.block == 4 and fast.defects >= 3
-    assert fast.loss == pytest.approx(naive.loss, rel=1e-9)
-    assert {int(n.split(".")[1]) for n in fast_grads} == {2, 3, 4}
+        for image_loss in (fast_image_loss, compiled_image_loss, naive_image_loss))
+    assert fast.block == compiled.block == naive.block == 4 and fast.defects >= 3
+    assert fast.loss == pytest.approx(naive.loss, rel=1e-9) and compiled.loss == pytest.approx(naive.loss, rel=1e-9)
+    assert {int(n.split(".")[1]) for n in fast_grads} == {int(n.split(".")[1]) for n in compiled_grads} == {2, 3, 4}
     assert_same_gradients(fast_grads, naive_grads, rtol=1e-6)
+    assert_same_gradients(compiled_grads, naive_grads, rtol=1e-6)
+
+
+def test_compiled_scan_gives_the_naive_gradients(planted_state):
+    """``--compile``: the detection scan runs compiled without autograd, the window again with autograd.
+
+    Forced loss at block 6 (window 4–6) and the first natural loss block, float64 on the CPU:
+    the same loss block and defects as the naive step, gradients equal up to the compiled
+    kernels' rounding (measured ≤ 1e-9 relative), SVDs only in the window."""
+    from sinder_hub.singular_values import SingularValueLinear
+    from sinder_hub.trainer import compiled_image_loss
+
+    state_dict, directions = planted_state
+    for force_block in (6, None):
+        config = RepairConfig(limit_layers=3, compile=True)
+        compiled, compiled_grads, model = one_step(compiled_image_loss, "planted-swiglu", state_dict, directions,
+                                                   config, force_block)
+        naive, naive_grads, _ = one_step(naive_image_loss, "planted-swiglu", state_dict, directions, config, force_block)
+        assert compiled.block == naive.block and compiled.defects == naive.defects >= 3
+        assert compiled.loss == pytest.approx(naive.loss, rel=1e-9)
+        assert_same_gradients(compiled_grads, naive_grads, rtol=1e-5)
+        window = set(range(compiled.block - 2, compiled.block + 1))
+        assert {int(n.split(".")[1]) for n in compiled_grads} == window
+        assert {i for i, block in enumerate(model.blocks)
+                if any(m.U is not None for m in block.modules() if isinstance(m, SingularValueLinear))} == window
+
+
+@pytest.mark.parametrize("count_batch", [1, 5, 12])
+def test_count_batch_changes_when_counts_are_read_not_the_loss_block(planted_state, count_batch):
+    """Reading the counts every 1, 5 or 12 (all) blocks finds the same first loss block as the
+    eager scan, with ``limit_layers = 0`` (the window is every block up to it), and the same gradients."""
+    from sinder_hub.trainer import compiled_image_loss
+
+    state_dict, directions = planted_state
+    config = RepairConfig(limit_layers=0, compile=True, count_batch=count_batch)
+    compiled, compiled_grads, _ = one_step(compiled_image_loss, "planted-swiglu", state_dict, directions, config)
+    fast, fast_grads, _ = one_step(fast_image_loss, "planted-swiglu", state_dict, directions, config)
+    assert compiled.block == fast.block is not None
+    assert_same_gradients(compiled_grads, fast_grads, rtol=1e-5)
+
+
+def test_compiled_repair_follows_the_eager_repair(train_folder, tmp_path):
+    """A whole run with ``--compile`` (float32, TF32 setting on a CPU = float32): the same images give
+    a loss at the same blocks as the eager run for 12 steps, and ε ends within 1e-4 relative."""
+    config = dict(SMALL, data=str(train_folder), max_steps=12, held_out=("astronaut",), precision="fp32")
+    eager = repair(RepairConfig(**config, output=str(tmp_path / "eager"))).report
+    compiled = repair(RepairConfig(**config, output=str(tmp_path / "compiled"), compile=True)).report
+    assert compiled["loss_layer_histogram"] == eager["loss_layer_histogram"]
+    assert compiled["images"] == eager["images"] and eager["updates"] >= 6
+    assert compiled["hyperparameters"]["compile"] is True
+    eager_eps, compiled_eps = final_eps(tmp_path / "eager"), final_eps(tmp_path / "compiled")
+    scale = torch.cat([e.flatten() for e in eager_eps.values()]).norm()
+    difference = torch.cat([(compiled_eps[n] - eager_eps[n]).flatten() for n in eager_eps]).norm()
+    print(f"ε after 12 steps, compiled vs eager scan: {difference / scale:.2e} relative")
+    assert difference / scale < 1e-4

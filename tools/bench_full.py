@@ -17,7 +17,7 @@ defaults, except that the clear-rate stop is off and each image is processed exa
 (``max_steps = num_images / images_per_step``).
 
 Measured by wrapping the trainer's own functions (nothing in the trainer changes): the
-time of every ``fast_image_loss`` (split into images with a loss and clear images), the
+time of every ``fast_image_loss`` (``compiled_image_loss`` with ``--compile``; split into images with a loss and clear images), the
 time spent waiting in ``next()`` on its DataLoader, the model build and the directions;
 peak memory is CUDA's max allocated on a GPU, this process's peak RSS on a CPU (the loader
 workers not included).
@@ -25,6 +25,7 @@ workers not included).
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -151,7 +152,8 @@ class Timings:
     def patches(self, model_args: dict, planted_block: int) -> list:
         """``mock.patch`` objects that time the build, directions, image losses, loader waits and the loop."""
         timings = self
-        fast_image_loss, directions = trainer.fast_image_loss, trainer.singular_defect_directions
+        image_losses = {"fast_image_loss": trainer.fast_image_loss, "compiled_image_loss": trainer.compiled_image_loss}
+        directions = trainer.singular_defect_directions
         merge = trainer.merge_singular_values
 
         def build(spec, *args, **kwargs):
@@ -167,10 +169,10 @@ class Timings:
             timings.directions_s += time.perf_counter() - started
             return result
 
-        def timed_loss(*args, **kwargs):
+        def timed_loss(image_loss, *args, **kwargs):
             timings.sync()
             started = time.perf_counter()
-            result = fast_image_loss(*args, **kwargs)
+            result = image_loss(*args, **kwargs)
             timings.sync()
             elapsed = time.perf_counter() - started
             if result.block is None:
@@ -207,7 +209,7 @@ class Timings:
 
         return [mock.patch.object(backbones, "load_backbone", build),
                 mock.patch.object(trainer, "singular_defect_directions", timed_directions),
-                mock.patch.object(trainer, "fast_image_loss", timed_loss),
+                *[mock.patch.object(trainer, name, functools.partial(timed_loss, loss)) for name, loss in image_losses.items()],
                 mock.patch.object(trainer, "merge_singular_values", timed_merge),
                 mock.patch.object(trainer, "DataLoader", TimedLoader)]
 
@@ -238,7 +240,7 @@ def run(args) -> dict:
             resolution=args.resolution, stop_clear=2.0, max_steps=args.num_images // args.images_per_step,
             images_per_step=args.images_per_step, precision=args.precision, num_workers=args.num_workers,
             limit_layers=args.limit_layers, directions_method=args.directions_method, allow_degraded=True,
-            quiet=args.quiet)
+            compile=args.compile, count_batch=args.count_batch, quiet=args.quiet)
         for patch in timings.patches(model_args, args.planted_block):
             stack.enter_context(patch)
         if device.type == "cuda":
@@ -256,7 +258,7 @@ def run(args) -> dict:
         "model": {"architecture": report["architecture"], **model_args, "planted_block": args.planted_block,
                   "weight_std": weight_std(args.width)},
         "resolution": args.resolution, "precision": args.precision, "images_per_step": args.images_per_step,
-        "num_workers": args.num_workers, "limit_layers": args.limit_layers, "directions_method": args.directions_method,
+        "num_workers": args.num_workers, "compile": args.compile, "count_batch": args.count_batch, "limit_layers": args.limit_layers, "directions_method": args.directions_method,
         "num_images": args.num_images, "images_generated_s": round(generate_s, 2),
         "steps": report["steps"], "updates": report["updates"],
         "images_processed": images["seen"] + images["skipped_bad"],
@@ -285,7 +287,8 @@ def describe(result: dict) -> str:
     return "\n".join([
         f"planted {model['architecture']}: {model['depth']} blocks x {model['embed_dim']}, "
         f"defect at block {model['planted_block']}; {result['resolution']} px, {result['precision']}, "
-        f"{result['images_per_step']} image(s)/step, {result['num_workers']} loader workers, on {result['device']}",
+        f"{result['images_per_step']} image(s)/step, {result['num_workers']} loader workers"
+        f"{', --compile' if result['compile'] else ''}, on {result['device']}",
         f"  images      {result['images_processed']} processed in {result['loop_s']:.2f} s: {result['images_per_s']:.3f} images/s "
         f"({result['steps']} steps, {result['updates']} updates)",
         f"  with a loss {loss['images']:6d} images  {loss['time_s']:9.2f} s  ({per(loss)}; loss block: images "
@@ -311,7 +314,9 @@ def main(argv=None) -> int:
     parser.add_argument("--planted-block", type=int, default=17)
     parser.add_argument("--precision", choices=trainer.PRECISIONS, default="tf32")
     parser.add_argument("--images-per-step", type=int, default=1)
-    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--num-workers", type=int, default=trainer.RepairConfig.num_workers)
+    parser.add_argument("--compile", action="store_true", help="repair.py --compile (compiled detection scan)")
+    parser.add_argument("--count-batch", type=int, default=trainer.RepairConfig.count_batch)
     parser.add_argument("--limit-layers", type=int, default=10)
     parser.add_argument("--directions-method", choices=trainer.DIRECTIONS_METHODS, default="sampled")
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "sinder-hub" / "bench-images"),

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmark of docs/benchmarks.md in one call: the step benchmark of the issue's
-# goals (ViT-g/14, 518 px, loss at block 25, TF32 and bf16) and the demo repair in fp32,
+# goals (ViT-g/14, 518 px, loss at block 25, TF32 and bf16; fast, --compile and naive steps,
+# the memory ledger, the attention kernel) and the demo repair in fp32,
 # tf32 and bf16 (the effect of the precision on the result), then the end-to-end run
 # (tools/bench_full.py: a planted-defect ViT-g/14 at 518 px, repaired on FULL_IMAGES
 # generated JPEGs, each processed once; killed after FULL_TIMEOUT seconds).
@@ -12,7 +13,8 @@
 # FULL_IMAGES (default 2000: about 2 minutes of training at the ViT-g step times measured
 # so far), FULL_TIMEOUT (default 480 s) and FULL_ARGS (more bench_full.py flags, e.g. the
 # tiny size --depth 6 --width 192 --planted-block 3 --resolution 224 --directions-method
-# expected) size the end-to-end run; FULL_IMAGES=0 skips it.
+# expected) size the end-to-end run; FULL_IMAGES=0 skips it. FULL_COMPILE_IMAGES (default
+# 1000; 0 skips it) repeats the end-to-end run with --compile.
 set -euo pipefail
 results=${1:-bench-gpu}
 mkdir -p "$results"
@@ -64,4 +66,9 @@ if [ "${FULL_IMAGES:-2000}" != 0 ]; then
     timeout "${FULL_TIMEOUT:-480}" $python tools/bench_full.py --num-images "${FULL_IMAGES:-2000}" --quiet \
         --json "$results/bench_full.json" ${FULL_ARGS:-} | tee "$results/bench_full.txt" \
         || echo "bench_full.py failed or ran past ${FULL_TIMEOUT:-480} s (exit ${PIPESTATUS[0]})"
+fi
+if [ "${FULL_COMPILE_IMAGES:-1000}" != 0 ]; then
+    timeout "${FULL_TIMEOUT:-480}" $python tools/bench_full.py --num-images "${FULL_COMPILE_IMAGES:-1000}" --compile --quiet \
+        --json "$results/bench_full_compile.json" ${FULL_ARGS:-} | tee "$results/bench_full_compile.txt" \
+        || echo "bench_full.py --compile failed or ran past ${FULL_TIMEOUT:-480} s (exit ${PIPESTATUS[0]})"
 fi

@@ -7,9 +7,13 @@
 The loss block is forced (random weights have no defects); a low --mask-thr makes sure it
 has defective tokens, so both steps do a full backward. Peak memory is CUDA's
 max_memory_allocated on a GPU, the process's peak RSS (sampled) on a CPU. The fast step
-is also timed with --checkpoint-blocks (gradient checkpointing of the window). The ε gradients
-of one fast and one naive step are compared as a check (relative difference of the
-flattened gradients; both steps see the same weights and image).
+is also timed with --checkpoint-blocks (gradient checkpointing of the window), and the step
+and the clear image with --compile (a compiled no-grad detection scan, counts read every
+--count-batch blocks, the window run again with autograd). The ε gradients of one fast, one
+compiled and one naive step are compared as a check (relative difference of the flattened
+gradients; the steps see the same weights and image). The memory ledger splits the fast
+step's peak into the weights, the window's singular-value factors and the rest (autograd
+graphs, temporaries), counted from the tensors.
 """
 
 import argparse
@@ -24,7 +28,7 @@ import torch
 from sinder_hub import load_backbone, parametrize_singular_values, singular_defect_directions
 from sinder_hub.analysis import block_linear_maps
 from sinder_hub.singular_values import SingularValueLinear
-from sinder_hub.trainer import RepairConfig, fast_image_loss, naive_image_loss, set_precision
+from sinder_hub.trainer import RepairConfig, compiled_image_loss, fast_image_loss, naive_image_loss, set_precision
 
 
 class PeakMemory:
@@ -90,6 +94,38 @@ def warm_up(device: torch.device) -> None:
     synchronize(device)
 
 
+def memory_ledger(model) -> dict:
+    """Bytes held by the model's own tensors, in GiB: its weights (parameters and buffers,
+    factors excluded) and the singular-value factors ``U, S, Vh`` of the factorised layers."""
+    factors, seen, weights = 0, set(), 0
+    for module in model.modules():
+        if isinstance(module, SingularValueLinear):
+            for tensor in (module.U, module.S, module.Vh):
+                if tensor is not None:
+                    factors += tensor.untyped_storage().nbytes()
+                    seen.add(tensor.untyped_storage().data_ptr())
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        pointer = tensor.untyped_storage().data_ptr()
+        if pointer not in seen:
+            seen.add(pointer)
+            weights += tensor.untyped_storage().nbytes()
+    return {"weights_gib": weights / 2**30, "factors_gib": factors / 2**30}
+
+
+def attention_kernel(run, device) -> str:
+    """Which fused attention a step can use on a GPU: run it allowing flash attention only."""
+    if device.type != "cuda":
+        return "sdpa (cpu)"
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    try:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            run()
+        return "flash"
+    except RuntimeError:
+        return "not flash (flash attention refused these inputs)"
+
+
 def epsilon_gradients(eps: list, model, image_loss, image, directions, config, autocast, block) -> torch.Tensor:
     """All ε gradients of one step (no update), flattened; zeros where a layer got none."""
     for p in eps:
@@ -109,6 +145,7 @@ def main(argv=None) -> int:
     parser.add_argument("--precision", choices=("fp32", "tf32", "bf16"), nargs="+", default=["tf32"],
                         help="one or more; the model, directions and set-up are shared")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--count-batch", type=int, default=4, help="--compile: defect counts read every K blocks")
     parser.add_argument("--samples", type=int, default=100_000, help="least-squares samples of the directions (the authors': 100k)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", action="store_true", help="print one JSON object per precision")
@@ -121,7 +158,8 @@ def main(argv=None) -> int:
     depth = len(model.blocks)
     block = min(args.loss_block, depth - 1)
     window = range(max(0, block - args.limit_layers + 1), block + 1)
-    config = RepairConfig(mask_thr=args.mask_thr, limit_layers=args.limit_layers, skip_less_than=10**9)
+    config = RepairConfig(mask_thr=args.mask_thr, limit_layers=args.limit_layers, skip_less_than=10**9,
+                          count_batch=args.count_batch)
     image = torch.randn(1, 3, args.resolution, args.resolution, generator=torch.Generator().manual_seed(0)).to(device)
     warm_up(device)
 
@@ -176,17 +214,31 @@ def main(argv=None) -> int:
         with PeakMemory(device) as checkpointed_memory:
             checkpointed_step_s = timed(step(fast_image_loss, block, autocast), args.repeats, device)
         config.checkpoint_blocks = False
+        attention = attention_kernel(step(fast_image_loss, block, autocast), device)
+        compile_start = time.perf_counter()
+        step(compiled_image_loss, None, autocast)()  # the first call compiles
+        synchronize(device)
+        compile_s = time.perf_counter() - compile_start
+        compiled_clear_image_s = timed(step(compiled_image_loss, None, autocast), args.repeats, device)
+        with PeakMemory(device) as compiled_memory:
+            compiled_step_s = timed(step(compiled_image_loss, block, autocast), args.repeats, device)
         results[precision] = {"clear_image_s": clear_image_s, "forward_s": forward_s, "fast_step_s": fast_step_s,
                               "fast_peak_gib": fast_memory.gib, "checkpointed_step_s": checkpointed_step_s,
-                              "checkpointed_peak_gib": checkpointed_memory.gib}
+                              "checkpointed_peak_gib": checkpointed_memory.gib, "compile_s": compile_s,
+                              "compiled_clear_image_s": compiled_clear_image_s, "compiled_step_s": compiled_step_s,
+                              "compiled_peak_gib": compiled_memory.gib, "attention": attention,
+                              **memory_ledger(model)}
     for precision in args.precision:
         autocast = set_precision(precision)
         with PeakMemory(device) as naive_memory:
             naive_step_s = timed(step(naive_image_loss, block, autocast), args.repeats, device)
         fast_grad = epsilon_gradients(list(eps.values()), model, fast_image_loss, image, directions, config, autocast, block)
+        compiled_grad = epsilon_gradients(list(eps.values()), model, compiled_image_loss, image, directions, config,
+                                          autocast, block)
         naive_grad = epsilon_gradients(list(eps.values()), model, naive_image_loss, image, directions, config, autocast, block)
         results[precision].update(naive_step_s=naive_step_s, naive_peak_gib=naive_memory.gib,
-                                  grad_rel_diff=float((fast_grad - naive_grad).norm() / naive_grad.norm()))
+                                  grad_rel_diff=float((fast_grad - naive_grad).norm() / naive_grad.norm()),
+                                  compiled_grad_rel_diff=float((compiled_grad - naive_grad).norm() / naive_grad.norm()))
 
     if args.profile:
         for precision in args.precision:
@@ -212,18 +264,30 @@ def main(argv=None) -> int:
             "setup_svd_s": setup_svd_s, "fast_peak_gib": r["fast_peak_gib"], "naive_peak_gib": r["naive_peak_gib"],
             "checkpointed_step_s": r["checkpointed_step_s"], "checkpointed_peak_gib": r["checkpointed_peak_gib"],
             "speedup": r["naive_step_s"] / r["fast_step_s"], "grad_rel_diff": r["grad_rel_diff"], "device": device_name,
+            "compile_s": r["compile_s"], "compiled_step_s": r["compiled_step_s"],
+            "compiled_clear_image_s": r["compiled_clear_image_s"], "compiled_peak_gib": r["compiled_peak_gib"],
+            "compiled_speedup": r["naive_step_s"] / r["compiled_step_s"],
+            "compiled_grad_rel_diff": r["compiled_grad_rel_diff"], "count_batch": args.count_batch,
+            "weights_gib": r["weights_gib"], "factors_gib": r["factors_gib"], "attention": r["attention"],
         }
         if args.json:
             print(json.dumps(result))
             continue
         print(f"{args.model} at {args.resolution}px, loss at block {block}/{depth}, window {args.limit_layers}, "
-              f"{precision} on {device_name}")
+              f"{precision} on {device_name}, attention: {r['attention']}")
         print(f"  fast step    {r['fast_step_s']:8.3f} s   peak {r['fast_peak_gib']:6.2f} GiB")
         print(f"  fast step, --checkpoint-blocks {r['checkpointed_step_s']:8.3f} s   peak {r['checkpointed_peak_gib']:6.2f} GiB")
+        print(f"  compiled step (--compile, counts every {args.count_batch}) {r['compiled_step_s']:8.3f} s   "
+              f"peak {r['compiled_peak_gib']:6.2f} GiB   (compiling: {r['compile_s']:.1f} s)")
         print(f"  naive step   {r['naive_step_s']:8.3f} s   peak {r['naive_peak_gib']:6.2f} GiB")
         print(f"  clear image  {r['clear_image_s']:8.3f} s   (a plain no-grad forward: {r['forward_s']:.3f} s)")
+        print(f"  clear image, --compile {r['compiled_clear_image_s']:8.3f} s   "
+              f"({r['compiled_clear_image_s'] / r['forward_s']:.2f} x the plain forward)")
         print(f"  naive / fast {result['speedup']:8.2f} x   (clear image vs naive: {r['naive_step_s'] / r['clear_image_s']:.2f} x)")
-        print(f"  ε gradient, fast vs naive: relative difference {r['grad_rel_diff']:.2e}")
+        print(f"  naive / compiled {result['compiled_speedup']:8.2f} x")
+        print(f"  ε gradient vs naive: fast {r['grad_rel_diff']:.2e}, compiled {r['compiled_grad_rel_diff']:.2e} (relative)")
+        print(f"  memory ledger after the steps: weights {r['weights_gib']:.2f} GiB, window factors {r['factors_gib']:.2f} GiB "
+              f"(the rest of the fast peak: graphs and temporaries)")
         print(f"  directions   {directions_s:8.3f} s (sampled, {args.samples}; of which linearising the blocks "
               f"{directions_maps_s:.3f} s)   {directions_expected_s:.3f} s (expected)")
         print(f"  set-up       {setup_s:8.3f} s   (general float64 SVD of the same layers: {setup_svd_s:.3f} s)")

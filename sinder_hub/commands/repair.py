@@ -31,6 +31,11 @@ HELP = {
     "images_per_step": "images per process per optimiser step (gradients summed, divided by images with a loss)",
     "precision": "fp32, tf32 (the authors') or bf16 autocast",
     "checkpoint_blocks": "keep only each block's input and run it again in the backward: less GPU memory, same result, slower steps",
+    "compile": "detect with a torch.compile'd no-grad scan (blocks fused with their defect counts); an image with a "
+               "loss runs its window again with autograd: faster clear images, limit_layers more block forwards per loss",
+    "count_batch": "with --compile: read the defect counts from the device every K blocks (the scan may run K-1 blocks "
+                   "past the loss block)",
+    "num_workers": "data-loader processes decoding images (pinned memory on a GPU)",
     "directions_method": "sampled (the authors' least squares) or expected (its noise-free limit)",
     "held_out": "skimage sample images evaluated before and after",
     "save_every": "checkpoint every N steps (and on SIGINT/SIGTERM); 0 = only on signals and at the end",
