@@ -2,13 +2,23 @@
 
 import math
 
+import numpy as np
 import pytest
+import scipy.linalg
+import timm
 import torch
 from torch import nn
 
 from sinder_hub import BackboneError, block_linear_maps, leading_left_singular_vector, singular_defect_directions
-from sinder_hub.analysis import _expected_hidden_map, _expected_mlp_map, _sampled_mlp_map
+from sinder_hub.analysis import (
+    CHECK_EVERY,
+    _expected_hidden_map,
+    _expected_mlp_map,
+    _sampled_mlp_map,
+    chain_singular_vectors,
+)
 from sinder_hub.families import describe_block
+from sinder_hub.testing import planted_backbone
 from tiny import tiny_vit
 
 
@@ -50,16 +60,144 @@ def test_direction_of_a_block_with_known_leading_singular_vector(method):
 def test_leading_left_singular_vector_matches_svd_also_when_degenerate():
     gen = torch.Generator().manual_seed(0)
     M = torch.randn(64, 64, generator=gen, dtype=torch.float64)
-    u, _ = leading_left_singular_vector(M)
+    u, *_ = leading_left_singular_vector(M)
     assert angle_deg(u, torch.linalg.svd(M)[0][:, 0]).item() < 1e-5
-    # near-degenerate top pair: subspace iteration falls back to a dense solve, still exact
+    # near-degenerate top pair: Lanczos runs until its Krylov space is the whole space (D = 64), still exact
     U, _, Vh = torch.linalg.svd(M)
     S = torch.linspace(1.0, 0.5, 64, dtype=torch.float64)
     S[1] = 1.0 - 1e-9
-    u, _ = leading_left_singular_vector(U @ torch.diag(S) @ Vh)
+    u, *_ = leading_left_singular_vector(U @ torch.diag(S) @ Vh)
     assert angle_deg(u, U[:, 0]).item() < 1e-2
     # the sign convention: largest entry positive, so u and -M give the same answer
     assert torch.equal(leading_left_singular_vector(-M)[0], leading_left_singular_vector(M)[0])
+
+
+def angle_rad(a, b):
+    """Angle between unit vectors up to sign, ``2 asin(|a ∓ b| / 2)``: exact near 0, where ``acos`` is not."""
+    diff = torch.minimum((a - b).norm(dim=-1), (a + b).norm(dim=-1))
+    return 2 * torch.asin((diff / 2).clamp(max=1))
+
+
+def relative_residual(M, u):
+    """``‖M Mᵀ u − λ u‖ / λ`` with ``λ = ‖Mᵀ u‖²``, float64."""
+    M, u = M.double(), u.double()
+    value = (M.T @ u).norm() ** 2
+    return ((M @ (M.T @ u) - value * u).norm() / value).item()
+
+
+def clustered_matrix(D=300, gap=1e-6, seed=0):
+    """``U diag(S) Vᵀ`` [D, D] float64 with the spectrum of a random ViT's ``G_i``: the singular values of
+    ``I + 1e-4 · N(0, 1/D)`` (all within 2e-4 of 1, a semicircle edge at the top), the top one moved to
+    ``(1 + gap) · σ₂``."""
+    gen = torch.Generator().manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(D, D, generator=gen, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(D, D, generator=gen, dtype=torch.float64))
+    noise = torch.randn(D, D, generator=gen, dtype=torch.float64) / D**0.5
+    S = torch.linalg.svdvals(torch.eye(D, dtype=torch.float64) + 1e-4 * noise)
+    S[0] = S[1] * (1 + gap)
+    return U @ torch.diag(S) @ V.T, U
+
+
+@pytest.mark.parametrize("gap", [1e-3, 1e-5, 1e-6])
+def test_lanczos_matches_svd_on_clustered_spectra(gap):
+    """Separated top pair (relative gap ≥ 1e-6) in a cluster of width 4e-4: the Lanczos vector is within
+    tol / gap(σ₁², σ₂²) = 1e-13 / 2e-6 = 5e-8 rad of the SVD's, long before the Krylov space fills ℝ^D."""
+    M, _ = clustered_matrix(gap=gap)
+    found = leading_left_singular_vector(M)
+    assert not found.fallback and found.steps < 200
+    assert relative_residual(M, found.vector) <= 1e-13
+    assert angle_rad(found.vector, torch.linalg.svd(M)[0][:, 0]).item() < 1e-7
+
+
+@pytest.mark.parametrize("gap", [1e-9, 0.0])
+def test_lanczos_on_near_degenerate_top_pair_meets_the_residual_criterion(gap):
+    """An unresolvable top pair: the direction within it is ill-defined, but the residual criterion holds
+    and the vector lies in the top pair's singular subspace."""
+    M, U = clustered_matrix(gap=gap)
+    u = leading_left_singular_vector(M).vector
+    assert relative_residual(M, u) <= 1e-13
+    assert (u - U[:, :2] @ (U[:, :2].T @ u)).norm().item() < 1e-6
+
+
+def test_warm_start_converges_faster_and_cannot_be_trapped():
+    M, U = clustered_matrix(gap=1e-5)
+    cold = leading_left_singular_vector(M)
+    warm = leading_left_singular_vector(M, init=cold.vector)
+    assert warm.steps < cold.steps
+    assert angle_rad(warm.vector, cold.vector).item() < 1e-8
+    # an exact eigenvector of a lower eigenvalue as the start: Lanczos from it alone would stop at once
+    U0, _, Vh = torch.linalg.svd(torch.randn(200, 200, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+    M = U0 @ torch.diag(torch.linspace(10.0, 1.0, 200, dtype=torch.float64)) @ Vh
+    found = leading_left_singular_vector(M, init=U0[:, 3])
+    assert angle_rad(found.vector, U0[:, 0]).item() < 1e-10
+
+
+def test_fallback_when_lanczos_does_not_converge():
+    M, _ = clustered_matrix(gap=1e-6)
+    found = leading_left_singular_vector(M, max_steps=2 * CHECK_EVERY)
+    assert found.fallback and found.steps == 2 * CHECK_EVERY
+    assert found.vector.abs().argmax() == found.vector.argmax()  # sign convention also on this path
+    assert relative_residual(M, found.vector) <= 1e-13
+    assert angle_rad(found.vector, torch.linalg.svd(M)[0][:, 0]).item() < 1e-7
+
+
+def previous_leading_left_singular_vector(M, init=None, rank=8, tol=1e-10, max_iter=15):
+    """The algorithm before Lanczos, verbatim: subspace iteration with 8 vectors, dense fallback."""
+    D = M.shape[0]
+    rank = min(rank, D)
+    if init is None:
+        gen = torch.Generator().manual_seed(0)
+        init = torch.randn(D, rank, generator=gen, dtype=torch.float64)
+    basis, _ = torch.linalg.qr(init.to(M))
+    for _ in range(max_iter):
+        basis, _ = torch.linalg.qr(M @ (M.T @ basis))
+        projected = M.T @ basis
+        values, vecs = np.linalg.eigh((projected.T @ projected).cpu().numpy())
+        basis = basis @ torch.from_numpy(vecs[:, ::-1].copy()).to(basis)
+        u, top = basis[:, 0], float(values[-1])
+        residual = M @ (M.T @ u) - top * u
+        if residual.norm() <= tol * top:
+            break
+    else:
+        _, vec = scipy.linalg.eigh((M @ M.T).numpy(), subset_by_index=[D - 1, D - 1], driver="evr")
+        u = torch.from_numpy(vec[:, 0]).to(M)
+        basis = torch.cat([u[:, None], basis[:, 1:]], dim=1)
+    u = u / u.norm()
+    return u * torch.sign(u[u.abs().argmax()]), basis
+
+
+def assert_agrees_with_previous_algorithm(maps):
+    """Per block of the chain: the residual criterion, and within the sin θ bound tol / (1 − σ₂²/σ₁²) of the
+    previous algorithm (+1e-8 for its own error), with the same sign: below 1e-6 rad wherever σ₁ is
+    separated (relative gap above 1e-6)."""
+    found = chain_singular_vectors([m.E for m in maps])
+    G = torch.eye(maps[0].E.shape[0], dtype=torch.float64)
+    basis = None
+    for block_maps, result in zip(maps, found):
+        G = block_maps.E @ G
+        G = G / G.norm()
+        previous, basis = previous_leading_left_singular_vector(G, init=basis)
+        s = torch.linalg.svdvals(G)
+        bound = 1e-13 / (1 - (s[1] / s[0]) ** 2).item() + 1e-8
+        assert not result.fallback
+        assert relative_residual(G, result.vector) <= 1e-13
+        assert (result.vector - previous).norm().item() <= (min(bound, 1e-6) if s[1] < (1 - 1e-6) * s[0] else bound)
+    return found
+
+
+def test_agrees_with_previous_algorithm_on_the_planted_chain():
+    maps = block_linear_maps(planted_backbone("planted-swiglu"), method="expected")
+    found = assert_agrees_with_previous_algorithm(maps)
+    assert all(result.steps <= CHECK_EVERY for result in found[4:])  # from the planted block on: dominant σ₁
+
+
+def test_agrees_with_previous_algorithm_on_a_random_vit_chain():
+    """timm's random DINOv2 (layer scale 1e-5): every G_i is I + O(1e-5), its top singular values 1e-7 apart,
+    where the previous subspace iteration always fell back to the dense solve."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, depth=4, num_classes=0).eval()
+    found = assert_agrees_with_previous_algorithm(block_linear_maps(model, method="expected"))
+    assert all(result.steps < 384 for result in found)  # D = 384: the Krylov space never fills ℝ^D
 
 
 def small_mlp_block(kind, dim=12):
