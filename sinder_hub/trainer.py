@@ -695,6 +695,17 @@ def set_precision(precision: str):
     return autocast
 
 
+def check_compile(device: torch.device) -> None:
+    """``--compile`` needs a working ``torch.compile`` backend (a C++ compiler on a CPU, Triton on a
+    GPU): compile a tiny function before any slow work, ``InputError`` naming what failed."""
+    try:
+        torch.compile(lambda x: torch.nn.functional.gelu(x) * 2, dynamic=False)(torch.ones(8, device=device))
+    except Exception as error:  # the backend's own exception types vary with the torch version
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise InputError(f"--compile: torch.compile does not work on this {device.type} ({reason}); "
+                         f"run without --compile") from None
+
+
 def weights_sha256(spec: str, model: nn.Module) -> str:
     """sha256 of the source weights file, or of the state dict (keys and bytes) when the source is a name."""
     path = Path(spec)
@@ -817,6 +828,8 @@ def _train(config, accelerator, run: RunFolder, paths: list[Path], digest: str, 
     started = time.perf_counter()
 
     # -- model, directions (Algorithm 1, line 1), held-out images before the repair
+    if config.compile:
+        check_compile(device)
     model = backbones.load_backbone(config.model).to(device).eval()
     patch = model.patch_embed.patch_size
     if config.resolution % patch[0] or config.resolution % patch[1]:

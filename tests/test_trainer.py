@@ -165,6 +165,23 @@ def test_missing_or_empty_data_fails_before_loading_a_model(tmp_path, no_model):
     assert not (tmp_path / "run").exists()
 
 
+def test_compile_that_cannot_work_fails_before_loading_a_model(train_folder, tmp_path, no_model, monkeypatch):
+    """A broken ``torch.compile`` backend (no C++ compiler, no Triton) is one ``InputError`` before any
+    model, and the run folder it created is gone again."""
+    from sinder_hub.errors import InputError
+
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore lines")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with pytest.raises(InputError, match=r"^--compile: torch.compile does not work on this cpu "
+                                         r"\(InvalidCxxCompiler: No working C\+\+ compiler found\); run without"):
+        repair(RepairConfig(**SMALL, data=str(train_folder), output=str(tmp_path / "run"), compile=True))
+    assert not (tmp_path / "run").exists()
+
+
 def test_bad_files_are_skipped_logged_and_counted(train_folder, tmp_path):
     data = tmp_path / "data"
     data.mkdir()

@@ -28,6 +28,11 @@ $python tools/bench_repair.py --model "${MODEL:-vit_giant_patch14_dinov2}" --no-
     --loss-block "${BLOCK:-25}" --samples "${SAMPLES:-100000}" --precision ${PRECISIONS:-tf32 bf16} --json \
     | tee "$results/bench_repair.jsonl"
 
+# the singular vectors of the directions alone, per block: Lanczos steps and dense fallbacks
+$python tools/bench_directions.py --model "${MODEL:-vit_giant_patch14_dinov2}" --no-pretrained --chain-only \
+    --device "$($python -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')" \
+    --samples "${SAMPLES:-100000}" --repeats 3 | tee "$results/bench_directions.txt"
+
 for precision in fp32 tf32 bf16; do
     $python tools/demo.py --output "/tmp/sinder-demo-$precision" --precision "$precision" --quiet ${DEMO_ARGS:-} \
         > "$results/demo_$precision.txt"
