@@ -12,7 +12,7 @@ KEYS = {"fast_step_s", "naive_step_s", "clear_image_s", "directions_s", "setup_s
 
 def test_bench_json_has_every_key():
     command = [sys.executable, str(REPO / "tools" / "bench_repair.py"), "--model", "vit_small_patch14_dinov2",
-               "--no-pretrained", "--resolution", "70", "--loss-block", "4", "--limit-layers", "2",
+               "--no-pretrained", "--resolution", "112", "--loss-block", "4", "--limit-layers", "2",
                "--repeats", "1", "--samples", "2000", "--json"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -154,6 +154,7 @@ def main(argv=None) -> int:
 
     device = torch.device(args.device)
     set_precision(args.precision[0])
+    torch.manual_seed(0)  # the random initialisation of --no-pretrained: the same model every run
     model = load_backbone(args.model, pretrained=not args.no_pretrained).to(device)
     depth = len(model.blocks)
     block = min(args.loss_block, depth - 1)
