@@ -13,13 +13,12 @@ from sinder_hub import BackboneError, block_linear_maps, leading_left_singular_v
 from sinder_hub.analysis import (
     CHECK_EVERY,
     _expected_hidden_map,
-    _expected_mlp_map,
     _sampled_mlp_map,
     chain_singular_vectors,
 )
 from sinder_hub.families import describe_block
 from sinder_hub.testing import planted_backbone
-from tiny import tiny_vit
+from tiny import assert_sampled_map_converges_to_expected, tiny_vit
 
 
 def angle_deg(a, b):
@@ -213,16 +212,7 @@ def small_mlp_block(kind, dim=12):
 @pytest.mark.parametrize("kind", ["gelu", "swiglu"])
 def test_sampled_least_squares_converges_to_expected_map(kind):
     """Stein's lemma: the population least-squares map is E[∇ hidden(x)]; sampling error ~ 1/√n."""
-    block, layout = small_mlp_block(kind)
-    expected = _expected_mlp_map(block, layout, "block 0")
-    errors = []
-    for samples in (2_000, 32_000, 512_000):
-        gen = torch.Generator().manual_seed(0)
-        sampled = _sampled_mlp_map(block, layout, 12, samples, gen)
-        errors.append(((sampled - expected).norm() / expected.norm()).item())
-    assert errors[0] > errors[1] > errors[2]
-    assert errors[2] < 0.25 * errors[0]  # 256x the samples: ideally 16x smaller, at least 4x
-    assert errors[2] < 0.01
+    assert_sampled_map_converges_to_expected(*small_mlp_block(kind))
 
 
 def test_sampled_map_is_fc2_times_the_authors_hidden_fit():

@@ -10,10 +10,11 @@ from timm.models.vision_transformer import ResPostBlock, VisionTransformer
 from torch import nn
 
 from sinder_hub import BackboneError
-from sinder_hub.analysis import _expected_mlp_map, _sampled_mlp_map, block_linear_maps, singular_defect_directions
+from sinder_hub.analysis import _expected_mlp_map, block_linear_maps, singular_defect_directions
 from sinder_hub.families import describe_block, describe_model, get_path, has_class_token
 from sinder_hub.singular_values import merge_singular_values, parametrize_singular_values
 from sinder_hub.tokens import block_outputs, patch_grid, prepare_blocks
+from tiny import assert_sampled_map_converges_to_expected
 
 # timm name -> (family, prefix tokens, value layer, layer scales, MLP kind, inner MLP norm)
 STOCK = {
@@ -166,15 +167,7 @@ def mlp_block(kind: str, dim: int = 12) -> tuple[nn.Module, object]:
 @pytest.mark.parametrize("kind", ["gelu", "quick_gelu", "gelu_tanh", "swiglu_packed", "swiglu_split"])
 def test_sampled_least_squares_converges_to_expected_map(kind):
     """Stein's lemma through the block's own MLP: the sampled map's error falls like 1/√n to the expected one."""
-    block, layout = mlp_block(kind)
-    expected = _expected_mlp_map(block, layout, "block")
-    errors = []
-    for samples in (2_000, 32_000, 512_000):
-        sampled = _sampled_mlp_map(block, layout, 12, samples, torch.Generator().manual_seed(0))
-        errors.append(((sampled - expected).norm() / expected.norm()).item())
-    assert errors[0] > errors[1] > errors[2]
-    assert errors[2] < 0.25 * errors[0]  # 256x the samples: ideally 16x smaller, at least 4x
-    assert errors[2] < 0.01
+    assert_sampled_map_converges_to_expected(*mlp_block(kind))
 
 
 def test_expected_map_of_quick_gelu_matches_numerical_integration():

@@ -1,4 +1,4 @@
-"""Tiny random DINOv2-style timm ViTs for fast tests (weights non-trivial, deterministic)."""
+"""Tiny random DINOv2-style timm ViTs for fast tests (weights non-trivial, deterministic), and checks shared by test files."""
 
 import timm
 import torch
@@ -25,3 +25,18 @@ def tiny_vit(mlp: str = "gelu", reg_tokens: int = 0, embed_dim: int = 32, depth:
             else:
                 p.normal_(0, 0.05)
     return model.eval()
+
+
+def assert_sampled_map_converges_to_expected(block: nn.Module, layout, dim: int = 12) -> None:
+    """Stein's lemma through ``block``'s own MLP: the sampled least-squares map's error to the expected map
+    falls like 1/√n (2k, 32k, 512k samples)."""
+    from sinder_hub.analysis import _expected_mlp_map, _sampled_mlp_map
+
+    expected = _expected_mlp_map(block, layout, "block")
+    errors = []
+    for samples in (2_000, 32_000, 512_000):
+        sampled = _sampled_mlp_map(block, layout, dim, samples, torch.Generator().manual_seed(0))
+        errors.append(((sampled - expected).norm() / expected.norm()).item())
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 0.25 * errors[0]  # 256x the samples: ideally 16x smaller, at least 4x
+    assert errors[2] < 0.01
