@@ -277,6 +277,15 @@ def singular_value_parameters(model: nn.Module, blocks: range | None = None) -> 
     return found
 
 
+def factorize_blocks(model: nn.Module, blocks: range) -> list[SingularValueLinear]:
+    """Factorise now every parametrised layer of ``model.blocks[blocks]`` (else done on first use); returns them."""
+    layers = [m for block in model.blocks[blocks.start:blocks.stop] for m in block.modules()
+              if isinstance(m, SingularValueLinear)]
+    for layer in layers:
+        layer.factorize()
+    return layers
+
+
 def merge_singular_values(model: nn.Module) -> nn.Module:
     """Replace every ``SingularValueLinear`` by a plain ``nn.Linear`` with ``W(ε)``, in place.
 

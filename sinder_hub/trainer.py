@@ -42,9 +42,9 @@ from .defects import GAUSSIAN_KERNELS, defect_mask, neighbor_loss
 from .errors import InputError, RepairError, RunFolderError
 from .files import atomic_path, write_json_atomic
 from .runs import REPORT, RunFolder
-from .singular_values import (SingularValueLinear, merge_singular_values, parametrize_singular_values, reference_mode,
+from .singular_values import (factorize_blocks, merge_singular_values, parametrize_singular_values, reference_mode,
                               sync_singular_values)
-from .tokens import grid_size, patch_grid, prepare_blocks
+from .tokens import patch_grid, prepare_blocks
 
 log = logging.getLogger(__name__)
 
@@ -286,15 +286,13 @@ def fast_image_loss(model, image, directions, config, autocast, force_block: int
     return image_loss
 
 
-def _block_and_count(block, x, direction, prefix: int, grid_hw: tuple[int, int], mask_thr: float, kernel: int):
+def _block_and_count(model, block, x, image_hw, direction, config):
     """One block without autograd and its defect count: ``[1, N, D]`` -> (``[1, N, D]``, 0-d count).
 
     Compiled once by ``compiled_image_loss`` and reused for every block of the same shapes
     (the block is an argument, its weights graph inputs)."""
     y = block(x)
-    grid = y[0, prefix:].unflatten(0, grid_hw)
-    mask, _ = defect_mask(grid.float(), direction, mask_thr=mask_thr, kernel=kernel)
-    return y, mask.sum()
+    return y, _defect_count(model, y, image_hw, direction, config)
 
 
 def _run_block(block, x):
@@ -330,7 +328,6 @@ def compiled_image_loss(model, image, directions, config, autocast, force_block:
     block_and_count = _compiled_block_and_count()
     sync_singular_values(model)  # compiled code reads the weights as they are
     depth, keep = len(model.blocks), config.limit_layers or len(model.blocks)
-    grid_hw = grid_size(model, image_hw)
     found = None
     with torch.no_grad(), autocast():
         x, blocks = prepare_blocks(model, image)
@@ -338,8 +335,7 @@ def compiled_image_loss(model, image, directions, config, autocast, force_block:
         counts = []
         for index, block in enumerate(blocks):
             inputs.append((index, x))
-            x, count = block_and_count(block, x, directions[index], model.num_prefix_tokens, grid_hw,
-                                       config.mask_thr, config.kernel)
+            x, count = block_and_count(model, block, x, image_hw, directions[index], config)
             counts.append(count)
             if len(counts) < config.count_batch and index < depth - 1:
                 continue
@@ -357,10 +353,7 @@ def compiled_image_loss(model, image, directions, config, autocast, force_block:
     start = max(0, found - keep + 1)
     x = next(saved for index, saved in inputs if index == start)
     del inputs
-    for block in model.blocks[start:found + 1]:
-        for layer in block.modules():
-            if isinstance(layer, SingularValueLinear):
-                layer.factorize()
+    factorize_blocks(model, range(start, found + 1))
     run_block = _compiled_block()
     with autocast():
         for index in range(start, found + 1):

@@ -27,7 +27,7 @@ import torch
 
 from sinder_hub import load_backbone, parametrize_singular_values, singular_defect_directions
 from sinder_hub.analysis import block_linear_maps
-from sinder_hub.singular_values import SingularValueLinear
+from sinder_hub.singular_values import SingularValueLinear, factorize_blocks
 from sinder_hub.trainer import RepairConfig, compiled_image_loss, fast_image_loss, naive_image_loss, set_precision
 
 
@@ -181,9 +181,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     eps = parametrize_singular_values(model)
     optimizer = torch.optim.SGD(eps.values(), lr=0.005, momentum=0.9)
-    window_layers = [m for m in model.blocks[window.start:window.stop].modules() if isinstance(m, SingularValueLinear)]
-    for layer in window_layers:
-        layer.factorize()
+    window_layers = factorize_blocks(model, window)
     synchronize(device)
     setup_s = time.perf_counter() - start
     # the straightforward set-up for comparison: a general SVD of the same layers, float64
