@@ -13,3 +13,21 @@ from .singular_values import (
 )
 
 __version__ = "0.1.0"
+__all__ = [
+    "BackboneError",
+    "BlockMaps",
+    "NeighborLoss",
+    "SingularValueLinear",
+    "block_linear_maps",
+    "defect_logits",
+    "defect_mask",
+    "leading_left_singular_vector",
+    "load_backbone",
+    "merge_singular_values",
+    "models",
+    "neighbor_loss",
+    "parametrize_singular_values",
+    "singular_defect_directions",
+    "singular_value_parameters",
+    "sync_singular_values",
+]

@@ -87,8 +87,9 @@ def _norm_map(block: nn.Module, norm: Norm, dim: int, like: torch.Tensor) -> tor
     return weight[:, None] * P
 
 
-def _sampled_mlp_map(block: nn.Module, described: BlockDescription, dim: int, samples: int,
-                     generator: torch.Generator, chunk: int = 8192) -> torch.Tensor:
+def _sampled_mlp_map(
+    block: nn.Module, described: BlockDescription, dim: int, samples: int, generator: torch.Generator, chunk: int = 8192
+) -> torch.Tensor:
     """Least squares ``M X ≈ mlp(X) - b_fc2`` on standard-normal ``X [n, D]``: ``M [D, D]`` float64."""
     mlp, fc2 = get_path(block, described.mlp), get_path(block, described.mlp_output)
     device, dtype = fc2.weight.device, fc2.weight.dtype
@@ -142,7 +143,8 @@ def _expected_mlp_map(block: nn.Module, described: BlockDescription, where: str)
         norm = type(get_path(block, described.mlp).norm).__name__
         raise BackboneError(
             f"{where}.mlp: method='expected' needs an MLP whose hidden layer is elementwise or a gate "
-            f"(1-D Gaussian expectations); this {described.mlp_kind} MLP has an inner {norm}: use method='sampled'")
+            f"(1-D Gaussian expectations); this {described.mlp_kind} MLP has an inner {norm}: use method='sampled'"
+        )
     return _weight(get_path(block, described.mlp_output)) @ _expected_hidden_map(block, described)
 
 

@@ -35,8 +35,8 @@ from .backbones import load_backbone
 from .data import MAX_PIXELS, SAMPLE_IMAGE_NAMES, load_rgb, sample_images, sinder_transform
 from .diagnostics import defect_report
 from .errors import DataError, InputError
+from .planted import CALIBRATION_RESOLUTION
 from .plots import MODEL_COLOURS, pca_rgb, token_norms
-from .testing import CALIBRATION_RESOLUTION
 from .tokens import block_outputs, patch_grid
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ LABELS = ("original", "repaired")
 OUTLINE = (255, 0, 0)
 METHOD_NOTES = {
     "expected": "`expected` (the noise-free limit of the authors' least squares; 0.9 s per planted model "
-                "on 2 CPU cores vs 28 s for `sampled` with 100k samples)",
+    "on 2 CPU cores vs 28 s for `sampled` with 100k samples)",
     "sampled": "`sampled` (the authors' least squares on 100k samples, seed 0)",
 }
 
@@ -97,8 +97,9 @@ def load_model(spec: str, method: str = "expected") -> LoadedModel:
     model = load_backbone(spec)
     loaded = time.perf_counter()
     directions = singular_defect_directions(model, generator=torch.Generator().manual_seed(0), method=method)
-    return LoadedModel(spec, model, directions, native_resolution(spec, model), loaded - started,
-                       time.perf_counter() - loaded)
+    return LoadedModel(
+        spec, model, directions, native_resolution(spec, model), loaded - started, time.perf_counter() - loaded
+    )
 
 
 @dataclass
@@ -138,7 +139,7 @@ def norm_picture(grid: torch.Tensor, defects: list[list[int]], patch: int, vmax:
     width = max(1, patch // 7)
     for row, col in defects:
         top, left = row * patch, col * patch
-        cell = picture[top:top + patch, left:left + patch]
+        cell = picture[top : top + patch, left : left + patch]
         cell[:width], cell[-width:], cell[:, :width], cell[:, -width:] = OUTLINE, OUTLINE, OUTLINE, OUTLINE
     return picture
 
@@ -180,14 +181,19 @@ def numbers_table(views: dict[str, ModelView], block: int) -> str:
     normal = torch.ones(reference.grid.shape[:2], dtype=torch.bool)
     for row, col in reference.defects:
         normal[row, col] = False
-    lines = [f"| model | defects at block {block} | defects per block | mean norm, defects | mean norm, normal | "
-             f"cos to {reference.label} (its normal tokens) |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"| model | defects at block {block} | defects per block | mean norm, defects | mean norm, normal | "
+        f"cos to {reference.label} (its normal tokens) |",
+        "|---|---|---|---|---|---|",
+    ]
     for view in views.values():
         stats = view.report["blocks"][block]
         cosine = F.cosine_similarity(view.grid.double(), reference.grid.double(), dim=-1)[normal].mean()
         per_block = " ".join(str(b["defects_per_image"]).removesuffix(".0") for b in view.report["blocks"])
-        lines.append(f"| {view.label}: `{view.spec}` | {len(view.defects)} | {per_block} | {_cell(stats['norm_defective'])} | "
-                     f"{_cell(stats['norm_normal'])} | {float(cosine):.5f} |")
+        lines.append(
+            f"| {view.label}: `{view.spec}` | {len(view.defects)} | {per_block} | {_cell(stats['norm_defective'])} | "
+            f"{_cell(stats['norm_normal'])} | {float(cosine):.5f} |"
+        )
     return "\n".join(lines)
 
 
@@ -199,8 +205,13 @@ class Viewer:
     in ``failures`` ``{label: message}`` and shown on the page instead of its pictures.
     """
 
-    def __init__(self, specs: Sequence[str], method: str = "expected", max_pixels: int = MAX_PIXELS,
-                 resolution: int | None = None):
+    def __init__(
+        self,
+        specs: Sequence[str],
+        method: str = "expected",
+        max_pixels: int = MAX_PIXELS,
+        resolution: int | None = None,
+    ):
         if not 1 <= len(specs) <= len(LABELS):
             raise InputError(f"the viewer shows one or two models side by side, got {len(specs)}")
         self.specs = dict(zip(LABELS, specs))
@@ -216,8 +227,10 @@ class Viewer:
                 continue
             first = next(iter(self.models.values()), loaded)
             if (loaded.patch, loaded.depth) != (first.patch, first.depth):
-                self.failures[label] = (f"`{spec}` has patch {loaded.patch} and {loaded.depth} blocks, `{first.spec}` "
-                                        f"patch {first.patch} and {first.depth} blocks: they cannot be shown side by side")
+                self.failures[label] = (
+                    f"`{spec}` has patch {loaded.patch} and {loaded.depth} blocks, `{first.spec}` "
+                    f"patch {first.patch} and {first.depth} blocks: they cannot be shown side by side"
+                )
                 continue
             self.models[label] = loaded
         first = next(iter(self.models.values()), None)
@@ -260,7 +273,9 @@ class Viewer:
             image = self.read_image(path)
         except InputError as error:
             return Answer(f"**Error:** {error}", {})
-        resolution = min(max(self.patch, round((resolution or self.resolution) / self.patch) * self.patch), self.max_resolution)
+        resolution = min(
+            max(self.patch, round((resolution or self.resolution) / self.patch) * self.patch), self.max_resolution
+        )
         block = min(max(int(self.depth - 1 if block is None else block), 0), self.depth - 1)
         name = Path(path).stem
         tensor = sinder_transform(resolution)(image)
@@ -269,15 +284,19 @@ class Viewer:
             report = defect_report(loaded.model, {name: tensor}, loaded.directions)
             tokens = block_outputs(loaded.model, tensor[None])[block][0]
             grid = patch_grid(loaded.model, tokens, (resolution, resolution)).float()
-            views[label] = ModelView(label, loaded.spec, report, grid, report["blocks"][block]["defect_positions"][name])
+            views[label] = ModelView(
+                label, loaded.spec, report, grid, report["blocks"][block]["defect_positions"][name]
+            )
         vmax = max(float(token_norms(view.grid).max()) for view in views.values())
         for view in views.values():
             view.norm_picture = norm_picture(view.grid, view.defects, self.patch, vmax)
             view.pca_picture = upscale((pca_rgb(view.grid) * 255).round().astype(np.uint8), self.patch)
         chart, table = block_chart(views, block, self.method), numbers_table(views, block)
         grid_h, grid_w = next(iter(views.values())).grid.shape[:2]
-        message = (f"`{Path(path).name}`: {image.width}×{image.height} px, centre crop at {resolution} px "
-                   f"({grid_h}×{grid_w} tokens), block {block}; answered in {time.perf_counter() - started:.2f} s")
+        message = (
+            f"`{Path(path).name}`: {image.width}×{image.height} px, centre crop at {resolution} px "
+            f"({grid_h}×{grid_w} tokens), block {block}; answered in {time.perf_counter() - started:.2f} s"
+        )
         return Answer(message, views, block, vmax, chart, table)
 
 
@@ -289,18 +308,26 @@ def unopened_path(payload) -> str | None:
 
 def header(viewer: Viewer) -> str:
     """The page's introduction: which models, their load times, the direction method."""
-    lines = ["# sinder-hub viewer: singular defects, original vs repaired",
-             f"Singular defect directions: {METHOD_NOTES[viewer.method]}. Defective tokens (eq. 5, 4σ) are "
-             "outlined in red on the token-norm maps; the two maps share one colour scale."]
+    lines = [
+        "# sinder-hub viewer: singular defects, original vs repaired",
+        f"Singular defect directions: {METHOD_NOTES[viewer.method]}. Defective tokens (eq. 5, 4σ) are "
+        "outlined in red on the token-norm maps; the two maps share one colour scale.",
+    ]
     for label, loaded in viewer.models.items():
-        lines.append(f"- **{label}**: `{loaded.spec}` (loaded in {loaded.load_seconds:.1f} s, directions in "
-                     f"{loaded.directions_seconds:.1f} s, native resolution {loaded.resolution} px)")
+        lines.append(
+            f"- **{label}**: `{loaded.spec}` (loaded in {loaded.load_seconds:.1f} s, directions in "
+            f"{loaded.directions_seconds:.1f} s, native resolution {loaded.resolution} px)"
+        )
     lines += [f"- **{label}**: **Error:** {message}" for label, message in viewer.failures.items()]
     return "\n".join(lines)
 
 
-def build_app(models: Sequence[str] | None = None, resolution: int | None = None, method: str = "expected",
-              max_pixels: int = MAX_PIXELS) -> gr.Blocks:
+def build_app(
+    models: Sequence[str] | None = None,
+    resolution: int | None = None,
+    method: str = "expected",
+    max_pixels: int = MAX_PIXELS,
+) -> gr.Blocks:
     """A Gradio Blocks app showing ``models`` (one or two specs, default ``default_models()``) side by side.
 
     Loads the models and their directions now. ``resolution``: the default input size (a
@@ -312,20 +339,40 @@ def build_app(models: Sequence[str] | None = None, resolution: int | None = None
         gr.Markdown(header(viewer), elem_id="header")
         with gr.Row():
             with gr.Column(scale=1, min_width=260):
-                image = gr.Image(label="image: upload or paste", type="filepath", sources=["upload", "clipboard"],
-                                 elem_id="input-image", height=260)
+                image = gr.Image(
+                    label="image: upload or paste",
+                    type="filepath",
+                    sources=["upload", "clipboard"],
+                    elem_id="input-image",
+                    height=260,
+                )
                 image.preprocess = unopened_path  # not a subclass: gradio writes a .pyi beside any Component subclass
-                sample = gr.Dropdown(choices=list(SAMPLE_IMAGE_NAMES), value=None, label="or a skimage.data sample", elem_id="sample")
-                size = gr.Slider(4 * viewer.patch, viewer.max_resolution, value=viewer.resolution, step=viewer.patch,
-                                 label=f"resolution (px, multiple of the patch, {viewer.patch})", elem_id="resolution")
-                block = gr.Slider(0, viewer.depth - 1, value=viewer.depth - 1, step=1, label="block (0 = first)", elem_id="block")
+                sample = gr.Dropdown(
+                    choices=list(SAMPLE_IMAGE_NAMES), value=None, label="or a skimage.data sample", elem_id="sample"
+                )
+                size = gr.Slider(
+                    4 * viewer.patch,
+                    viewer.max_resolution,
+                    value=viewer.resolution,
+                    step=viewer.patch,
+                    label=f"resolution (px, multiple of the patch, {viewer.patch})",
+                    elem_id="resolution",
+                )
+                block = gr.Slider(
+                    0, viewer.depth - 1, value=viewer.depth - 1, step=1, label="block (0 = first)", elem_id="block"
+                )
             pictures = []
             for index, label in enumerate(viewer.specs):
                 with gr.Column(scale=1, min_width=260):
                     gr.Markdown(f"### {label}: `{viewer.specs[label]}`")
-                    pictures.append(gr.Image(label="token norm", format="png", interactive=False, elem_id=f"norm-{index}"))
-                    pictures.append(gr.Image(label="PCA of the patch tokens", format="png", interactive=False,
-                                             elem_id=f"pca-{index}"))
+                    pictures.append(
+                        gr.Image(label="token norm", format="png", interactive=False, elem_id=f"norm-{index}")
+                    )
+                    pictures.append(
+                        gr.Image(
+                            label="PCA of the patch tokens", format="png", interactive=False, elem_id=f"pca-{index}"
+                        )
+                    )
         message = gr.Markdown(elem_id="message")
         table = gr.Markdown(elem_id="numbers")
         chart = gr.Image(label="per block", format="png", interactive=False, elem_id="chart")
@@ -338,12 +385,22 @@ def build_app(models: Sequence[str] | None = None, resolution: int | None = None
                 if view is None:
                     updates += [gr.update(value=None, label="token norm"), gr.update(value=None)]
                 else:
-                    updates += [gr.update(value=view.norm_picture, label=f"token norm at block {answer.block} "
-                                          f"(0 – {answer.vmax:.0f}, shared scale; red: defects)"),
-                                gr.update(value=view.pca_picture)]
+                    updates += [
+                        gr.update(
+                            value=view.norm_picture,
+                            label=f"token norm at block {answer.block} "
+                            f"(0 – {answer.vmax:.0f}, shared scale; red: defects)",
+                        ),
+                        gr.update(value=view.pca_picture),
+                    ]
             return [answer.message, answer.table, answer.chart, *updates]
 
         sample.change(viewer.sample_path, inputs=sample, outputs=image)
-        gr.on([image.change, size.change, block.change], respond, inputs=[image, size, block],
-              outputs=[message, table, chart, *pictures], trigger_mode="always_last")
+        gr.on(
+            [image.change, size.change, block.change],
+            respond,
+            inputs=[image, size, block],
+            outputs=[message, table, chart, *pictures],
+            trigger_mode="always_last",
+        )
     return app

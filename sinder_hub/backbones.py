@@ -44,6 +44,7 @@ ACCEPTED_SPECS = (
     "planted-gelu / planted-swiglu / planted-deit3 / planted-clip / planted-dinov3",
 )
 
+
 def load_strict(model: VisionTransformer, state_dict: dict[str, torch.Tensor], source: str) -> None:
     """``model.load_state_dict(strict=True)`` with a ``BackboneError`` naming the first bad key."""
     architecture = model.pretrained_cfg.get("architecture", type(model).__name__)
@@ -52,14 +53,16 @@ def load_strict(model: VisionTransformer, state_dict: dict[str, torch.Tensor], s
         if key in state_dict and state_dict[key].shape != value.shape:
             raise BackboneError(
                 f"{source}: checkpoint shape mismatch at {key}: {tuple(state_dict[key].shape)}, "
-                f"but {architecture} expects {tuple(value.shape)}")
+                f"but {architecture} expects {tuple(value.shape)}"
+            )
     check_finite(state_dict, source)
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     if missing or unexpected:
         raise BackboneError(
             f"{source} does not fit {architecture}: missing keys {missing[:8]}"
-            f"{'...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
+            f"{'...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
+        )
     model.load_state_dict(state_dict, strict=True)
 
 
@@ -80,13 +83,20 @@ def _read_weights(path: Path, read):
         return read(path)
     except Exception as error:  # each reader (safetensors, torch.load, transformers) fails its own way on a bad file
         boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")  # torch.load's
-        lines = [line.strip() for line in str(error).splitlines() if line.strip() and not line.strip().startswith(boilerplate)]
+        lines = [
+            line.strip()
+            for line in str(error).splitlines()
+            if line.strip() and not line.strip().startswith(boilerplate)
+        ]
         detail = lines[0] if lines else type(error).__name__
         if isinstance(error, pickle.UnpicklingError) and "GLOBAL" in detail:
-            raise BackboneError(f"{path}: refused: the checkpoint holds objects other than tensors and is never "
-                                f"unpickled (weights_only=True): {detail}") from error
-        raise BackboneError(f"{path}: cannot read the weights, the file is truncated or corrupt "
-                            f"({type(error).__name__}: {detail})") from error
+            raise BackboneError(
+                f"{path}: refused: the checkpoint holds objects other than tensors and is never "
+                f"unpickled (weights_only=True): {detail}"
+            ) from error
+        raise BackboneError(
+            f"{path}: cannot read the weights, the file is truncated or corrupt ({type(error).__name__}: {detail})"
+        ) from error
 
 
 def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
@@ -101,7 +111,8 @@ def _from_file(path: Path, architecture: str | None, pretrained: bool, model_kwa
     if path.suffix == ".safetensors" and architecture is None:
         raise BackboneError(
             f"{path}: a .safetensors file does not name its architecture; pass architecture= "
-            "(e.g. 'vit_giant_patch14_dinov2') or load the save_for_hf folder that contains it")
+            "(e.g. 'vit_giant_patch14_dinov2') or load the save_for_hf folder that contains it"
+        )
     state_dict = _read_checkpoint(path)
     architecture = architecture or infer_architecture(state_dict, str(path))
     model = _create(architecture, False, model_kwargs, str(path))
@@ -117,7 +128,11 @@ def _from_folder(path: Path, pretrained: bool, model_kwargs: dict) -> VisionTran
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        where = f"line {error.lineno} column {error.colno}: {error.msg}" if isinstance(error, json.JSONDecodeError) else str(error)
+        where = (
+            f"line {error.lineno} column {error.colno}: {error.msg}"
+            if isinstance(error, json.JSONDecodeError)
+            else str(error)
+        )
         raise BackboneError(f"{config_file}: invalid JSON at {where}") from error
     if not isinstance(config, dict):
         raise BackboneError(f"{config_file}: expected a JSON object, found a {type(config).__name__}")
@@ -126,12 +141,15 @@ def _from_folder(path: Path, pretrained: bool, model_kwargs: dict) -> VisionTran
     if "architecture" not in config:
         raise BackboneError(
             f"{config_file}: neither a timm config (no 'architecture') nor a transformers "
-            f"{'/'.join(TRANSFORMERS_MODEL_TYPES)} config (model_type {config.get('model_type')!r})")
+            f"{'/'.join(TRANSFORMERS_MODEL_TYPES)} config (model_type {config.get('model_type')!r})"
+        )
     pretrained_cfg, architecture, model_args = load_model_config_from_path(path)
     model_kwargs = {**(model_args or {}), **model_kwargs, "pretrained_cfg": pretrained_cfg}
     model = _create(architecture, False, model_kwargs, str(path))
     if pretrained:
-        weights = next((path / name for name in ("model.safetensors", "pytorch_model.bin") if (path / name).is_file()), path)
+        weights = next(
+            (path / name for name in ("model.safetensors", "pytorch_model.bin") if (path / name).is_file()), path
+        )
         state_dict = _read_weights(weights, lambda _: load_state_dict_from_path(path))
         load_strict(model, dinov2_filter_fn(state_dict, model), str(weights))
     return model
@@ -183,15 +201,16 @@ def _check_on_meta(name: str, source: str) -> None:
 
 
 def _planted(spec: str, model_kwargs: dict) -> VisionTransformer:
-    from .testing import PLANTED_VARIANTS, planted_backbone
+    from .planted import PLANTED_VARIANTS, planted_backbone
 
     if spec not in PLANTED_VARIANTS:
         raise BackboneError(f"unknown planted backbone {spec!r}; known: {', '.join(PLANTED_VARIANTS)}")
     return planted_backbone(spec, **model_kwargs)
 
 
-def load_backbone(spec: str | Path, architecture: str | None = None, pretrained: bool = True,
-                  **model_kwargs) -> VisionTransformer:
+def load_backbone(
+    spec: str | Path, architecture: str | None = None, pretrained: bool = True, **model_kwargs
+) -> VisionTransformer:
     """A DINOv2-like timm ``VisionTransformer`` in eval mode, created with ``dynamic_img_size=True``.
 
     ``spec``: one of ``ACCEPTED_SPECS``. ``architecture``: timm name for a checkpoint file (required for
@@ -202,7 +221,8 @@ def load_backbone(spec: str | Path, architecture: str | None = None, pretrained:
     spec = str(spec)
     path = Path(spec).expanduser()
     is_path = not spec.startswith(("planted-", "hf-hub:")) and (
-        path.suffix in (".safetensors", ".pth", ".pt") or "/" in spec or spec.startswith(".") or path.exists())
+        path.suffix in (".safetensors", ".pth", ".pt") or "/" in spec or spec.startswith(".") or path.exists()
+    )
     if architecture is not None and (not is_path or path.is_dir()):
         raise BackboneError(f"architecture= applies to checkpoint files only; {spec!r} names its own architecture")
     if spec.startswith("planted-"):

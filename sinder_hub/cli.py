@@ -57,8 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         width = max(map(len, COMMANDS))
-        usage = "usage: sinder-hub {" + ",".join(COMMANDS) + "} [options]\n\n" + "\n".join(
-            f"  {name:<{width}}  {text}" for name, text in COMMANDS.items())
+        usage = (
+            "usage: sinder-hub {"
+            + ",".join(COMMANDS)
+            + "} [options]\n\n"
+            + "\n".join(f"  {name:<{width}}  {text}" for name, text in COMMANDS.items())
+        )
         if argv and argv[0] not in ("-h", "--help"):
             print(f"sinder-hub: unknown command {argv[0]!r}\n{usage}", file=sys.stderr)
             return 2

@@ -33,20 +33,28 @@ from transformers import (
     Dinov2WithRegistersModel,
 )
 
+from . import hf_families
 from .backbones import load_backbone
 from .data import IMAGENET_MEAN, IMAGENET_STD
-from . import hf_families
 from .dinov2 import check_dinov2_like, timm_to_transformers_state_dict
 from .errors import RunFolderError
 from .files import atomic_path
-from .runs import INCOMPLETE
 from .models import base_architecture
+from .runs import INCOMPLETE
 
 # DINOv2's own preprocessing (facebook/dinov2-*): resize short side to 256, centre-crop 224, bicubic
 IMAGE_PROCESSOR = dict(
-    do_resize=True, size={"shortest_edge": 256}, resample=3, do_center_crop=True,
-    crop_size={"height": 224, "width": 224}, do_rescale=True, rescale_factor=1 / 255,
-    do_normalize=True, image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD), do_convert_rgb=True,
+    do_resize=True,
+    size={"shortest_edge": 256},
+    resample=3,
+    do_center_crop=True,
+    crop_size={"height": 224, "width": 224},
+    do_rescale=True,
+    rescale_factor=1 / 255,
+    do_normalize=True,
+    image_mean=list(IMAGENET_MEAN),
+    image_std=list(IMAGENET_STD),
+    do_convert_rgb=True,
 )
 # timm's interpolation names -> PIL resample codes, for the CLIP / DINOv3 processors (read from pretrained_cfg)
 RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3}
@@ -54,8 +62,16 @@ FORMATS = ("timm", "transformers", "both")
 REPORT_FILE = "repair_report.json"
 # every file an export writes (save_for_hf, save_pretrained incl. shards, the image processor, report, pictures, card):
 # the only files export(..., overwrite=True) removes
-EXPORT_FILES = ("config.json", "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
-                "preprocessor_config.json", "README.md", REPORT_FILE, "before_after_*.png")
+EXPORT_FILES = (
+    "config.json",
+    "model.safetensors",
+    "model-*-of-*.safetensors",
+    "model.safetensors.index.json",
+    "preprocessor_config.json",
+    "README.md",
+    REPORT_FILE,
+    "before_after_*.png",
+)
 
 
 def _swiglu_ratio(embed_dim: int, hidden: int) -> int:
@@ -86,9 +102,16 @@ def transformers_config(model: nn.Module):
     if height != width:
         raise ValueError(f"transformers' Dinov2 needs a square image size, the model has {height}x{width}")
     kwargs = dict(
-        hidden_size=model.embed_dim, num_hidden_layers=len(model.blocks), num_attention_heads=block.attn.num_heads,
-        mlp_ratio=mlp_ratio, use_swiglu_ffn=swiglu, layerscale_value=1.0, layer_norm_eps=model.norm.eps,
-        image_size=height, patch_size=model.patch_embed.patch_size[0], qkv_bias=block.attn.qkv.bias is not None,
+        hidden_size=model.embed_dim,
+        num_hidden_layers=len(model.blocks),
+        num_attention_heads=block.attn.num_heads,
+        mlp_ratio=mlp_ratio,
+        use_swiglu_ffn=swiglu,
+        layerscale_value=1.0,
+        layer_norm_eps=model.norm.eps,
+        image_size=height,
+        patch_size=model.patch_embed.patch_size[0],
+        qkv_bias=block.attn.qkv.bias is not None,
     )
     if model.num_reg_tokens:
         return Dinov2WithRegistersConfig(num_register_tokens=model.num_reg_tokens, **kwargs)
@@ -115,7 +138,9 @@ def save_timm(model: VisionTransformer, folder: str | Path) -> None:
     if "architecture" not in getattr(model, "pretrained_cfg", {}):
         raise ValueError("save_timm needs a model made by timm.create_model or load_backbone (no pretrained_cfg)")
     architecture = base_architecture(model.pretrained_cfg["architecture"])
-    save_for_hf(model, folder, safe_serialization=True, model_config=dict(pretrained_cfg=dict(architecture=architecture)))
+    save_for_hf(
+        model, folder, safe_serialization=True, model_config=dict(pretrained_cfg=dict(architecture=architecture))
+    )
 
 
 def save_transformers(model: VisionTransformer, folder: str | Path) -> None:
@@ -134,17 +159,28 @@ def image_processor(model: nn.Module, config) -> BitImageProcessor | CLIPImagePr
     cfg = getattr(model, "pretrained_cfg", None) or {}
     size = config.image_size
     kwargs = dict(
-        do_resize=True, size={"shortest_edge": round(size / cfg.get("crop_pct", 1.0))},
-        resample=RESAMPLE.get(cfg.get("interpolation"), 3), do_center_crop=True,
-        crop_size={"height": size, "width": size}, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-        image_mean=list(cfg.get("mean", IMAGENET_MEAN)), image_std=list(cfg.get("std", IMAGENET_STD)),
+        do_resize=True,
+        size={"shortest_edge": round(size / cfg.get("crop_pct", 1.0))},
+        resample=RESAMPLE.get(cfg.get("interpolation"), 3),
+        do_center_crop=True,
+        crop_size={"height": size, "width": size},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(cfg.get("mean", IMAGENET_MEAN)),
+        image_std=list(cfg.get("std", IMAGENET_STD)),
         do_convert_rgb=True,
     )
     return (CLIPImageProcessor if config.model_type == "clip_vision_model" else BitImageProcessor)(**kwargs)
 
 
-def export(model_or_run_dir: nn.Module | str | Path, out_dir: str | Path, format: str = "timm",
-           card: bool = False, overwrite: bool = False) -> dict[str, Path]:
+def export(
+    model_or_run_dir: nn.Module | str | Path,
+    out_dir: str | Path,
+    format: str = "timm",
+    card: bool = False,
+    overwrite: bool = False,
+) -> dict[str, Path]:
     """Write a backbone as stock timm and/or transformers folders; returns ``{format: folder}``.
 
     ``model_or_run_dir``: a timm model or any ``load_backbone`` spec (a repair run folder, a checkpoint, a
@@ -165,7 +201,9 @@ def export(model_or_run_dir: nn.Module | str | Path, out_dir: str | Path, format
     write_card = _card_writer() if card else None
     model = model_or_run_dir if source is None else load_backbone(model_or_run_dir)
     report = source / REPORT_FILE if source is not None and (source / REPORT_FILE).is_file() else None
-    extras = [report, *sorted(report.parent.glob("before_after_*.png"))] if report else []  # the card shows the pictures
+    extras = (
+        [report, *sorted(report.parent.glob("before_after_*.png"))] if report else []
+    )  # the card shows the pictures
     for kind, folder in folders.items():
         folder.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".export-", dir=folder))
@@ -187,8 +225,11 @@ def export(model_or_run_dir: nn.Module | str | Path, out_dir: str | Path, format
 
 def _export_files(folder: Path) -> list[Path]:
     """The files of ``folder`` that an export writes (``EXPORT_FILES``)."""
-    return sorted(path for path in folder.iterdir()
-                  if path.is_file() and any(fnmatch.fnmatchcase(path.name, pattern) for pattern in EXPORT_FILES))
+    return sorted(
+        path
+        for path in folder.iterdir()
+        if path.is_file() and any(fnmatch.fnmatchcase(path.name, pattern) for pattern in EXPORT_FILES)
+    )
 
 
 def check_export_target(source: Path | None, out_dir: str | Path, format: str, overwrite: bool = False) -> None:
@@ -212,15 +253,19 @@ def check_export_target(source: Path | None, out_dir: str | Path, format: str, o
     if format == "both" and out_dir.is_dir():
         others = sorted(path.name for path in out_dir.iterdir() if path.name not in kinds)
         if others:
-            raise RunFolderError(f"--to {out_dir} holds other files ({_listing(others)}); format both writes "
-                                 "timm/ and transformers/ into a new or empty folder")
+            raise RunFolderError(
+                f"--to {out_dir} holds other files ({_listing(others)}); format both writes "
+                "timm/ and transformers/ into a new or empty folder"
+            )
     for folder in folders:
         if not folder.is_dir():
             continue
         entries = sorted(path.name for path in folder.iterdir())
         if entries and not overwrite:
-            raise RunFolderError(f"--to {folder} is not empty ({_listing(entries)}); export writes into a new or "
-                                 "empty folder, or pass --overwrite to replace an earlier export's files")
+            raise RunFolderError(
+                f"--to {folder} is not empty ({_listing(entries)}); export writes into a new or "
+                "empty folder, or pass --overwrite to replace an earlier export's files"
+            )
 
 
 def _listing(names: list[str], shown: int = 4) -> str:

@@ -25,9 +25,23 @@ LISTED_MISSING_SHOWN = 3
 
 # Natural images shipped with scikit-image; grayscale ones are converted to RGB.
 SAMPLE_IMAGE_NAMES = (
-    "astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field",
-    "motorcycle_left", "motorcycle_right", "retina", "camera", "coins", "brick", "grass",
-    "gravel", "moon", "clock", "cell",
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "immunohistochemistry",
+    "hubble_deep_field",
+    "motorcycle_left",
+    "motorcycle_right",
+    "retina",
+    "camera",
+    "coins",
+    "brick",
+    "grass",
+    "gravel",
+    "moon",
+    "clock",
+    "cell",
 )
 HELD_OUT_SAMPLES = ("astronaut", "coffee", "motorcycle_right", "camera", "grass")
 TRAIN_SAMPLES = tuple(name for name in SAMPLE_IMAGE_NAMES if name not in HELD_OUT_SAMPLES)
@@ -40,12 +54,14 @@ def sinder_transform(resolution: int = 518) -> transforms.Compose:
 
     PIL image -> ``[3, resolution, resolution]`` float32.
     """
-    return transforms.Compose([
-        transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(resolution),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+    return transforms.Compose(
+        [
+            transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(resolution),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
 
 
 def _skimage_array(name: str) -> np.ndarray:
@@ -82,24 +98,33 @@ def list_images(source: str | Path) -> list[Path]:
     """
     source = Path(source)
     if not source.exists():
-        raise DataError(f"data source {source} does not exist; expected a folder of images or a text file "
-                        "listing image paths")
+        raise DataError(
+            f"data source {source} does not exist; expected a folder of images or a text file listing image paths"
+        )
     if source.is_file():
         if source.suffix.lower() in IMAGE_SUFFIXES or _is_image_file(source):
-            raise DataError(f"{source} is an image file; --data takes a folder of images or a text file "
-                            "listing image paths")
+            raise DataError(
+                f"{source} is an image file; --data takes a folder of images or a text file listing image paths"
+            )
         try:
             lines = [line.strip() for line in source.read_text(encoding="utf-8").splitlines()]
         except UnicodeDecodeError as error:
-            raise DataError(f"{source} is not a text file (byte {error.start} is not UTF-8); expected a folder "
-                            "of images or a text file listing image paths, one per line") from error
-        paths = [Path(line) if Path(line).is_absolute() else source.parent / line
-                 for line in lines if line and not line.startswith("#")]
+            raise DataError(
+                f"{source} is not a text file (byte {error.start} is not UTF-8); expected a folder "
+                "of images or a text file listing image paths, one per line"
+            ) from error
+        paths = [
+            Path(line) if Path(line).is_absolute() else source.parent / line
+            for line in lines
+            if line and not line.startswith("#")
+        ]
         missing = [path for path in paths if not path.is_file()]
         if missing:
             shown = ", ".join(map(str, missing[:LISTED_MISSING_SHOWN]))
-            raise DataError(f"{source}: {len(missing)} of {len(paths)} listed images do not exist or are not files "
-                            f"({shown}{', ...' if len(missing) > LISTED_MISSING_SHOWN else ''})")
+            raise DataError(
+                f"{source}: {len(missing)} of {len(paths)} listed images do not exist or are not files "
+                f"({shown}{', ...' if len(missing) > LISTED_MISSING_SHOWN else ''})"
+            )
         if not paths:
             raise DataError(f"{source} lists no image paths; expected one image path per line")
     else:
@@ -120,8 +145,10 @@ def _open(path: str | Path, max_pixels: int | None) -> Image.Image:
     width, height = image.size
     if max_pixels is not None and width * height > max_pixels:
         image.close()
-        raise DataError(f"{path}: image of {width}x{height} px ({width * height:,} pixels) is over the limit of "
-                        f"{max_pixels:,} pixels; raise --max-pixels if the file is trusted")
+        raise DataError(
+            f"{path}: image of {width}x{height} px ({width * height:,} pixels) is over the limit of "
+            f"{max_pixels:,} pixels; raise --max-pixels if the file is trusted"
+        )
     return image
 
 
@@ -184,8 +211,9 @@ class ImageFiles(Dataset):
     and counts the ``None`` ones, so one bad file never ends a run. ``max_pixels`` goes to ``load_rgb``.
     """
 
-    def __init__(self, paths: list[Path], resolution: int = 518, min_size: int = 14,
-                 max_pixels: int | None = MAX_PIXELS):
+    def __init__(
+        self, paths: list[Path], resolution: int = 518, min_size: int = 14, max_pixels: int | None = MAX_PIXELS
+    ):
         self.paths = list(paths)
         self.transform = sinder_transform(resolution)
         self.min_size = min_size

@@ -24,14 +24,16 @@ import torch.nn.functional as F
 # The authors' Gaussian windows (REFERENCE-NOTES): 3x3 is the outer product of [1, 2, 1];
 # 5x5 is the standard table with centre 41 (NOT the outer product of [1, 4, 7, 4, 1]).
 GAUSSIAN_KERNELS = {
-    3: torch.tensor([[1.0, 2.0, 1.0],
-                     [2.0, 4.0, 2.0],
-                     [1.0, 2.0, 1.0]]),
-    5: torch.tensor([[1.0, 4.0, 7.0, 4.0, 1.0],
-                     [4.0, 16.0, 26.0, 16.0, 4.0],
-                     [7.0, 26.0, 41.0, 26.0, 7.0],
-                     [4.0, 16.0, 26.0, 16.0, 4.0],
-                     [1.0, 4.0, 7.0, 4.0, 1.0]]),
+    3: torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]),
+    5: torch.tensor(
+        [
+            [1.0, 4.0, 7.0, 4.0, 1.0],
+            [4.0, 16.0, 26.0, 16.0, 4.0],
+            [7.0, 26.0, 41.0, 26.0, 7.0],
+            [4.0, 16.0, 26.0, 16.0, 4.0],
+            [1.0, 4.0, 7.0, 4.0, 1.0],
+        ]
+    ),
 }
 
 
@@ -47,7 +49,9 @@ def _check_grid(tokens: torch.Tensor, direction: torch.Tensor) -> None:
     if tokens.dim() != 3:
         raise ValueError(f"tokens must be an [H, W, D] grid, got shape {tuple(tokens.shape)}")
     if direction.shape != tokens.shape[-1:]:
-        raise ValueError(f"direction must have shape [{tokens.shape[-1]}] to match the tokens, got {tuple(direction.shape)}")
+        raise ValueError(
+            f"direction must have shape [{tokens.shape[-1]}] to match the tokens, got {tuple(direction.shape)}"
+        )
 
 
 def defect_logits(tokens: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
@@ -82,7 +86,9 @@ class NeighborLoss:
     alpha: torch.Tensor  # [] mean token norm of the grid's interior
 
 
-def neighbor_targets(tokens: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor, kernel: int = 3, temperature: float = 0.1) -> torch.Tensor:
+def neighbor_targets(
+    tokens: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor, kernel: int = 3, temperature: float = 0.1
+) -> torch.Tensor:
     """Weighted neighbour means of the defective tokens (eq. 6–7): ``[n_defects, D]``."""
     H, W, D = tokens.shape
     pad = kernel // 2
@@ -111,7 +117,7 @@ def neighbor_loss(
     with torch.no_grad():
         targets = neighbor_targets(tokens.detach(), logits, mask, kernel=kernel, temperature=temperature)
         pad = kernel // 2
-        interior = tokens.detach()[pad:tokens.shape[0] - pad, pad:tokens.shape[1] - pad]
+        interior = tokens.detach()[pad : tokens.shape[0] - pad, pad : tokens.shape[1] - pad]
         alpha = interior.norm(dim=-1).mean()
     distances = (tokens[mask] - targets).norm(dim=-1)
     return NeighborLoss(loss=distances.mean() / alpha, mask=mask, targets=targets, alpha=alpha)

@@ -160,15 +160,17 @@ def defect_report(
             angles = angle_to_direction(grid, direction).flatten()
             per_block[index].append(_ImageResult(name, mask, _grid_statistics(grid, mask), grid[mask], angles))
     blocks = [_block_entry(index, entries, directions[index]) for index, entries in enumerate(per_block)]
-    return json_safe({
-        "images": list(images),
-        "grid": grids,
-        "mask_thr": mask_thr,
-        "kernel": kernel,
-        "depth": depth,
-        "dim": int(directions.shape[1]),
-        "blocks": blocks,
-    })
+    return json_safe(
+        {
+            "images": list(images),
+            "grid": grids,
+            "mask_thr": mask_thr,
+            "kernel": kernel,
+            "depth": depth,
+            "dim": int(directions.shape[1]),
+            "blocks": blocks,
+        }
+    )
 
 
 def _block_entry(index: int, results: list[_ImageResult], direction: torch.Tensor) -> dict:

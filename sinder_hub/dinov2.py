@@ -86,7 +86,8 @@ def infer_architecture(state_dict: dict[str, torch.Tensor], source: str) -> str:
     depth = max(blocks) + 1 if blocks else 0
     fc1, fc2 = state_dict.get("blocks.0.mlp.fc1.weight"), state_dict.get("blocks.0.mlp.fc2.weight")
     swiglu = "blocks.0.mlp.w12.weight" in state_dict or (
-        fc1 is not None and fc2 is not None and fc1.shape[0] == 2 * fc2.shape[1])
+        fc1 is not None and fc2 is not None and fc1.shape[0] == 2 * fc2.shape[1]
+    )
     registers = max((state_dict[k].shape[1] for k in STRAY_REGISTER_KEYS if k in state_dict), default=0)
     size = DINOV2_SIZES.get(embed_dim)
     architecture = dinov2_architecture(embed_dim, depth, size[2] if size else 0, swiglu, registers)
@@ -94,7 +95,8 @@ def infer_architecture(state_dict: dict[str, torch.Tensor], source: str) -> str:
         raise BackboneError(
             f"{source}: embed dim {embed_dim}, depth {depth}, {'SwiGLU' if swiglu else 'GELU'} MLP and "
             f"{registers} register tokens match no stock vit_*_patch14_dinov2; pass architecture= "
-            "(and model kwargs such as embed_dim=, depth=, num_heads=)")
+            "(and model kwargs such as embed_dim=, depth=, num_heads=)"
+        )
     return architecture
 
 
@@ -114,7 +116,8 @@ def check_dinov2_like(model: torch.nn.Module, source: str) -> None:
         found = [f"a {type(model).__name__}"]
     raise BackboneError(
         f"{source} is not a DINOv2-like backbone ({', '.join(found)}): expected a timm VisionTransformer with "
-        "14-px patches, a class token and layer scale, like vit_*_patch14_dinov2")
+        "14-px patches, a class token and layer scale, like vit_*_patch14_dinov2"
+    )
 
 
 # (timm pattern, transformers patterns); "{}" is a block index; several targets split / concatenate dim 0
@@ -124,8 +127,14 @@ KEY_MAP = (
     ("reg_token", ("embeddings.register_tokens",)),
     ("patch_embed.proj.", ("embeddings.patch_embeddings.projection.",)),
     ("blocks.{}.norm1.", ("encoder.layer.{}.norm1.",)),
-    ("blocks.{}.attn.qkv.", ("encoder.layer.{}.attention.q_proj.", "encoder.layer.{}.attention.k_proj.",
-                             "encoder.layer.{}.attention.v_proj.")),
+    (
+        "blocks.{}.attn.qkv.",
+        (
+            "encoder.layer.{}.attention.q_proj.",
+            "encoder.layer.{}.attention.k_proj.",
+            "encoder.layer.{}.attention.v_proj.",
+        ),
+    ),
     ("blocks.{}.attn.proj.", ("encoder.layer.{}.attention.o_proj.",)),
     ("blocks.{}.ls1.gamma", ("encoder.layer.{}.layer_scale1.lambda1",)),
     ("blocks.{}.norm2.", ("encoder.layer.{}.norm2.",)),
@@ -177,18 +186,24 @@ def timm_architecture(config: Dinov2Config | Dinov2WithRegistersConfig) -> tuple
     registers = getattr(config, "num_register_tokens", 0)
     swiglu = config.use_swiglu_ffn
     if config.layer_norm_eps != 1e-6 or (not swiglu and config.hidden_act != "gelu"):
-        raise ValueError("timm's DINOv2 ViTs use LayerNorm eps 1e-6 and exact GELU "
-                         f"(config: eps {config.layer_norm_eps}, hidden_act {config.hidden_act!r})")
+        raise ValueError(
+            "timm's DINOv2 ViTs use LayerNorm eps 1e-6 and exact GELU "
+            f"(config: eps {config.layer_norm_eps}, hidden_act {config.hidden_act!r})"
+        )
     image_size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
     model_args = dict(img_size=image_size)
-    name = dinov2_architecture(config.hidden_size, config.num_hidden_layers, config.num_attention_heads,
-                               swiglu, registers)
+    name = dinov2_architecture(
+        config.hidden_size, config.num_hidden_layers, config.num_attention_heads, swiglu, registers
+    )
     if name is None or config.mlp_ratio != 4 or config.patch_size != 14 or not config.qkv_bias:
         name = f"vit_{'giant' if swiglu else 'small'}_patch14_{'reg4_' if registers else ''}dinov2"
         hidden = (int(int(config.hidden_size * config.mlp_ratio) * 2 / 3) + 7) // 8 * 8
         model_args.update(
-            patch_size=config.patch_size, embed_dim=config.hidden_size, depth=config.num_hidden_layers,
-            num_heads=config.num_attention_heads, qkv_bias=config.qkv_bias,
+            patch_size=config.patch_size,
+            embed_dim=config.hidden_size,
+            depth=config.num_hidden_layers,
+            num_heads=config.num_attention_heads,
+            qkv_bias=config.qkv_bias,
             mlp_ratio=(2 * hidden + 0.5) / config.hidden_size if swiglu else config.mlp_ratio,
         )
         if registers:
@@ -200,7 +215,9 @@ def timm_to_transformers_state_dict(state_dict: dict[str, torch.Tensor], swiglu:
     """timm DINOv2 state dict -> transformers ``Dinov2Model`` / ``Dinov2WithRegistersModel`` state dict."""
     state_dict = dict(state_dict)
     if "reg_token" in state_dict:  # no_embed_class: the class position lives in cls_token
-        state_dict["pos_embed"] = torch.cat([torch.zeros_like(state_dict["pos_embed"][:, :1]), state_dict["pos_embed"]], 1)
+        state_dict["pos_embed"] = torch.cat(
+            [torch.zeros_like(state_dict["pos_embed"][:, :1]), state_dict["pos_embed"]], 1
+        )
     out = _remap(state_dict, KEY_MAP + (SWIGLU_MLP_MAP if swiglu else GELU_MLP_MAP), reverse=False)
     out[MASK_TOKEN] = torch.zeros_like(state_dict["cls_token"][0])
     return out
@@ -221,7 +238,9 @@ def from_transformers(hf_model: PreTrainedModel, **model_kwargs) -> VisionTransf
     unless ``model_kwargs`` say otherwise) with the same weights."""
     architecture, model_args = timm_architecture(hf_model.config)
     with torch.device("meta"):  # no random init: every weight is assigned below
-        model = timm.create_model(architecture, pretrained=False, **{**model_args, "dynamic_img_size": True, **model_kwargs})
+        model = timm.create_model(
+            architecture, pretrained=False, **{**model_args, "dynamic_img_size": True, **model_kwargs}
+        )
     state_dict = transformers_to_timm_state_dict(hf_model.state_dict(), hf_model.config.use_swiglu_ffn)
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model.eval()

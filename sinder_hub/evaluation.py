@@ -19,7 +19,6 @@ Everything is kept in memory: meant for small benchmarks and before/after compar
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,7 +32,6 @@ from torchvision.transforms import v2
 
 from .data import IMAGE_SUFFIXES, MAX_PIXELS, list_images, load_rgb, sinder_transform
 from .errors import DataError
-from .files import atomic_path
 from .tokens import patch_grid
 
 IGNORE_INDEX = 255
@@ -71,14 +69,19 @@ def patch_token_encoder(model: nn.Module) -> Encoder:
     return encode
 
 
-def encode_files(encoder: Encoder, paths: list[Path], resolution: int, batch_size: int = 16,
-                 max_pixels: int | None = MAX_PIXELS) -> torch.Tensor:
+def encode_files(
+    encoder: Encoder, paths: list[Path], resolution: int, batch_size: int = 16, max_pixels: int | None = MAX_PIXELS
+) -> torch.Tensor:
     """Encode image files in batches: ``[N, ...]`` (whatever the encoder returns per image)."""
     transform = sinder_transform(resolution)
     outputs = []
     for start in range(0, len(paths), batch_size):
-        batch = torch.stack([transform(load_rgb(path, min_size=14, max_pixels=max_pixels))
-                             for path in paths[start:start + batch_size]])
+        batch = torch.stack(
+            [
+                transform(load_rgb(path, min_size=14, max_pixels=max_pixels))
+                for path in paths[start : start + batch_size]
+            ]
+        )
         outputs.append(encoder(batch))
     return torch.cat(outputs)
 
@@ -100,7 +103,9 @@ def _layout(root: Path) -> str:
     return f"sub-folders {', '.join(p.name for p in splits[:4])}" if splits else "no sub-folders"
 
 
-def classification_split(root: str | Path, split: str, classes: list[str] | None = None) -> tuple[list[Path], torch.Tensor, list[str]]:
+def classification_split(
+    root: str | Path, split: str, classes: list[str] | None = None
+) -> tuple[list[Path], torch.Tensor, list[str]]:
     """Images of ``ROOT/split/<class>/``: ``(paths, labels [N], classes)``; ``classes`` default to the folder's.
 
     Raises ``DataError`` naming the folder when the layout is not ``CLASSIFICATION_LAYOUT``.
@@ -111,8 +116,10 @@ def classification_split(root: str | Path, split: str, classes: list[str] | None
         raise DataError(f"--data {root}: found {_layout(root)}; knn expects {CLASSIFICATION_LAYOUT}")
     found = sorted(p.name for p in folder.iterdir() if p.is_dir())
     if classes is None and len(found) < 2:
-        raise DataError(f"{folder} has {len(found)} class folder{'s' * (len(found) != 1)} "
-                        f"({', '.join(found) or 'none'}); knn expects {CLASSIFICATION_LAYOUT}")
+        raise DataError(
+            f"{folder} has {len(found)} class folder{'s' * (len(found) != 1)} "
+            f"({', '.join(found) or 'none'}); knn expects {CLASSIFICATION_LAYOUT}"
+        )
     if not found:
         raise DataError(f"{folder} has no class folders; knn expects {CLASSIFICATION_LAYOUT}")
     classes = found if classes is None else classes
@@ -135,14 +142,18 @@ def segmentation_split(root: str | Path, split: str) -> list[tuple[Path, Path]]:
     root = Path(root)
     folder = root / split
     if not (folder / "images").is_dir() or not (folder / "masks").is_dir():
-        raise DataError(f"--data {root}: found {_layout(root)}, no {folder}/images/ + masks/; "
-                        f"segmentation expects {SEGMENTATION_LAYOUT} (splits: train and val for linseg, val for kmeans)")
+        raise DataError(
+            f"--data {root}: found {_layout(root)}, no {folder}/images/ + masks/; "
+            f"segmentation expects {SEGMENTATION_LAYOUT} (splits: train and val for linseg, val for kmeans)"
+        )
     images = list_images(folder / "images")
     orphans = [image.name for image in images if not (folder / "masks" / f"{image.stem}.png").is_file()]
     if orphans:
-        raise DataError(f"{folder}: {len(orphans)} of {len(images)} images have no mask in {folder / 'masks'} "
-                        f"({', '.join(orphans[:SHOWN])}{', ...' if len(orphans) > SHOWN else ''}); "
-                        "expected masks/<stem>.png for every image")
+        raise DataError(
+            f"{folder}: {len(orphans)} of {len(images)} images have no mask in {folder / 'masks'} "
+            f"({', '.join(orphans[:SHOWN])}{', ...' if len(orphans) > SHOWN else ''}); "
+            "expected masks/<stem>.png for every image"
+        )
     return [(image, folder / "masks" / f"{image.stem}.png") for image in images]
 
 
@@ -153,8 +164,10 @@ def check_dataset(root: str | Path, task: str) -> None:
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     if not root.is_dir():
-        raise DataError(f"--data {root} is not a folder; expected a dataset folder "
-                        f"({CLASSIFICATION_LAYOUT if task == 'knn' else SEGMENTATION_LAYOUT})")
+        raise DataError(
+            f"--data {root} is not a folder; expected a dataset folder "
+            f"({CLASSIFICATION_LAYOUT if task == 'knn' else SEGMENTATION_LAYOUT})"
+        )
     if task == "knn":
         classification_split(root, "val", classification_split(root, "train")[2])
     else:
@@ -170,14 +183,21 @@ def load_mask(mask_path: Path, image_path: Path, resolution: int) -> torch.Tenso
         if mask.mode not in ("L", "P", "I", "I;16"):
             raise DataError(f"{mask_path}: mask must be a single-channel index image (L or P), got mode {mask.mode}")
         if mask.size != image_size:
-            raise DataError(f"{mask_path}: mask is {mask.size[0]}x{mask.size[1]} px but its image {image_path} is {image_size[0]}x{image_size[1]}")
+            raise DataError(
+                f"{mask_path}: mask is {mask.size[0]}x{mask.size[1]} px but its image {image_path} is {image_size[0]}x{image_size[1]}"
+            )
         labels = torch.from_numpy(np.asarray(mask, dtype=np.int64).copy())[None]
     labels = v2.functional.resize(labels, resolution, interpolation=v2.InterpolationMode.NEAREST)
     return v2.functional.center_crop(labels, resolution)[0]
 
 
-def load_segmentation(encoder: Encoder, pairs: list[tuple[Path, Path]], resolution: int, batch_size: int = 16,
-                      max_pixels: int | None = MAX_PIXELS):
+def load_segmentation(
+    encoder: Encoder,
+    pairs: list[tuple[Path, Path]],
+    resolution: int,
+    batch_size: int = 16,
+    max_pixels: int | None = MAX_PIXELS,
+):
     """Patch features ``[N, H, W, D]`` and masks ``[N, R, R]`` of ``(image, mask)`` pairs."""
     features = encode_files(encoder, [image for image, _ in pairs], resolution, batch_size, max_pixels)
     masks = torch.stack([load_mask(mask, image, resolution) for image, mask in pairs])
@@ -203,7 +223,10 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...
 
 
 def confusion_matrix(
-    predictions: torch.Tensor, targets: torch.Tensor, num_classes: int, num_predictions: int | None = None,
+    predictions: torch.Tensor,
+    targets: torch.Tensor,
+    num_classes: int,
+    num_predictions: int | None = None,
     ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
     """``[C, P]`` pixel counts (``P = num_predictions``, default ``C``), rows = target, columns = prediction; ``ignore_index`` targets skipped."""
@@ -254,16 +277,29 @@ def knn_votes(
     return votes.scatter_add_(1, train_labels[index], weights)
 
 
-def knn_evaluate(encoder: Encoder, root: str | Path, resolution: int = 224, k: int = 20, temperature: float = 0.07,
-                 batch_size: int = 16, max_pixels: int | None = MAX_PIXELS) -> dict:
+def knn_evaluate(
+    encoder: Encoder,
+    root: str | Path,
+    resolution: int = 224,
+    k: int = 20,
+    temperature: float = 0.07,
+    batch_size: int = 16,
+    max_pixels: int | None = MAX_PIXELS,
+) -> dict:
     """k-NN top-1 / top-5 (percent) of ``ROOT/val`` against ``ROOT/train`` with class-token features."""
     train_paths, train_labels, classes = classification_split(root, "train")
     val_paths, val_labels, _ = classification_split(root, "val", classes)
     train_features = encode_files(encoder, train_paths, resolution, batch_size, max_pixels)
     val_features = encode_files(encoder, val_paths, resolution, batch_size, max_pixels)
     votes = knn_votes(train_features, train_labels, val_features, len(classes), k=k, temperature=temperature)
-    return {**topk_accuracy(votes, val_labels), "k": k, "temperature": temperature, "classes": classes,
-            "train_images": len(train_paths), "val_images": len(val_paths)}
+    return {
+        **topk_accuracy(votes, val_labels),
+        "k": k,
+        "temperature": temperature,
+        "classes": classes,
+        "train_images": len(train_paths),
+        "val_images": len(val_paths),
+    }
 
 
 # --- linear-probe segmentation -----------------------------------------------------------
@@ -282,7 +318,11 @@ def patch_label_counts(masks: torch.Tensor, grid: tuple[int, int], num_classes: 
 
 
 def train_linear_probe(
-    features: torch.Tensor, masks: torch.Tensor, num_classes: int, steps: int = 100, weight_decay: float = 1e-4,
+    features: torch.Tensor,
+    masks: torch.Tensor,
+    num_classes: int,
+    steps: int = 100,
+    weight_decay: float = 1e-4,
     batch_size: int = 16,
 ) -> Callable[[torch.Tensor, tuple[int, int]], torch.Tensor]:
     """Fit a linear layer on ``[N, H, W, D]`` patch features against ``[N, R, R]`` masks.
@@ -307,7 +347,10 @@ def train_linear_probe(
 
     def closure() -> torch.Tensor:
         optimiser.zero_grad()
-        loss = -(counts * linear(inputs).log_softmax(dim=-1)).sum() / counts.sum() + weight_decay * linear.weight.square().sum()
+        loss = (
+            -(counts * linear(inputs).log_softmax(dim=-1)).sum() / counts.sum()
+            + weight_decay * linear.weight.square().sum()
+        )
         loss.backward()
         return loss
 
@@ -325,24 +368,43 @@ def train_linear_probe(
 
 
 def linear_probe_segmentation(
-    encoder: Encoder, root: str | Path, resolution: int = 224, steps: int = 100, weight_decay: float = 1e-4,
-    batch_size: int = 16, max_pixels: int | None = MAX_PIXELS,
+    encoder: Encoder,
+    root: str | Path,
+    resolution: int = 224,
+    steps: int = 100,
+    weight_decay: float = 1e-4,
+    batch_size: int = 16,
+    max_pixels: int | None = MAX_PIXELS,
 ) -> dict:
     """Linear probe on frozen patch features: trained on ``ROOT/train``, mIoU / pixel accuracy on ``ROOT/val``."""
-    train_features, train_masks = load_segmentation(encoder, segmentation_split(root, "train"), resolution, batch_size,
-                                                    max_pixels)
-    val_features, val_masks = load_segmentation(encoder, segmentation_split(root, "val"), resolution, batch_size,
-                                                max_pixels)
+    train_features, train_masks = load_segmentation(
+        encoder, segmentation_split(root, "train"), resolution, batch_size, max_pixels
+    )
+    val_features, val_masks = load_segmentation(
+        encoder, segmentation_split(root, "val"), resolution, batch_size, max_pixels
+    )
     num_classes = _num_classes(train_masks, val_masks)
-    predict = train_linear_probe(train_features, train_masks, num_classes, steps=steps, weight_decay=weight_decay, batch_size=batch_size)
-    scores = segmentation_scores(confusion_matrix(predict(val_features, tuple(val_masks.shape[-2:])), val_masks, num_classes))
-    return {**scores, "classes": num_classes, "train_images": len(train_masks), "val_images": len(val_masks), "steps": steps}
+    predict = train_linear_probe(
+        train_features, train_masks, num_classes, steps=steps, weight_decay=weight_decay, batch_size=batch_size
+    )
+    scores = segmentation_scores(
+        confusion_matrix(predict(val_features, tuple(val_masks.shape[-2:])), val_masks, num_classes)
+    )
+    return {
+        **scores,
+        "classes": num_classes,
+        "train_images": len(train_masks),
+        "val_images": len(val_masks),
+        "steps": steps,
+    }
 
 
 # --- unsupervised (k-means) segmentation ---------------------------------------------------
 
 
-def kmeans(points: torch.Tensor, clusters: int, iterations: int = 50, restarts: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def kmeans(
+    points: torch.Tensor, clusters: int, iterations: int = 50, restarts: int = 3, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's k-means with k-means++ seeding, best of ``restarts``: ``(assignments [n], centroids [k, D])``."""
     points = points.double()
     generator = torch.Generator().manual_seed(seed)
@@ -355,7 +417,12 @@ def kmeans(points: torch.Tensor, clusters: int, iterations: int = 50, restarts: 
             centroids = torch.cat([centroids, points[torch.multinomial(weights, 1, generator=generator)]])
         for _ in range(iterations):
             assignments = torch.cdist(points, centroids).argmin(dim=1)
-            updated = torch.stack([points[assignments == c].mean(dim=0) if (assignments == c).any() else centroids[c] for c in range(clusters)])
+            updated = torch.stack(
+                [
+                    points[assignments == c].mean(dim=0) if (assignments == c).any() else centroids[c]
+                    for c in range(clusters)
+                ]
+            )
             if torch.allclose(updated, centroids):
                 break
             centroids = updated
@@ -379,8 +446,14 @@ def match_clusters(confusion: torch.Tensor) -> torch.Tensor:
 
 
 def kmeans_segmentation(
-    encoder: Encoder, root: str | Path, resolution: int = 224, clusters: int | None = None, seed: int = 0,
-    batch_size: int = 16, split: str = "val", max_pixels: int | None = MAX_PIXELS,
+    encoder: Encoder,
+    root: str | Path,
+    resolution: int = 224,
+    clusters: int | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    split: str = "val",
+    max_pixels: int | None = MAX_PIXELS,
 ) -> dict:
     """Unsupervised segmentation: k-means on the L2-normalised patch features of ``ROOT/split``
     (``clusters`` default: the number of classes), clusters painted over their patches,
@@ -390,113 +463,11 @@ def kmeans_segmentation(
     clusters = clusters or num_classes
     N, H, W, D = features.shape
     assignments, _ = kmeans(F.normalize(features.reshape(-1, D), dim=1), clusters, seed=seed)
-    painted = F.interpolate(assignments.view(N, 1, H, W).float(), size=tuple(masks.shape[-2:]), mode="nearest").long()[:, 0]
+    painted = F.interpolate(assignments.view(N, 1, H, W).float(), size=tuple(masks.shape[-2:]), mode="nearest").long()[
+        :, 0
+    ]
     label_of_cluster = match_clusters(confusion_matrix(painted, masks, num_classes, clusters))
     predictions = label_of_cluster[painted]
     predictions[predictions < 0] = num_classes  # unmatched clusters: wrong for every label
     scores = segmentation_scores(confusion_matrix(predictions, masks, num_classes, num_classes + 1))
     return {**scores, "classes": num_classes, "clusters": clusters, "images": N}
-
-
-# --- a synthetic dataset ---------------------------------------------------------------------
-
-SHAPE_CLASSES = ("disc", "square", "triangle", "cross", "ring")
-SHAPE_COLOURS = {  # one hue per class, so hand-crafted colour features are an oracle
-    "disc": (0.85, 0.15, 0.15),
-    "square": (0.15, 0.70, 0.20),
-    "triangle": (0.15, 0.30, 0.90),
-    "cross": (0.90, 0.80, 0.10),
-    "ring": (0.80, 0.20, 0.80),
-}
-
-
-def _shape_mask(kind: str, size: int, centre: tuple[float, float], radius: float, angle: float) -> np.ndarray:
-    """Boolean ``[size, size]`` mask of one shape."""
-    rows, cols = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
-    dy, dx = rows - centre[0], cols - centre[1]
-    u = np.cos(angle) * dx + np.sin(angle) * dy
-    v = -np.sin(angle) * dx + np.cos(angle) * dy
-    distance = np.hypot(u, v)
-    if kind == "disc":
-        return distance < radius
-    if kind == "square":
-        return np.maximum(abs(u), abs(v)) < 0.8 * radius
-    if kind == "triangle":  # equilateral: inside the three edges at distance radius / 2 from the centre
-        normals = [angle + math.pi / 2 + k * 2 * math.pi / 3 for k in range(3)]
-        return np.all([np.cos(n) * dx + np.sin(n) * dy < radius / 2 for n in normals], axis=0)
-    if kind == "cross":
-        arm = 0.3 * radius
-        return ((abs(u) < arm) & (abs(v) < radius)) | ((abs(v) < arm) & (abs(u) < radius))
-    if kind == "ring":
-        return (distance < radius) & (distance > 0.55 * radius)
-    raise ValueError(f"unknown shape {kind!r}; known: {', '.join(SHAPE_CLASSES)}")
-
-
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Grey texture: random gratings plus noise, ``[size, size, 3]`` in ``[0.2, 0.8]``."""
-    rows, cols = np.mgrid[0:size, 0:size] / size
-    texture = np.zeros((size, size))
-    for _ in range(3):
-        angle, frequency, phase = rng.uniform(0, math.pi), rng.uniform(2, 12), rng.uniform(0, 2 * math.pi)
-        texture += np.sin(2 * math.pi * frequency * (np.cos(angle) * cols + np.sin(angle) * rows) + phase)
-    texture = 0.5 + 0.08 * texture + 0.05 * rng.standard_normal((size, size))
-    return np.repeat(texture.clip(0.2, 0.8)[..., None], 3, axis=2)
-
-
-def _paint(rng: np.random.Generator, canvas: np.ndarray, kind: str, mask: np.ndarray) -> None:
-    colour = np.clip(np.asarray(SHAPE_COLOURS[kind]) + rng.uniform(-0.07, 0.07, 3), 0, 1)
-    shading = 0.9 + 0.1 * rng.random(mask.sum())
-    canvas[mask] = colour[None, :] * shading[:, None]
-
-
-def _random_shape(rng: np.random.Generator, size: int, kind: str, radius_range: tuple[float, float]) -> np.ndarray:
-    radius = rng.uniform(*radius_range) * size
-    centre = tuple(rng.uniform(radius, size - radius, 2))
-    return _shape_mask(kind, size, centre, radius, rng.uniform(0, 2 * math.pi))
-
-
-def _save_rgb(array: np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        Image.fromarray((array * 255).round().astype(np.uint8)).save(tmp, format="PNG")
-
-
-def make_shapes_dataset(root: str | Path, n_per_class: int = 8, size: int = 112, seed: int = 0) -> Path:
-    """Write a small synthetic benchmark of coloured shapes on grey textures; returns ``root``.
-
-    - ``ROOT/classification/{train,val}/<class>/<class>_<i>.png``: one shape of the class
-      per image, ``n_per_class`` images per class and split;
-    - ``ROOT/segmentation/{train,val}/images/<i>.png`` and ``masks/<i>.png``:
-      ``n_per_class x len(SHAPE_CLASSES)`` images per split with 1–3 shapes each; mask
-      0 = background, ``1 + SHAPE_CLASSES.index(class)`` = shape, 255 = the one-pixel
-      boundary between regions (ignored).
-
-    Classes differ in shape and hue (``SHAPE_COLOURS``, jittered); positions, sizes,
-    rotations and textures are random (``seed``).
-    """
-    root = Path(root)
-    rng = np.random.default_rng(seed)
-    for split in ("train", "val"):
-        for kind in SHAPE_CLASSES:
-            for index in range(n_per_class):
-                canvas = _background(rng, size)
-                _paint(rng, canvas, kind, _random_shape(rng, size, kind, (0.2, 0.35)))
-                _save_rgb(canvas, root / "classification" / split / kind / f"{kind}_{index:04d}.png")
-        for index in range(n_per_class * len(SHAPE_CLASSES)):
-            canvas, labels = _background(rng, size), np.zeros((size, size), dtype=np.uint8)
-            for label in rng.integers(0, len(SHAPE_CLASSES), rng.integers(1, 4)):
-                kind = SHAPE_CLASSES[label]
-                mask = _random_shape(rng, size, kind, (0.12, 0.25))
-                _paint(rng, canvas, kind, mask)
-                labels[mask] = label + 1
-            padded = np.pad(labels, 1, mode="edge")
-            boundary = np.zeros_like(labels, dtype=bool)
-            for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
-                boundary |= padded[dy:dy + size, dx:dx + size] != labels
-            labels[boundary] = IGNORE_INDEX
-            folder = root / "segmentation" / split
-            _save_rgb(canvas, folder / "images" / f"{index:04d}.png")
-            (folder / "masks").mkdir(parents=True, exist_ok=True)
-            with atomic_path(folder / "masks" / f"{index:04d}.png") as tmp:
-                Image.fromarray(labels).save(tmp, format="PNG")
-    return root

@@ -99,7 +99,12 @@ class BlockDescription:
         Queries and keys never move.
         """
         value_rows = None if self.value.endswith("v_proj") else self.value_rows
-        return ((self.value, value_rows), (self.proj, None), *((p, None) for p in self.mlp_inputs), (self.mlp_output, None))
+        return (
+            (self.value, value_rows),
+            (self.proj, None),
+            *((p, None) for p in self.mlp_inputs),
+            (self.mlp_output, None),
+        )
 
     @property
     def mlp_gated(self) -> bool:
@@ -150,8 +155,11 @@ def _norm(block: nn.Module, path: str, where: str) -> Norm:
 
 def _is_linear(module: nn.Module | None) -> bool:
     # a SingularValueLinear (sinder_hub.singular_values) keeps nn.Linear's weight and bias names
-    return module is not None and isinstance(getattr(module, "weight", None), torch.Tensor) and (
-        isinstance(module, nn.Linear) or hasattr(module, "eps"))
+    return (
+        module is not None
+        and isinstance(getattr(module, "weight", None), torch.Tensor)
+        and (isinstance(module, nn.Linear) or hasattr(module, "eps"))
+    )
 
 
 def _mlp(block: nn.Module, where: str) -> tuple[str, tuple[str, ...], bool]:
@@ -215,20 +223,33 @@ def describe_block(block: nn.Module, where: str = "block") -> BlockDescription:
             elif isinstance(scale, nn.Identity):
                 scales.append(None)
             else:
-                raise BackboneError(f"{where}.{name}: expected a timm LayerScale or Identity, got {type(scale).__name__}")
+                raise BackboneError(
+                    f"{where}.{name}: expected a timm LayerScale or Identity, got {type(scale).__name__}"
+                )
     elif isinstance(block, EvaBlock):
         kind = "eva"
         scales = [name if getattr(block, name) is not None else None for name in ("gamma_1", "gamma_2")]
     else:
         raise BackboneError(
             f"{where}: {type(block).__name__} is not a supported block (expected timm's vision_transformer.Block "
-            "or eva.EvaBlock: pre-norm attention and MLP, each on the residual)")
+            "or eva.EvaBlock: pre-norm attention and MLP, each on the residual)"
+        )
     value, value_rows, bias_read = _attention(block, where)
     mlp_kind, mlp_inputs, inner_norm = _mlp(block, where)
     return BlockDescription(
-        kind=kind, norm1=_norm(block, "norm1", where), norm2=_norm(block, "norm2", where),
-        value=value, value_rows=value_rows, proj="attn.proj", layer_scale1=scales[0], layer_scale2=scales[1],
-        mlp="mlp", mlp_kind=mlp_kind, mlp_inputs=mlp_inputs, mlp_output="mlp.fc2", mlp_inner_norm=inner_norm,
+        kind=kind,
+        norm1=_norm(block, "norm1", where),
+        norm2=_norm(block, "norm2", where),
+        value=value,
+        value_rows=value_rows,
+        proj="attn.proj",
+        layer_scale1=scales[0],
+        layer_scale2=scales[1],
+        mlp="mlp",
+        mlp_kind=mlp_kind,
+        mlp_inputs=mlp_inputs,
+        mlp_output="mlp.fc2",
+        mlp_inner_norm=inner_norm,
         qkv_bias_read_by_attention=bias_read,
     )
 
@@ -247,17 +268,26 @@ def describe_model(model: nn.Module, source: str = "the model") -> ModelDescript
     else:
         raise BackboneError(
             f"{source}: a {type(model).__name__} is not a supported backbone (expected a timm VisionTransformer "
-            "or Eva with pre-norm blocks, such as DINOv2, DeiT-III, CLIP, SigLIP, DINOv3 or EVA02)")
+            "or Eva with pre-norm blocks, such as DINOv2, DeiT-III, CLIP, SigLIP, DINOv3 or EVA02)"
+        )
     class_token = model.cls_token is not None
     if model.num_prefix_tokens != int(class_token) + registers:
-        raise BackboneError(f"{source}: {model.num_prefix_tokens} prefix tokens, but class token {int(class_token)} "
-                            f"+ {registers} registers")
+        raise BackboneError(
+            f"{source}: {model.num_prefix_tokens} prefix tokens, but class token {int(class_token)} "
+            f"+ {registers} registers"
+        )
     blocks = tuple(describe_block(block, f"{source}: blocks.{index}") for index, block in enumerate(model.blocks))
     if not blocks:
         raise BackboneError(f"{source}: no transformer blocks")
     return ModelDescription(
-        family=family, patch_size=tuple(model.patch_embed.patch_size), class_token=class_token,
-        num_registers=registers, num_prefix_tokens=model.num_prefix_tokens, rope=rope, blocks=blocks)
+        family=family,
+        patch_size=tuple(model.patch_embed.patch_size),
+        class_token=class_token,
+        num_registers=registers,
+        num_prefix_tokens=model.num_prefix_tokens,
+        rope=rope,
+        blocks=blocks,
+    )
 
 
 def has_class_token(model: nn.Module) -> bool:

@@ -39,8 +39,14 @@ CLIP_KEY_MAP = (
     ("patch_embed.proj.", ("embeddings.patch_embedding.",)),
     ("norm_pre.", ("pre_layrnorm.",)),
     ("blocks.{}.norm1.", ("encoder.layers.{}.layer_norm1.",)),
-    ("blocks.{}.attn.qkv.", ("encoder.layers.{}.self_attn.q_proj.", "encoder.layers.{}.self_attn.k_proj.",
-                             "encoder.layers.{}.self_attn.v_proj.")),
+    (
+        "blocks.{}.attn.qkv.",
+        (
+            "encoder.layers.{}.self_attn.q_proj.",
+            "encoder.layers.{}.self_attn.k_proj.",
+            "encoder.layers.{}.self_attn.v_proj.",
+        ),
+    ),
     ("blocks.{}.attn.proj.", ("encoder.layers.{}.self_attn.out_proj.",)),
     ("blocks.{}.norm2.", ("encoder.layers.{}.layer_norm2.",)),
     ("blocks.{}.mlp.fc1.", ("encoder.layers.{}.mlp.fc1.",)),
@@ -52,8 +58,10 @@ DINOV3_KEY_MAP = (
     ("reg_token", ("embeddings.register_tokens",)),
     ("patch_embed.proj.", ("embeddings.patch_embeddings.",)),
     ("blocks.{}.norm1.", ("model.layer.{}.norm1.",)),
-    ("blocks.{}.attn.qkv.", ("model.layer.{}.attention.q_proj.", "model.layer.{}.attention.k_proj.",
-                             "model.layer.{}.attention.v_proj.")),
+    (
+        "blocks.{}.attn.qkv.",
+        ("model.layer.{}.attention.q_proj.", "model.layer.{}.attention.k_proj.", "model.layer.{}.attention.v_proj."),
+    ),
     ("blocks.{}.attn.q_bias", ("model.layer.{}.attention.q_proj.bias",)),
     ("blocks.{}.attn.v_bias", ("model.layer.{}.attention.v_proj.bias",)),
     ("blocks.{}.attn.proj.", ("model.layer.{}.attention.o_proj.",)),
@@ -77,8 +85,9 @@ CLIP_ACTIVATIONS = ((QuickGELU, "quick_gelu"), (GELU, "gelu"), (nn.GELU, "gelu")
 
 def _refuse(source: str, family: str, found: list[str], expected: str) -> None:
     if found:
-        raise BackboneError(f"{source} cannot be exported as transformers' {family} ({'; '.join(found)}): "
-                            f"expected {expected}")
+        raise BackboneError(
+            f"{source} cannot be exported as transformers' {family} ({'; '.join(found)}): expected {expected}"
+        )
 
 
 def _square(model: nn.Module, family: str, source: str) -> int:
@@ -118,19 +127,31 @@ def clip_config(model: VisionTransformer, source: str = "the model"):
         found.append("an fc_norm")
     if isinstance(block.ls1, LayerScale):
         found.append("layer scale")
-    if block.attn.qkv.bias is None or not isinstance(block.attn.q_norm, nn.Identity) or \
-            not isinstance(getattr(block.attn, "norm", nn.Identity()), nn.Identity):
+    if (
+        block.attn.qkv.bias is None
+        or not isinstance(block.attn.q_norm, nn.Identity)
+        or not isinstance(getattr(block.attn, "norm", nn.Identity()), nn.Identity)
+    ):
         found.append("attention without qkv bias or with a q/k/inner norm")
     act = next((name for cls, name in CLIP_ACTIVATIONS if isinstance(getattr(block.mlp, "act", None), cls)), None)
     if type(block.mlp) is not Mlp or act is None or not isinstance(block.mlp.norm, nn.Identity):
         found.append(f"MLP {type(block.mlp).__name__} with {type(getattr(block.mlp, 'act', None)).__name__}")
-    _refuse(source, "CLIPVisionModel", found,
-            "a timm CLIP vision tower like vit_base_patch16_clip_224 / vit_base_patch16_clip_quickgelu_224")
+    _refuse(
+        source,
+        "CLIPVisionModel",
+        found,
+        "a timm CLIP vision tower like vit_base_patch16_clip_224 / vit_base_patch16_clip_quickgelu_224",
+    )
     return CLIPVisionConfig(
-        hidden_size=model.embed_dim, intermediate_size=block.mlp.fc1.out_features,
-        num_hidden_layers=len(model.blocks), num_attention_heads=block.attn.num_heads,
-        image_size=_square(model, "CLIPVisionModel", source), patch_size=model.patch_embed.patch_size[0],
-        hidden_act=act, layer_norm_eps=model.norm.eps, projection_dim=model.embed_dim,
+        hidden_size=model.embed_dim,
+        intermediate_size=block.mlp.fc1.out_features,
+        num_hidden_layers=len(model.blocks),
+        num_attention_heads=block.attn.num_heads,
+        image_size=_square(model, "CLIPVisionModel", source),
+        patch_size=model.patch_embed.patch_size[0],
+        hidden_act=act,
+        layer_norm_eps=model.norm.eps,
+        projection_dim=model.embed_dim,
     )
 
 
@@ -157,9 +178,13 @@ def clip_timm_architecture(config) -> tuple[str, dict]:
         raise ValueError(f"timm's CLIP ViTs use LayerNorm eps 1e-5, the config has {config.layer_norm_eps}")
     name = f"vit_base_patch16_clip_{'quickgelu_' if config.hidden_act == 'quick_gelu' else ''}224"
     return name, dict(
-        img_size=config.image_size, patch_size=config.patch_size, embed_dim=config.hidden_size,
-        depth=config.num_hidden_layers, num_heads=config.num_attention_heads,
-        mlp_ratio=config.intermediate_size / config.hidden_size, num_classes=0,
+        img_size=config.image_size,
+        patch_size=config.patch_size,
+        embed_dim=config.hidden_size,
+        depth=config.num_hidden_layers,
+        num_heads=config.num_attention_heads,
+        mlp_ratio=config.intermediate_size / config.hidden_size,
+        num_classes=0,
     )
 
 
@@ -174,37 +199,63 @@ def dinov3_config(model: Eva, source: str = "the model"):
     attn, mlp = block.attn, block.mlp
     found = []
     if model.pos_embed is not None:
-        found.append("an absolute position embedding (use_abs_pos_emb=True, as in planted-dinov3): "
-                     "DINOv3ViTModel has RoPE only and no place for it")
+        found.append(
+            "an absolute position embedding (use_abs_pos_emb=True, as in planted-dinov3): "
+            "DINOv3ViTModel has RoPE only and no place for it"
+        )
     if model.cls_token is None:
         found.append("no class token")
     if not isinstance(model.norm_pre, nn.Identity) or not isinstance(model.fc_norm, nn.Identity):
         found.append("a norm_pre / fc_norm")
-    if getattr(attn, "qkv", None) is None or not isinstance(attn.norm, nn.Identity) or \
-            not isinstance(attn.q_norm, nn.Identity) or not isinstance(attn.k_norm, nn.Identity):
+    if (
+        getattr(attn, "qkv", None) is None
+        or not isinstance(attn.norm, nn.Identity)
+        or not isinstance(attn.q_norm, nn.Identity)
+        or not isinstance(attn.k_norm, nn.Identity)
+    ):
         found.append("attention without a fused qkv, or with a q/k/inner norm")
     if block.gamma_1 is None or block.gamma_2 is None:
         found.append("no layer scale")
     swiglu = isinstance(mlp, SwiGLU)
     if swiglu and not (isinstance(mlp.act, nn.SiLU) and isinstance(mlp.norm, nn.Identity)):
         found.append("a SwiGLU MLP that is not silu(fc1_g) * fc1_x without inner norm")
-    if not swiglu and not (type(mlp) is Mlp and isinstance(mlp.act, (GELU, nn.GELU))
-                           and not isinstance(mlp.act, QuickGELU) and isinstance(mlp.norm, nn.Identity)):
+    if not swiglu and not (
+        type(mlp) is Mlp
+        and isinstance(mlp.act, (GELU, nn.GELU))
+        and not isinstance(mlp.act, QuickGELU)
+        and isinstance(mlp.norm, nn.Identity)
+    ):
         found.append(f"MLP {type(mlp).__name__} with {type(getattr(mlp, 'act', None)).__name__}")
     rope = model.rope
-    if rope.min_period is not None or rope.max_period is not None or rope.normalize_coords != "separate" or \
-            not rope.rotate_half or rope.grid_indexing != "ij" or rope.grid_offset:
+    if (
+        rope.min_period is not None
+        or rope.max_period is not None
+        or rope.normalize_coords != "separate"
+        or not rope.rotate_half
+        or rope.grid_indexing != "ij"
+        or rope.grid_offset
+    ):
         found.append("a RoPE other than DINOv3's (temperature, separate normalisation, rotate-half)")
     _refuse(source, "DINOv3ViTModel", found, "a stock timm DINOv3 ViT like vit_small_patch16_dinov3")
     qkv_bias = attn.qkv.bias is not None
     return DINOv3ViTConfig(
-        hidden_size=model.embed_dim, intermediate_size=mlp.fc2.in_features, num_hidden_layers=len(model.blocks),
-        num_attention_heads=attn.num_heads, image_size=_square(model, "DINOv3ViTModel", source),
-        patch_size=model.patch_embed.patch_size[0], num_register_tokens=model.num_prefix_tokens - 1,
-        layer_norm_eps=model.norm.eps, use_gated_mlp=swiglu, hidden_act="silu" if swiglu else "gelu",
-        query_bias=qkv_bias or getattr(attn, "q_bias", None) is not None, key_bias=qkv_bias,
-        value_bias=qkv_bias or getattr(attn, "v_bias", None) is not None, proj_bias=attn.proj.bias is not None,
-        mlp_bias=mlp.fc2.bias is not None, rope_theta=rope.temperature, layerscale_value=1.0,
+        hidden_size=model.embed_dim,
+        intermediate_size=mlp.fc2.in_features,
+        num_hidden_layers=len(model.blocks),
+        num_attention_heads=attn.num_heads,
+        image_size=_square(model, "DINOv3ViTModel", source),
+        patch_size=model.patch_embed.patch_size[0],
+        num_register_tokens=model.num_prefix_tokens - 1,
+        layer_norm_eps=model.norm.eps,
+        use_gated_mlp=swiglu,
+        hidden_act="silu" if swiglu else "gelu",
+        query_bias=qkv_bias or getattr(attn, "q_bias", None) is not None,
+        key_bias=qkv_bias,
+        value_bias=qkv_bias or getattr(attn, "v_bias", None) is not None,
+        proj_bias=attn.proj.bias is not None,
+        mlp_bias=mlp.fc2.bias is not None,
+        rope_theta=rope.temperature,
+        layerscale_value=1.0,
     )
 
 
@@ -234,8 +285,11 @@ def to_transformers(model: nn.Module):
     with torch.device("meta"):  # no random init: every weight is assigned below
         hf_model = (CLIPVisionModel if clip else DINOv3ViTModel)(config)
     state_dict = model.state_dict()
-    state_dict = clip_to_transformers_state_dict(state_dict) if clip else \
-        dinov3_to_transformers_state_dict(state_dict, config.use_gated_mlp)
+    state_dict = (
+        clip_to_transformers_state_dict(state_dict)
+        if clip
+        else dinov3_to_transformers_state_dict(state_dict, config.use_gated_mlp)
+    )
     hf_model.load_state_dict(state_dict, strict=True, assign=True)
     if clip:  # a non-persistent buffer, left on the meta device
         embeddings = hf_model.embeddings
@@ -262,25 +316,37 @@ def dinov3_to_timm_state_dict(state_dict: dict[str, torch.Tensor], swiglu: bool)
 def dinov3_timm_architecture(config) -> tuple[str, dict]:
     """``(timm architecture, model_args)`` of a ``DINOv3ViTConfig`` (the ViT-S/16 or S+/16 name, full args)."""
     if config.layer_norm_eps != 1e-5 or config.hidden_act != ("silu" if config.use_gated_mlp else "gelu"):
-        raise ValueError("timm's DINOv3 ViTs use LayerNorm eps 1e-5 and GELU (SwiGLU: SiLU) "
-                         f"(config: eps {config.layer_norm_eps}, hidden_act {config.hidden_act!r})")
+        raise ValueError(
+            "timm's DINOv3 ViTs use LayerNorm eps 1e-5 and GELU (SwiGLU: SiLU) "
+            f"(config: eps {config.layer_norm_eps}, hidden_act {config.hidden_act!r})"
+        )
     if config.key_bias or config.query_bias != config.value_bias or not (config.proj_bias and config.mlp_bias):
-        raise ValueError("timm's DINOv3 ViTs have query and value biases together (or neither), no key bias, "
-                         "and biased output and MLP projections")
+        raise ValueError(
+            "timm's DINOv3 ViTs have query and value biases together (or neither), no key bias, "
+            "and biased output and MLP projections"
+        )
     name = "vit_small_plus_patch16_dinov3" if config.use_gated_mlp else "vit_small_patch16_dinov3"
     image_size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
     return name + ("_qkvb" if config.query_bias and not config.use_gated_mlp else ""), dict(
-        img_size=image_size, patch_size=config.patch_size, embed_dim=config.hidden_size,
-        depth=config.num_hidden_layers, num_heads=config.num_attention_heads,
-        mlp_ratio=config.intermediate_size / config.hidden_size, num_reg_tokens=config.num_register_tokens,
-        qkv_bias=config.query_bias, rope_temperature=config.rope_theta, num_classes=0,
+        img_size=image_size,
+        patch_size=config.patch_size,
+        embed_dim=config.hidden_size,
+        depth=config.num_hidden_layers,
+        num_heads=config.num_attention_heads,
+        mlp_ratio=config.intermediate_size / config.hidden_size,
+        num_reg_tokens=config.num_register_tokens,
+        qkv_bias=config.query_bias,
+        rope_temperature=config.rope_theta,
+        num_classes=0,
     )
 
 
 def dinov3_from_transformers(hf_model, **model_kwargs) -> Eva:
     """``DINOv3ViTModel`` -> timm DINOv3 Eva (eval, ``num_classes=0``) with the same weights."""
     architecture, model_args = dinov3_timm_architecture(hf_model.config)
-    model = timm.create_model(architecture, pretrained=False, **{**model_args, **model_kwargs})  # not meta: RoPE buffers
+    model = timm.create_model(
+        architecture, pretrained=False, **{**model_args, **model_kwargs}
+    )  # not meta: RoPE buffers
     state_dict = dinov3_to_timm_state_dict(hf_model.state_dict(), hf_model.config.use_gated_mlp)
     model.load_state_dict(state_dict, strict=True)
     return model.eval()

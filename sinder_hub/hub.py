@@ -11,10 +11,11 @@ import glob
 import importlib
 import json
 import re
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError
@@ -108,25 +109,57 @@ class Family:
 
 _ABS_POS_NOTE = "Check features at other input sizes against the original model before relying on them."
 FAMILIES = {
-    "dinov2": Family("DINOv2", "dinov2", "apache-2.0", "DINOv2's license (Apache-2.0)", "Dinov2Model",
-                     DEFAULT_INTERPOLATION_NOTE, DINOV2_BIBTEX),
-    "dinov3": Family("DINOv3", "dinov3", "other", "the DINOv3 License of the original weights", "DINOv3ViTModel",
-                     "It has no absolute position embedding (RoPE only), so nothing is resampled for other "
-                     "sizes, but features there still differ from those at the training size.", DINOV3_BIBTEX),
-    "clip": Family("CLIP", "clip", "other", "the license of the original CLIP weights (OpenAI: MIT; "
-                   "OpenCLIP / MetaCLIP checkpoints: see their model cards)", "CLIPVisionModel",
-                   "transformers' `CLIPVisionModel` resamples them only with `interpolate_pos_encoding=True`. "
-                   + _ABS_POS_NOTE, CLIP_BIBTEX),
-    "deit3": Family("DeiT-III", "deit3", "apache-2.0", "DeiT-III's license (Apache-2.0)", None,
-                    _ABS_POS_NOTE, DEIT3_BIBTEX),
-    "siglip": Family("SigLIP", "siglip", "apache-2.0", "SigLIP's license (Apache-2.0)", None,
-                     _ABS_POS_NOTE, SIGLIP_BIBTEX),
-    "eva02": Family("EVA02", "eva02", "mit", "EVA02's license (MIT)", None,
-                    "EVA02 resamples its absolute position embedding and RoPE grid for other sizes. " + _ABS_POS_NOTE,
-                    EVA02_BIBTEX),
+    "dinov2": Family(
+        "DINOv2",
+        "dinov2",
+        "apache-2.0",
+        "DINOv2's license (Apache-2.0)",
+        "Dinov2Model",
+        DEFAULT_INTERPOLATION_NOTE,
+        DINOV2_BIBTEX,
+    ),
+    "dinov3": Family(
+        "DINOv3",
+        "dinov3",
+        "other",
+        "the DINOv3 License of the original weights",
+        "DINOv3ViTModel",
+        "It has no absolute position embedding (RoPE only), so nothing is resampled for other "
+        "sizes, but features there still differ from those at the training size.",
+        DINOV3_BIBTEX,
+    ),
+    "clip": Family(
+        "CLIP",
+        "clip",
+        "other",
+        "the license of the original CLIP weights (OpenAI: MIT; "
+        "OpenCLIP / MetaCLIP checkpoints: see their model cards)",
+        "CLIPVisionModel",
+        "transformers' `CLIPVisionModel` resamples them only with `interpolate_pos_encoding=True`. " + _ABS_POS_NOTE,
+        CLIP_BIBTEX,
+    ),
+    "deit3": Family(
+        "DeiT-III", "deit3", "apache-2.0", "DeiT-III's license (Apache-2.0)", None, _ABS_POS_NOTE, DEIT3_BIBTEX
+    ),
+    "siglip": Family(
+        "SigLIP", "siglip", "apache-2.0", "SigLIP's license (Apache-2.0)", None, _ABS_POS_NOTE, SIGLIP_BIBTEX
+    ),
+    "eva02": Family(
+        "EVA02",
+        "eva02",
+        "mit",
+        "EVA02's license (MIT)",
+        None,
+        "EVA02 resamples its absolute position embedding and RoPE grid for other sizes. " + _ABS_POS_NOTE,
+        EVA02_BIBTEX,
+    ),
 }
-TRANSFORMERS_FAMILIES = {"dinov2": "dinov2", "dinov2_with_registers": "dinov2", "dinov3_vit": "dinov3",
-                         "clip_vision_model": "clip"}
+TRANSFORMERS_FAMILIES = {
+    "dinov2": "dinov2",
+    "dinov2_with_registers": "dinov2",
+    "dinov3_vit": "dinov3",
+    "clip_vision_model": "clip",
+}
 
 
 def family_of(architecture: str | None, model_type: str | None = None) -> Family:
@@ -134,12 +167,19 @@ def family_of(architecture: str | None, model_type: str | None = None) -> Family
     if model_type in TRANSFORMERS_FAMILIES:
         return FAMILIES[TRANSFORMERS_FAMILIES[model_type]]
     name = (architecture or "").lower()
-    for key, test in (("dinov3", "dinov3" in name), ("dinov2", "dinov2" in name), ("clip", "_clip_" in name),
-                      ("siglip", "siglip" in name), ("deit3", name.startswith("deit3")),
-                      ("eva02", name.startswith("eva02"))):
+    for key, test in (
+        ("dinov3", "dinov3" in name),
+        ("dinov2", "dinov2" in name),
+        ("clip", "_clip_" in name),
+        ("siglip", "siglip" in name),
+        ("deit3", name.startswith("deit3")),
+        ("eva02", name.startswith("eva02")),
+    ):
         if test:
             return FAMILIES[key]
     return FAMILIES["dinov2"]
+
+
 NO_REPORT_REASON = (
     f"this folder has no `{REPORT_FILE}`, the file in which a sinder-hub repair run records what it "
     "measured. The weights were repaired elsewhere (for example, the SINDER authors' released checkpoint "
@@ -259,8 +299,12 @@ def _hub_datasets(report: dict | None) -> list[str] | None:
     data = (report or {}).get("hyperparameters", {}).get("data")
     sources = [data] if isinstance(data, str) else data if isinstance(data, list) else []
     patterns = (r"^hf://datasets/([\w.-]+)/([\w.-]+)", r"datasets--([\w.-]+?)--([\w.-]+)/snapshots/")
-    ids = [f"{match[1]}/{match[2]}" for source in sources for pattern in patterns
-           if (match := re.search(pattern, str(source)))]
+    ids = [
+        f"{match[1]}/{match[2]}"
+        for source in sources
+        for pattern in patterns
+        if (match := re.search(pattern, str(source)))
+    ]
     return ids or None
 
 
@@ -281,8 +325,11 @@ def _card_variables(folder: Path, kind: str, config: dict, report: dict | None, 
     if registers:
         kind_of = "storage" if family.tag == "dinov3" else "register"
         prefix = f"the class token and {registers} {kind_of} tokens"
-    pictures = [name for name in report.get("pictures") or sorted(p.name for p in folder.glob("before_after_*.png"))
-                if (folder / name).is_file()]
+    pictures = [
+        name
+        for name in report.get("pictures") or sorted(p.name for p in folder.glob("before_after_*.png"))
+        if (folder / name).is_file()
+    ]
     return {
         "title": repo_id.split("/")[-1] if repo_id else f"{family.name} with its singular defects repaired (SINDER)",
         "family": family,
@@ -352,8 +399,11 @@ def _held_out(held_out: dict | None) -> dict | None:
     before = (held_out.get("before") or {}).get("defects") or {}
     after = (held_out.get("after") or {}).get("defects") or {}
     names = held_out.get("images") or sorted(set(before) | set(after))
-    cosines = [(label, _number(held_out[key])) for label, key in
-               (("normal patch tokens", "normal_token_cosine"), ("class token", "class_token_cosine")) if key in held_out]
+    cosines = [
+        (label, _number(held_out[key]))
+        for label, key in (("normal patch tokens", "normal_token_cosine"), ("class token", "class_token_cosine"))
+        if key in held_out
+    ]
     return {
         "resolution": held_out.get("resolution"),
         "rows": [(name, _number(before.get(name, "–")), _number(after.get(name, "–"))) for name in names],
@@ -380,7 +430,10 @@ def _run_rows(report: dict) -> list[tuple[str, str]]:
         ("… skipped (unreadable files)", _number(images.get("skipped_bad"))),
         ("clear rate when the run stopped", _percent(curve[-1][1]) if curve else None),
         ("stopped because", _code(report.get("stopped_because"))),
-        ("losses per block", ", ".join(f"block {block}: {_number(count)}" for block, count in histogram.items()) or None),
+        (
+            "losses per block",
+            ", ".join(f"block {block}: {_number(count)}" for block, count in histogram.items()) or None,
+        ),
         ("wall time", f"{_number(report['wall_time_s'])} s" if "wall_time_s" in report else None),
         ("hardware", hardware.get("device")),
         ("processes", _number(hardware.get("num_processes"))),
@@ -464,8 +517,10 @@ def check_folder(folder: str | Path) -> None:
             with safe_open(path, framework="pt"):
                 pass
         except Exception as error:  # the header is read and checked against the file size
-            raise UnpushableFolderError(f"{path} does not load, the file is truncated or corrupt "
-                                        f"({str(error).splitlines()[0] if str(error) else type(error).__name__})") from error
+            raise UnpushableFolderError(
+                f"{path} does not load, the file is truncated or corrupt "
+                f"({str(error).splitlines()[0] if str(error) else type(error).__name__})"
+            ) from error
 
 
 def push_folder(
@@ -492,8 +547,10 @@ def push_folder(
     card_is_new = not card_path.is_file()
     card = str(build_model_card(folder, repo_id=repo_id)) if card_is_new else card_path.read_text(encoding="utf-8")
     files = sorted({*upload_files(folder), CARD_FILE})
-    sizes = [(name, len(card.encode()) if name == CARD_FILE and card_is_new else (folder / name).stat().st_size)
-             for name in files]
+    sizes = [
+        (name, len(card.encode()) if name == CARD_FILE and card_is_new else (folder / name).stat().st_size)
+        for name in files
+    ]
     result = PushResult(folder=folder, repo_id=repo_id, files=sizes, card=card, card_is_new=card_is_new)
     if dry_run:
         return result
@@ -569,8 +626,11 @@ def _reason(exc: BaseException) -> str | None:
 def _connection_errors() -> tuple[type[BaseException], ...]:
     """Transport-level errors of whichever HTTP client this huggingface_hub uses (requests, httpx or httpx2)."""
     errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
-    for module, names in (("httpx2", ("TransportError",)), ("httpx", ("TransportError",)),
-                          ("requests", ("ConnectionError", "Timeout"))):
+    for module, names in (
+        ("httpx2", ("TransportError",)),
+        ("httpx", ("TransportError",)),
+        ("requests", ("ConnectionError", "Timeout")),
+    ):
         try:
             client = importlib.import_module(module)
         except ImportError:

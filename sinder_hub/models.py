@@ -39,8 +39,16 @@ BASE_ARCHITECTURES = {
 _SMALL = dict(patch_size=14, embed_dim=384, depth=12, num_heads=6, init_values=1e-5)
 _BASE = dict(patch_size=14, embed_dim=768, depth=12, num_heads=12, init_values=1e-5)
 _LARGE = dict(patch_size=14, embed_dim=1024, depth=24, num_heads=16, init_values=1e-5)
-_GIANT = dict(patch_size=14, embed_dim=1536, depth=40, num_heads=24, init_values=1e-5,
-              mlp_ratio=2.66667 * 2, mlp_layer=SwiGLUPacked, act_layer=nn.SiLU)
+_GIANT = dict(
+    patch_size=14,
+    embed_dim=1536,
+    depth=40,
+    num_heads=24,
+    init_values=1e-5,
+    mlp_ratio=2.66667 * 2,
+    mlp_layer=SwiGLUPacked,
+    act_layer=nn.SiLU,
+)
 _REG4 = dict(reg_tokens=4, no_embed_class=True)
 
 
@@ -51,24 +59,35 @@ def base_architecture(name: str) -> str:
 
 def _cfg(**kwargs) -> dict:
     return dict(
-        num_classes=0, input_size=(3, 518, 518), fixed_input_size=True, crop_pct=1.0, interpolation="bicubic",
-        mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv="patch_embed.proj", classifier="head",
-        license="apache-2.0", **kwargs)
+        num_classes=0,
+        input_size=(3, 518, 518),
+        fixed_input_size=True,
+        crop_pct=1.0,
+        interpolation="bicubic",
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+        first_conv="patch_embed.proj",
+        classifier="head",
+        license="apache-2.0",
+        **kwargs,
+    )
 
 
 _GIANT_WEIGHTS = dict(hf_hub_id=SINDER_HUB_ID, hf_hub_filename=SINDER_GIANT_FILE)
 
-default_cfgs = generate_default_cfgs({
-    "vit_small_patch14_dinov2_sinder": _cfg(),
-    "vit_base_patch14_dinov2_sinder": _cfg(),
-    "vit_large_patch14_dinov2_sinder": _cfg(),
-    "vit_giant_patch14_dinov2_sinder.lvd142m": _cfg(**_GIANT_WEIGHTS),
-    "vit_giant_sinder.lvd142m": _cfg(**_GIANT_WEIGHTS),
-    "vit_small_patch14_reg4_dinov2_sinder": _cfg(),
-    "vit_base_patch14_reg4_dinov2_sinder": _cfg(),
-    "vit_large_patch14_reg4_dinov2_sinder": _cfg(),
-    "vit_giant_patch14_reg4_dinov2_sinder": _cfg(),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        "vit_small_patch14_dinov2_sinder": _cfg(),
+        "vit_base_patch14_dinov2_sinder": _cfg(),
+        "vit_large_patch14_dinov2_sinder": _cfg(),
+        "vit_giant_patch14_dinov2_sinder.lvd142m": _cfg(**_GIANT_WEIGHTS),
+        "vit_giant_sinder.lvd142m": _cfg(**_GIANT_WEIGHTS),
+        "vit_small_patch14_reg4_dinov2_sinder": _cfg(),
+        "vit_base_patch14_reg4_dinov2_sinder": _cfg(),
+        "vit_large_patch14_reg4_dinov2_sinder": _cfg(),
+        "vit_giant_patch14_reg4_dinov2_sinder": _cfg(),
+    }
+)
 
 
 def _create_sinder(variant: str, pretrained: bool = False, **kwargs) -> VisionTransformer:
@@ -81,10 +100,13 @@ def _create_sinder(variant: str, pretrained: bool = False, **kwargs) -> VisionTr
                 f"{variant} has no published weights (the authors released only vit_giant_patch14_dinov2_sinder). "
                 f"Load repaired weights with timm.create_model('{variant}', pretrained=True, "
                 "pretrained_cfg_overlay=dict(file='model.safetensors' or an authors' .pth)) or "
-                "timm.create_model('hf-hub:<user>/<repo>', pretrained=True)")
+                "timm.create_model('hf-hub:<user>/<repo>', pretrained=True)"
+            )
     out_indices = kwargs.pop("out_indices", 3)
     return build_model_with_cfg(
-        VisionTransformer, variant, pretrained,
+        VisionTransformer,
+        variant,
+        pretrained,
         pretrained_filter_fn=dinov2_filter_fn,
         feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
         **kwargs,

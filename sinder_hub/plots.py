@@ -139,7 +139,9 @@ def angle_violin_figure(
         prefix = f"{label}: " if compare is not None else ""
         positions = np.arange(len(rep["blocks"])) + (index - (len(reports) - 1) / 2) * width
         pooled = [_block_angles(block, rep.get("grid", {})) for block in rep["blocks"]]
-        violins = ax.violinplot([angles for angles, _ in pooled], positions=positions, widths=width * 0.95, showextrema=False)
+        violins = ax.violinplot(
+            [angles for angles, _ in pooled], positions=positions, widths=width * 0.95, showextrema=False
+        )
         for body in violins["bodies"]:
             body.set_facecolor(colour)
             body.set_alpha(0.35)
@@ -148,9 +150,28 @@ def angle_violin_figure(
         defects_y = np.concatenate([defects for _, defects in pooled])
         if len(defects_y):
             ax.scatter(defects_x, defects_y, s=10, color=colour, edgecolors="tab:red", linewidths=0.8, zorder=3)
-            handles.append(Line2D([], [], marker="o", linestyle="", color=colour, markeredgecolor="tab:red", label=f"{prefix}defective tokens"))
-        line = [np.nan if b["angle_singular_empirical"] is None else b["angle_singular_empirical"] for b in rep["blocks"]]
-        (plotted,) = ax.plot(positions, line, "o-", color=colour, markersize=3, label=f"{prefix}empirical defect direction\n(mean of defective tokens)")
+            handles.append(
+                Line2D(
+                    [],
+                    [],
+                    marker="o",
+                    linestyle="",
+                    color=colour,
+                    markeredgecolor="tab:red",
+                    label=f"{prefix}defective tokens",
+                )
+            )
+        line = [
+            np.nan if b["angle_singular_empirical"] is None else b["angle_singular_empirical"] for b in rep["blocks"]
+        ]
+        (plotted,) = ax.plot(
+            positions,
+            line,
+            "o-",
+            color=colour,
+            markersize=3,
+            label=f"{prefix}empirical defect direction\n(mean of defective tokens)",
+        )
         handles.append(plotted)
     ax.set_xticks(np.arange(depth))
     ax.set_xlabel("block")

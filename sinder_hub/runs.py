@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -67,9 +68,11 @@ class RunFolder:
         contents = self._contents()
         if contents and not self.overwrite:
             kind = "a repair run" if (path / REPORT).exists() or (path / CHECKPOINT).exists() else "other files"
-            raise RunFolderError(f"--output {path} already holds {kind} ({', '.join(contents[:3])}"
-                                 f"{', ...' if len(contents) > 3 else ''}); pass --resume to continue a run, "
-                                 f"--overwrite to replace it, or choose another folder")
+            raise RunFolderError(
+                f"--output {path} already holds {kind} ({', '.join(contents[:3])}"
+                f"{', ...' if len(contents) > 3 else ''}); pass --resume to continue a run, "
+                f"--overwrite to replace it, or choose another folder"
+            )
 
     def _contents(self) -> list[str]:
         if not self.path.is_dir():
@@ -88,8 +91,11 @@ class RunFolder:
             self.check()  # again, now that the folder is ours: another run may have written in between
             if self.overwrite:
                 self._remove_run_files()
-            write_text_atomic(self.path / INCOMPLETE, "a repair run started here and has not finished; "
-                                                      "continue it with --resume or replace it with --overwrite\n")
+            write_text_atomic(
+                self.path / INCOMPLETE,
+                "a repair run started here and has not finished; "
+                "continue it with --resume or replace it with --overwrite\n",
+            )
         except BaseException:
             self.release(failed=True)
             raise
@@ -108,8 +114,9 @@ class RunFolder:
                     lock.unlink(missing_ok=True)  # stale: its process is gone
                     continue
                 holder = f"process {pid} on {host}" if pid is not None else "another process"
-                raise RunFolderError(f"--output {self.path} is locked by {holder} (a run is active there); "
-                                     f"if none is, remove {lock}") from None
+                raise RunFolderError(
+                    f"--output {self.path} is locked by {holder} (a run is active there); if none is, remove {lock}"
+                ) from None
             with os.fdopen(fd, "w") as handle:
                 handle.write(me)
             self.locked = True
@@ -140,7 +147,5 @@ class RunFolder:
         if failed and not self.checkpoint.exists():  # nothing was computed: leave no trace
             (self.path / INCOMPLETE).unlink(missing_ok=True)
             if self.created:
-                try:
+                with contextlib.suppress(OSError):  # something else is in it now: leave it
                     self.path.rmdir()
-                except OSError:
-                    pass  # something else is in it now: leave it

@@ -207,7 +207,9 @@ class SingularValueLinear(nn.Module):
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` holding ``W(ε)`` computed in float64 (the merge of §4.2)."""
         weight = self.merged_weight()
-        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=self.bias is not None, device=weight.device, dtype=weight.dtype)
+        linear = nn.Linear(
+            weight.shape[1], weight.shape[0], bias=self.bias is not None, device=weight.device, dtype=weight.dtype
+        )
         with torch.no_grad():
             linear.weight.copy_(weight)
             if self.bias is not None:
@@ -279,8 +281,12 @@ def singular_value_parameters(model: nn.Module, blocks: range | None = None) -> 
 
 def factorize_blocks(model: nn.Module, blocks: range) -> list[SingularValueLinear]:
     """Factorise now every parametrised layer of ``model.blocks[blocks]`` (else done on first use); returns them."""
-    layers = [m for block in model.blocks[blocks.start:blocks.stop] for m in block.modules()
-              if isinstance(m, SingularValueLinear)]
+    layers = [
+        m
+        for block in model.blocks[blocks.start : blocks.stop]
+        for m in block.modules()
+        if isinstance(m, SingularValueLinear)
+    ]
     for layer in layers:
         layer.factorize()
     return layers

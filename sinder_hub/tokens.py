@@ -65,7 +65,7 @@ def block_outputs(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
 def patch_grid(model: nn.Module, tokens: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
     """Drop class and register tokens: ``[..., N, D]`` -> ``[..., H, W, D]``."""
     H, W = grid_size(model, image_hw)
-    patches = tokens[..., model.num_prefix_tokens:, :]
+    patches = tokens[..., model.num_prefix_tokens :, :]
     if patches.shape[-2] != H * W:
         raise ValueError(
             f"expected {H}x{W}={H * W} patch tokens for an image of {image_hw[0]}x{image_hw[1]} px "

@@ -37,13 +37,27 @@ from torch.utils.data import DataLoader
 
 from . import backbones, families
 from .analysis import singular_defect_directions
-from .data import HELD_OUT_SAMPLES, MAX_PIXELS, SAMPLE_IMAGE_NAMES, ImageFiles, collate_one, list_images, sample_images, sinder_transform
+from .data import (
+    HELD_OUT_SAMPLES,
+    MAX_PIXELS,
+    SAMPLE_IMAGE_NAMES,
+    ImageFiles,
+    collate_one,
+    list_images,
+    sample_images,
+    sinder_transform,
+)
 from .defects import GAUSSIAN_KERNELS, defect_mask, neighbor_loss
 from .errors import InputError, RepairError, RunFolderError
 from .files import atomic_path, write_json_atomic
 from .runs import REPORT, RunFolder
-from .singular_values import (factorize_blocks, merge_singular_values, parametrize_singular_values, reference_mode,
-                              sync_singular_values)
+from .singular_values import (
+    factorize_blocks,
+    merge_singular_values,
+    parametrize_singular_values,
+    reference_mode,
+    sync_singular_values,
+)
 from .tokens import patch_grid, prepare_blocks
 
 log = logging.getLogger(__name__)
@@ -90,13 +104,49 @@ class RepairConfig:
     quiet: bool = False
 
     # what must match for --resume to continue a run
-    RESUME_KEYS = ("model", "data", "num_images", "resolution", "lr", "momentum", "mask_thr", "skip_less_than",
-                   "limit_layers", "kernel", "temperature", "window", "stop_clear", "images_per_step",
-                   "precision", "seed", "directions_method", "directions_samples")
-    HYPERPARAMETERS = ("resolution", "lr", "momentum", "mask_thr", "skip_less_than", "limit_layers", "kernel",
-                       "temperature", "window", "stop_clear", "max_steps", "num_images", "images_per_step",
-                       "precision", "checkpoint_blocks", "compile", "count_batch", "seed", "data", "directions_method",
-                       "directions_samples")
+    RESUME_KEYS = (
+        "model",
+        "data",
+        "num_images",
+        "resolution",
+        "lr",
+        "momentum",
+        "mask_thr",
+        "skip_less_than",
+        "limit_layers",
+        "kernel",
+        "temperature",
+        "window",
+        "stop_clear",
+        "images_per_step",
+        "precision",
+        "seed",
+        "directions_method",
+        "directions_samples",
+    )
+    HYPERPARAMETERS = (
+        "resolution",
+        "lr",
+        "momentum",
+        "mask_thr",
+        "skip_less_than",
+        "limit_layers",
+        "kernel",
+        "temperature",
+        "window",
+        "stop_clear",
+        "max_steps",
+        "num_images",
+        "images_per_step",
+        "precision",
+        "checkpoint_blocks",
+        "compile",
+        "count_batch",
+        "seed",
+        "data",
+        "directions_method",
+        "directions_samples",
+    )
 
     def hyperparameters(self) -> dict:
         return {key: getattr(self, key) for key in self.HYPERPARAMETERS}
@@ -109,7 +159,11 @@ class RepairConfig:
             ("resolution", self.resolution >= 1, "a positive multiple of the model's patch size"),
             ("lr", math.isfinite(self.lr) and self.lr > 0, "a positive number"),
             ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
-            ("mask_thr", math.isfinite(self.mask_thr) and self.mask_thr > 0, "a positive number of standard deviations"),
+            (
+                "mask_thr",
+                math.isfinite(self.mask_thr) and self.mask_thr > 0,
+                "a positive number of standard deviations",
+            ),
             ("skip_less_than", self.skip_less_than >= 0, "0 or more defects"),
             ("limit_layers", self.limit_layers >= 0, "0 (no limit) or a positive number of blocks"),
             ("kernel", self.kernel in GAUSSIAN_KERNELS, f"one of {sorted(GAUSSIAN_KERNELS)}"),
@@ -120,13 +174,20 @@ class RepairConfig:
             ("images_per_step", self.images_per_step >= 1, "at least 1"),
             ("precision", self.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
             ("count_batch", self.count_batch >= 1, "at least 1 block"),
-            ("directions_method", self.directions_method in DIRECTIONS_METHODS, f"one of {', '.join(DIRECTIONS_METHODS)}"),
+            (
+                "directions_method",
+                self.directions_method in DIRECTIONS_METHODS,
+                f"one of {', '.join(DIRECTIONS_METHODS)}",
+            ),
             ("directions_samples", self.directions_samples >= 1, "at least 1"),
             ("save_every", self.save_every >= 0, "0 (only on signals and at the end) or a number of steps"),
             ("num_workers", self.num_workers >= 0, "0 or more"),
             ("max_pixels", self.max_pixels >= 1, "a positive number of pixels"),
-            ("held_out", bool(self.held_out) and all(n in SAMPLE_IMAGE_NAMES for n in self.held_out),
-             f"names among {', '.join(SAMPLE_IMAGE_NAMES)}"),
+            (
+                "held_out",
+                bool(self.held_out) and all(n in SAMPLE_IMAGE_NAMES for n in self.held_out),
+                f"names among {', '.join(SAMPLE_IMAGE_NAMES)}",
+            ),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -212,8 +273,13 @@ def gives_loss(defects: int, config: RepairConfig) -> bool:
 
 
 def _loss_at(model, tokens, image_hw, direction, config):
-    return neighbor_loss(_grid(model, tokens, image_hw), direction, mask_thr=config.mask_thr,
-                         kernel=config.kernel, temperature=config.temperature)
+    return neighbor_loss(
+        _grid(model, tokens, image_hw),
+        direction,
+        mask_thr=config.mask_thr,
+        kernel=config.kernel,
+        temperature=config.temperature,
+    )
 
 
 def _backward(result, block: int) -> ImageLoss:
@@ -402,11 +468,11 @@ def synchronise_gradients(parameters: list[nn.Parameter], images_with_loss: int,
     touched = torch.tensor([p.grad is not None for p in parameters], dtype=torch.float32, device=flat.device)
     count = torch.tensor([float(images_with_loss)], device=flat.device)
     packed = accelerator.reduce(torch.cat([flat, touched, count]), reduction="sum")
-    flat, touched, count = packed[:flat.numel()], packed[flat.numel():-1], int(packed[-1].item())
+    flat, touched, count = packed[: flat.numel()], packed[flat.numel() : -1], int(packed[-1].item())
     offset = 0
     for parameter, was_touched in zip(parameters, touched.tolist()):
         size = parameter.numel()
-        parameter.grad = flat[offset:offset + size].view_as(parameter) / max(count, 1) if was_touched else None
+        parameter.grad = flat[offset : offset + size].view_as(parameter) / max(count, 1) if was_touched else None
         offset += size
     return count
 
@@ -453,12 +519,20 @@ def train_step(model, batch: list, directions, config, autocast, optimizer, para
     with_loss = synchronise_gradients(parameters, flags.count(LOSS), accelerator)
     loss = sum(losses)
     finite = math.isfinite(loss) and all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in parameters)
-    finite = accelerator.reduce(torch.tensor([0.0 if finite else 1.0], device=accelerator.device),
-                                reduction="sum").item() == 0
+    finite = (
+        accelerator.reduce(torch.tensor([0.0 if finite else 1.0], device=accelerator.device), reduction="sum").item()
+        == 0
+    )
     if with_loss and finite:
         optimizer.step()
-    return StepResult(flags=all_flags, blocks=all_blocks, loss=loss, updated=bool(with_loss and finite),
-                      nan=bool(with_loss and not finite), bad_files=[tuple(b) for b in bad])
+    return StepResult(
+        flags=all_flags,
+        blocks=all_blocks,
+        loss=loss,
+        updated=bool(with_loss and finite),
+        nan=bool(with_loss and not finite),
+        bad_files=[tuple(b) for b in bad],
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -519,7 +593,10 @@ def save_checkpoint(path: Path, state: TrainState, eps: dict, optimizer, config:
         "eps": {name: p.detach().cpu() for name, p in eps.items()},
         "optimizer": optimizer.state_dict(),
         "state": {**asdict(state), "loss_layers": dict(state.loss_layers), "clear_window": list(state.clear_window)},
-        "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        },
     }
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
@@ -532,15 +609,21 @@ def read_checkpoint(path: Path, config: RepairConfig, digest: str) -> dict:
     except Exception as error:  # truncated, corrupt, or holding objects that are not plain data
         reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
         raise RunFolderError(f"--resume: cannot read checkpoint {path} ({reason})") from None
-    if not isinstance(payload, dict) or not {"config", "data_digest", "eps", "optimizer", "state", "rng"} <= set(payload):
+    if not isinstance(payload, dict) or not {"config", "data_digest", "eps", "optimizer", "state", "rng"} <= set(
+        payload
+    ):
         raise RunFolderError(f"--resume: {path} is not a sinder-hub checkpoint of this version")
     differing = {k: (v, getattr(config, k)) for k, v in payload["config"].items() if v != getattr(config, k)}
     if differing:
-        details = ", ".join(f"--{k.replace('_', '-')}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in differing.items())
+        details = ", ".join(
+            f"--{k.replace('_', '-')}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in differing.items()
+        )
         raise RunFolderError(f"--resume: {path} belongs to a different run ({details})")
     if payload["data_digest"] != digest:
-        raise RunFolderError(f"--resume: the images selected from --data {config.data} changed since {path} was written "
-                             f"(files added, removed or resized); resume with the same data or start a new run")
+        raise RunFolderError(
+            f"--resume: the images selected from --data {config.data} changed since {path} was written "
+            f"(files added, removed or resized); resume with the same data or start a new run"
+        )
     return payload
 
 
@@ -554,8 +637,13 @@ def restore_checkpoint(payload: dict, eps: dict, optimizer, config: RepairConfig
     if payload["rng"]["cuda"]:
         torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
     saved = payload["state"]
-    return TrainState(**{**saved, "loss_layers": Counter({int(k): v for k, v in saved["loss_layers"].items()}),
-                         "clear_window": deque(saved["clear_window"], maxlen=config.window)})
+    return TrainState(
+        **{
+            **saved,
+            "loss_layers": Counter({int(k): v for k, v in saved["loss_layers"].items()}),
+            "clear_window": deque(saved["clear_window"], maxlen=config.window),
+        }
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -579,8 +667,12 @@ def held_out_outputs(model, images: dict, directions, config) -> dict:
             grid = _grid(model, x, image_hw)
             mask, _ = defect_mask(grid, directions[index], config.mask_thr, config.kernel)
             defects.append(int(mask.sum()))
-        outputs[name] = {"defects": defects, "mask": mask.cpu(), "features": model.norm(x)[0].float().cpu(),
-                         "grid": grid.float().cpu()}
+        outputs[name] = {
+            "defects": defects,
+            "mask": mask.cpu(),
+            "features": model.norm(x)[0].float().cpu(),
+            "grid": grid.float().cpu(),
+        }
     return outputs
 
 
@@ -601,9 +693,11 @@ def compare_held_out(model, before: dict, after: dict) -> dict:
             class_cos.append(nn.functional.cosine_similarity(*pooled, dim=0).item())
 
     def side(outputs):
-        return {"defects": {n: o["defects"][-1] for n, o in outputs.items()},
-                "total": sum(o["defects"][-1] for o in outputs.values()),
-                "defects_per_block": [sum(o["defects"][i] for o in outputs.values()) for i in range(len(model.blocks))]}
+        return {
+            "defects": {n: o["defects"][-1] for n, o in outputs.items()},
+            "total": sum(o["defects"][-1] for o in outputs.values()),
+            "defects_per_block": [sum(o["defects"][i] for o in outputs.values()) for i in range(len(model.blocks))],
+        }
 
     total_before, total_after = side(before)["total"], side(after)["total"]
     return {
@@ -625,25 +719,34 @@ def judge_outcome(state: TrainState, held_out: dict, num_images: int, model: nn.
         if len(state.bad_files) >= num_images:
             reasons.append(f"0 updates: none of the {num_images} images could be read (see bad_files)")
         elif state.skipped_nan:
-            reasons.append(f"0 updates: every step with a loss gave a NaN or infinite loss or gradient "
-                           f"({state.skipped_nan} steps skipped)")
+            reasons.append(
+                f"0 updates: every step with a loss gave a NaN or infinite loss or gradient "
+                f"({state.skipped_nan} steps skipped)"
+            )
         else:
-            reasons.append(f"0 updates: all {state.images_seen} images were clear at every block "
-                           f"(nothing to repair at these --mask-thr / --skip-less-than)")
+            reasons.append(
+                f"0 updates: all {state.images_seen} images were clear at every block "
+                f"(nothing to repair at these --mask-thr / --skip-less-than)"
+            )
     not_finite = [name for name, value in model.state_dict().items() if not bool(torch.isfinite(value).all())]
     if not_finite:
         status = "failed"
-        reasons.append(f"the repaired weights are not finite in {len(not_finite)} tensors ({', '.join(not_finite[:3])})")
+        reasons.append(
+            f"the repaired weights are not finite in {len(not_finite)} tensors ({', '.join(not_finite[:3])})"
+        )
     cosine = held_out["normal_token_cosine"]
     if not math.isfinite(cosine) or cosine < MIN_COSINE:
         status = "failed" if status == "failed" else "degraded"
-        reasons.append(f"normal-token cosine to the original is {cosine:.4f} (< {MIN_COSINE}): the repair changed "
-                       f"the features too much (try a smaller --lr)")
+        reasons.append(
+            f"normal-token cosine to the original is {cosine:.4f} (< {MIN_COSINE}): the repair changed "
+            f"the features too much (try a smaller --lr)"
+        )
     return {"status": status, "reasons": reasons}
 
 
-def build_report(config, state, plan, model, source_sha256, held_out_names, held_out, outcome, stopped_because,
-                 pictures, accelerator) -> dict:
+def build_report(
+    config, state, plan, model, source_sha256, held_out_names, held_out, outcome, stopped_because, pictures, accelerator
+) -> dict:
     return {
         "sinder_hub_version": __import__("sinder_hub").__version__,
         "source_model": config.model,
@@ -655,8 +758,13 @@ def build_report(config, state, plan, model, source_sha256, held_out_names, held
         "updates": state.updates,
         "skipped_nan": state.skipped_nan,
         "data_passes": round(plan.passes(state.step), 4),
-        "images": {"selected": plan.num_images, "seen": state.images_seen, "clear": state.images_clear,
-                   "with_loss": state.images_with_loss, "skipped_bad": len(state.bad_files)},
+        "images": {
+            "selected": plan.num_images,
+            "seen": state.images_seen,
+            "clear": state.images_clear,
+            "with_loss": state.images_with_loss,
+            "skipped_bad": len(state.bad_files),
+        },
         "bad_files": state.bad_files,
         "loss_layer_histogram": {str(k): v for k, v in sorted(state.loss_layers.items())},
         "clear_rate_curve": state.clear_rate_curve,
@@ -695,8 +803,9 @@ def check_compile(device: torch.device) -> None:
         torch.compile(lambda x: torch.nn.functional.gelu(x) * 2, dynamic=False)(torch.ones(8, device=device))
     except Exception as error:  # the backend's own exception types vary with the torch version
         reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        raise InputError(f"--compile: torch.compile does not work on this {device.type} ({reason}); "
-                         f"run without --compile") from None
+        raise InputError(
+            f"--compile: torch.compile does not work on this {device.type} ({reason}); run without --compile"
+        ) from None
 
 
 def weights_sha256(spec: str, model: nn.Module) -> str:
@@ -812,8 +921,9 @@ def _repair(config: RepairConfig, accelerator) -> RepairResult:
         raise
 
 
-def _train(config, accelerator, run: RunFolder, paths: list[Path], digest: str, plan: DataPlan,
-           saved: dict | None) -> RepairResult:
+def _train(
+    config, accelerator, run: RunFolder, paths: list[Path], digest: str, plan: DataPlan, saved: dict | None
+) -> RepairResult:
     """Algorithm 1 on a checked configuration and an acquired run folder."""
     device, rank = accelerator.device, accelerator.process_index
     autocast = set_precision(config.precision)
@@ -826,12 +936,17 @@ def _train(config, accelerator, run: RunFolder, paths: list[Path], digest: str, 
     model = backbones.load_backbone(config.model).to(device).eval()
     patch = model.patch_embed.patch_size
     if config.resolution % patch[0] or config.resolution % patch[1]:
-        raise InputError(f"--resolution {config.resolution}: expected a multiple of {config.model}'s "
-                         f"{patch[0]}-px patch size (e.g. {max(1, round(config.resolution / patch[0])) * patch[0]})")
+        raise InputError(
+            f"--resolution {config.resolution}: expected a multiple of {config.model}'s "
+            f"{patch[0]}-px patch size (e.g. {max(1, round(config.resolution / patch[0])) * patch[0]})"
+        )
     source_sha256 = weights_sha256(config.model, model) if accelerator.is_main_process else None
     directions = singular_defect_directions(
-        model, samples=config.directions_samples, method=config.directions_method,
-        generator=torch.Generator(device=device).manual_seed(config.seed)).to(device)
+        model,
+        samples=config.directions_samples,
+        method=config.directions_method,
+        generator=torch.Generator(device=device).manual_seed(config.seed),
+    ).to(device)
     transform = sinder_transform(config.resolution)
     held_out_images = sample_images(config.held_out)
     held_out = {name: transform(image)[None].to(device) for name, image in held_out_images.items()}
@@ -845,14 +960,20 @@ def _train(config, accelerator, run: RunFolder, paths: list[Path], digest: str, 
         state = restore_checkpoint(saved, eps, optimizer, config)
     else:
         state = TrainState(clear_window=deque([False] * config.window, maxlen=config.window))
-    loader = DataLoader(ImageFiles(paths, config.resolution, max_pixels=config.max_pixels), batch_size=1,
-                        sampler=plan.sequence(rank, state.step, config.max_steps),
-                        num_workers=config.num_workers, collate_fn=collate_one, pin_memory=device.type == "cuda",
-                        prefetch_factor=4 if config.num_workers else None)
+    loader = DataLoader(
+        ImageFiles(paths, config.resolution, max_pixels=config.max_pixels),
+        batch_size=1,
+        sampler=plan.sequence(rank, state.step, config.max_steps),
+        num_workers=config.num_workers,
+        collate_fn=collate_one,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if config.num_workers else None,
+    )
     batches = iter(loader)
     progress = None
     if accelerator.is_main_process and not config.quiet:
         from tqdm.auto import tqdm
+
         progress = tqdm(total=config.max_steps, initial=state.step, desc="sinder repair", dynamic_ncols=True)
 
     # -- the loop: one step, its bookkeeping, the stopping rule, checkpoints
@@ -864,16 +985,20 @@ def _train(config, accelerator, run: RunFolder, paths: list[Path], digest: str, 
             state.record(step, paths)
             if progress is not None:
                 progress.update(1)
-                progress.set_postfix(clear=f"{state.clear_rate():.2f}", loss=f"{step.loss:.3f}",
-                                     layer=next((b for b in reversed(step.blocks) if b >= 0), None))
+                progress.set_postfix(
+                    clear=f"{state.clear_rate():.2f}",
+                    loss=f"{step.loss:.3f}",
+                    layer=next((b for b in reversed(step.blocks) if b >= 0), None),
+                )
             if state.clear_rate() >= config.stop_clear:
                 stopped_because = "clear_rate"
                 break
             if len(state.bad_files) >= plan.num_images:
                 stopped_because = "no_readable_images"
                 break
-            received = accelerator.reduce(torch.tensor([1.0 if stop.received else 0.0], device=device),
-                                          reduction="sum").item()
+            received = accelerator.reduce(
+                torch.tensor([1.0 if stop.received else 0.0], device=device), reduction="sum"
+            ).item()
             if received or (config.save_every and state.step % config.save_every == 0):
                 state.elapsed_s += time.perf_counter() - started
                 started = time.perf_counter()
@@ -906,15 +1031,18 @@ def _train(config, accelerator, run: RunFolder, paths: list[Path], digest: str, 
     if keep:
         write_repaired_model(model, run.path)
     pictures = write_pictures(held_out_images, before, after, run.path)
-    report = build_report(config, state, plan, model, source_sha256, held_out, comparison, outcome,
-                          stopped_because, pictures, accelerator)
+    report = build_report(
+        config, state, plan, model, source_sha256, held_out, comparison, outcome, stopped_because, pictures, accelerator
+    )
     write_json_atomic(run.path / REPORT, report)
     run.finished()
     run.release()
     accelerator.wait_for_everyone()
     if not keep:
-        raise RepairError(f"{outcome['status']} run, no model written to {run.path} ({'; '.join(outcome['reasons'])}); "
-                          f"the report is in {run.path / REPORT}; --allow-degraded keeps such a model")
+        raise RepairError(
+            f"{outcome['status']} run, no model written to {run.path} ({'; '.join(outcome['reasons'])}); "
+            f"the report is in {run.path / REPORT}; --allow-degraded keeps such a model"
+        )
     return RepairResult(output=run.path, report=report)
 
 
@@ -946,7 +1074,8 @@ def write_pictures(images: dict, before: dict, after: dict, output: Path) -> lis
     for name, image in images.items():
         path = output / f"before_after_{name}.png"
         with atomic_path(path) as tmp:
-            norm_pca_figure({name: image}, {"original": {name: before[name]["grid"]},
-                                            "repaired": {name: after[name]["grid"]}}, tmp)
+            norm_pca_figure(
+                {name: image}, {"original": {name: before[name]["grid"]}, "repaired": {name: after[name]["grid"]}}, tmp
+            )
         names.append(path.name)
     return names

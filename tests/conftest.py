@@ -8,6 +8,7 @@ import sinder_hub.backbones
 @pytest.fixture
 def no_model(monkeypatch):
     """Fail the test if a command loads a model (checks that must come before any model)."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded")
 

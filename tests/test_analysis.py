@@ -7,6 +7,7 @@ import pytest
 import scipy.linalg
 import timm
 import torch
+from tiny import assert_sampled_map_converges_to_expected, tiny_vit
 from torch import nn
 
 from sinder_hub import BackboneError, block_linear_maps, leading_left_singular_vector, singular_defect_directions
@@ -17,8 +18,7 @@ from sinder_hub.analysis import (
     chain_singular_vectors,
 )
 from sinder_hub.families import describe_block
-from sinder_hub.testing import planted_backbone
-from tiny import assert_sampled_map_converges_to_expected, tiny_vit
+from sinder_hub.planted import planted_backbone
 
 
 def angle_deg(a, b):
@@ -39,7 +39,7 @@ def model_with_known_direction(dim=32, sigma=5.0):
             block.mlp.fc2.weight.zero_()
             block.ls1.gamma.fill_(1.0)
             block.norm1.weight.fill_(1.0)
-        model.blocks[0].attn.qkv.weight[2 * dim:] = torch.eye(dim)
+        model.blocks[0].attn.qkv.weight[2 * dim :] = torch.eye(dim)
         model.blocks[0].attn.proj.weight.copy_(sigma * torch.outer(u, u))
     return model, u
 

@@ -31,7 +31,7 @@ from sinder_hub.app import Viewer, build_app, load_model  # noqa: E402
 from sinder_hub.convert import export  # noqa: E402
 from sinder_hub.data import load_rgb, sample_images, sinder_transform  # noqa: E402
 from sinder_hub.diagnostics import defect_report  # noqa: E402
-from sinder_hub.testing import PLANTED_BLOCK, planted_backbone  # noqa: E402
+from sinder_hub.planted import PLANTED_BLOCK, planted_backbone  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_RUN = ROOT / "demo-output" / "run"
@@ -81,10 +81,18 @@ def chromium_driver():
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver")
     if not (browser and driver):
-        pytest.skip("chromium and chromedriver are not on PATH (Debian: apt-get install chromium chromium-driver; .ci/run does)")
+        pytest.skip(
+            "chromium and chromedriver are not on PATH (Debian: apt-get install chromium chromium-driver; .ci/run does)"
+        )
     options = webdriver.ChromeOptions()
     options.binary_location = browser
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1400,1500"):
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1400,1500",
+    ):
         options.add_argument(argument)
     return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
 
@@ -120,14 +128,23 @@ def test_browser_shows_both_models_and_the_defect_counts_of_defect_report(specs,
         started = time.perf_counter()
         upload(browser, photo)
         wait.until(lambda b: "astronaut.jpg" in message(b) and b.find_elements(By.CSS_SELECTOR, "#numbers table"))
-        wait.until(lambda b: all(b.execute_script(
-            "const i = document.querySelector(arguments[0]); return i && i.complete && i.naturalWidth", f"#norm-{k} img")
-            for k in (0, 1)))
+        wait.until(
+            lambda b: all(
+                b.execute_script(
+                    "const i = document.querySelector(arguments[0]); return i && i.complete && i.naturalWidth",
+                    f"#norm-{k} img",
+                )
+                for k in (0, 1)
+            )
+        )
         print(f"first answer in the browser: {time.perf_counter() - started:.2f} s; page: {message(browser)}")
         browser.save_screenshot(str(tmp_path / "viewer.png"))
 
         rows = browser.find_elements(By.CSS_SELECTOR, "#numbers table tbody tr")
-        shown = {row.find_elements(By.TAG_NAME, "td")[0].text.split(":")[0]: row.find_elements(By.TAG_NAME, "td") for row in rows}
+        shown = {
+            row.find_elements(By.TAG_NAME, "td")[0].text.split(":")[0]: row.find_elements(By.TAG_NAME, "td")
+            for row in rows
+        }
         assert list(shown) == ["original", "repaired"]
         image = sinder_transform(224)(load_rgb(photo))
         for index, (label, spec) in enumerate(zip(("original", "repaired"), specs)):
@@ -138,7 +155,9 @@ def test_browser_shows_both_models_and_the_defect_counts_of_defect_report(specs,
             assert [int(n) for n in shown[label][2].text.split()] == expected
 
             element = browser.find_element(By.CSS_SELECTOR, f"#norm-{index} img")
-            assert browser.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", element) == [224, 224]
+            assert browser.execute_script(
+                "return [arguments[0].naturalWidth, arguments[0].naturalHeight]", element
+            ) == [224, 224]
             pixels = fetch_png(element.get_attribute("src")).astype(int)
             assert pixels.shape == (224, 224, 3) and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 10
             outline = (pixels == (255, 0, 0)).all(axis=-1)  # viridis has no pure red: 2-px frames of 14-px squares

@@ -10,21 +10,29 @@ from timm.models import save_for_hf
 from timm.models.vision_transformer import VisionTransformer
 
 import sinder_hub
-import sinder_hub.testing
+import sinder_hub.planted
 from sinder_hub import BackboneError, load_backbone
 from sinder_hub.dinov2 import infer_architecture
 
 SMALL = dict(embed_dim=192, depth=2, num_heads=3)
-STOCK = ("vit_small_patch14_dinov2", "vit_base_patch14_dinov2", "vit_large_patch14_dinov2", "vit_giant_patch14_dinov2",
-         "vit_small_patch14_reg4_dinov2", "vit_base_patch14_reg4_dinov2", "vit_large_patch14_reg4_dinov2",
-         "vit_giant_patch14_reg4_dinov2")
+STOCK = (
+    "vit_small_patch14_dinov2",
+    "vit_base_patch14_dinov2",
+    "vit_large_patch14_dinov2",
+    "vit_giant_patch14_dinov2",
+    "vit_small_patch14_reg4_dinov2",
+    "vit_base_patch14_reg4_dinov2",
+    "vit_large_patch14_reg4_dinov2",
+    "vit_giant_patch14_reg4_dinov2",
+)
 
 
 def random_dinov2(architecture: str, seed: int = 0, **kwargs) -> VisionTransformer:
     """Small DINOv2-shaped timm ViT with random non-trivial weights (layer scales, norms, biases)."""
     generator = torch.Generator().manual_seed(seed)
-    model = timm.create_model(architecture, pretrained=False, dynamic_img_size=True, weight_init="skip",
-                              **{**SMALL, **kwargs}).eval()
+    model = timm.create_model(
+        architecture, pretrained=False, dynamic_img_size=True, weight_init="skip", **{**SMALL, **kwargs}
+    ).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(("gamma", "norm1.weight", "norm2.weight", "norm.weight")):
@@ -59,8 +67,15 @@ def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module, atol: float = 0.
         assert sa[key].shape == sb[key].shape and (sa[key] - sb[key]).abs().max() <= atol, key
 
 
-@pytest.mark.parametrize("name", ["vit_small_patch14_dinov2", "vit_small_patch14_dinov2.lvd142m",
-                                  "vit_small_patch14_reg4_dinov2", "vit_small_patch14_dinov2_sinder"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "vit_small_patch14_dinov2",
+        "vit_small_patch14_dinov2.lvd142m",
+        "vit_small_patch14_reg4_dinov2",
+        "vit_small_patch14_dinov2_sinder",
+    ],
+)
 def test_timm_names_random_init(name):
     model = load_backbone(name, pretrained=False, depth=2)
     assert isinstance(model, VisionTransformer) and not model.training and model.dynamic_img_size
@@ -69,7 +84,9 @@ def test_timm_names_random_init(name):
 
 
 def test_caller_overrides_dynamic_img_size():
-    assert not load_backbone("vit_small_patch14_dinov2", pretrained=False, depth=1, dynamic_img_size=False).dynamic_img_size
+    assert not load_backbone(
+        "vit_small_patch14_dinov2", pretrained=False, depth=1, dynamic_img_size=False
+    ).dynamic_img_size
 
 
 def test_hf_hub_id_passes_through_to_timm(monkeypatch):
@@ -101,9 +118,14 @@ def test_save_for_hf_folder_honours_model_args(tmp_path):
     assert_same_weights(model, source)
 
 
-@pytest.mark.parametrize(("architecture", "wrapper"), [("vit_small_patch14_dinov2", None),
-                                                      ("vit_giant_patch14_reg4_dinov2", "model"),
-                                                      ("vit_giant_patch14_dinov2", "teacher")])
+@pytest.mark.parametrize(
+    ("architecture", "wrapper"),
+    [
+        ("vit_small_patch14_dinov2", None),
+        ("vit_giant_patch14_reg4_dinov2", "model"),
+        ("vit_giant_patch14_dinov2", "teacher"),
+    ],
+)
 def test_authors_checkpoint(tmp_path, architecture, wrapper):
     source = random_dinov2(architecture)
     checkpoint = authors_state_dict(source)
@@ -170,20 +192,27 @@ def test_transformers_folder_missing_weight_is_an_error(tmp_path):
         load_backbone(tmp_path)
 
 
-def test_planted_specs_dispatch_to_testing(monkeypatch):
+def test_planted_specs_dispatch_to_planted(monkeypatch):
     calls = []
-    monkeypatch.setattr(sinder_hub.testing, "planted_backbone", lambda spec, **kw: calls.append((spec, kw)) or
-                        random_dinov2("vit_small_patch14_dinov2").train())
+    monkeypatch.setattr(
+        sinder_hub.planted,
+        "planted_backbone",
+        lambda spec, **kw: calls.append((spec, kw)) or random_dinov2("vit_small_patch14_dinov2").train(),
+    )
     model = load_backbone("planted-gelu", seed=3)
     assert calls == [("planted-gelu", {"seed": 3})] and not model.training
     model = load_backbone("planted-dinov3")
     assert calls[-1] == ("planted-dinov3", {})
-    with pytest.raises(BackboneError, match="planted-gelu, planted-swiglu, planted-deit3, planted-clip, planted-dinov3"):
+    with pytest.raises(
+        BackboneError, match="planted-gelu, planted-swiglu, planted-deit3, planted-clip, planted-dinov3"
+    ):
         load_backbone("planted-nothing")
 
 
 def test_unknown_name_lists_accepted_forms():
-    with pytest.raises(BackboneError, match=r"unknown backbone 'vit_tiny_dinov9'.*hf-hub:.*\.safetensors.*planted-swiglu"):
+    with pytest.raises(
+        BackboneError, match=r"unknown backbone 'vit_tiny_dinov9'.*hf-hub:.*\.safetensors.*planted-swiglu"
+    ):
         load_backbone("vit_tiny_dinov9")
 
 
@@ -195,8 +224,11 @@ def test_missing_path_is_named(tmp_path, spec):
 
 def test_shape_mismatch_names_key_shapes_and_architecture(tmp_path):
     torch.save(authors_state_dict(random_dinov2("vit_small_patch14_dinov2", embed_dim=96)), tmp_path / "a.pth")
-    with pytest.raises(BackboneError, match=r"shape mismatch at cls_token: \(1, 1, 96\), but "
-                                            r"vit_small_patch14_dinov2 expects \(1, 1, 192\)"):
+    with pytest.raises(
+        BackboneError,
+        match=r"shape mismatch at cls_token: \(1, 1, 96\), but "
+        r"vit_small_patch14_dinov2 expects \(1, 1, 192\)",
+    ):
         load_backbone(tmp_path / "a.pth", architecture="vit_small_patch14_dinov2", **SMALL)
 
 
@@ -208,20 +240,26 @@ def test_missing_keys_are_an_error(tmp_path):
         load_backbone(tmp_path / "a.pth", architecture="vit_small_patch14_dinov2", **SMALL)
 
 
-@pytest.mark.parametrize(("name", "kwargs", "found"), [
-    ("vit_small_patch14_dinov2", dict(patch_size=16), "16-px patches"),
-    ("vit_small_patch14_dinov2_sinder", dict(init_values=0), "no layer scale"),
-])
+@pytest.mark.parametrize(
+    ("name", "kwargs", "found"),
+    [
+        ("vit_small_patch14_dinov2", dict(patch_size=16), "16-px patches"),
+        ("vit_small_patch14_dinov2_sinder", dict(init_values=0), "no layer scale"),
+    ],
+)
 def test_dinov2_specs_must_be_dinov2_like(name, kwargs, found):
     with pytest.raises(BackboneError, match=f"{name} is not a DINOv2-like backbone \\({found}\\): expected"):
         load_backbone(name, pretrained=False, depth=1, **kwargs)
 
 
-@pytest.mark.parametrize(("name", "message"), [
-    ("resnet50", "resnet50: a ResNet is not a supported backbone"),
-    ("vit_base_patch16_rpn_224", "vit_base_patch16_rpn_224: blocks.0: ResPostBlock is not a supported block"),
-    ("eva02_tiny_patch14_224", None),
-])
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("resnet50", "resnet50: a ResNet is not a supported backbone"),
+        ("vit_base_patch16_rpn_224", "vit_base_patch16_rpn_224: blocks.0: ResPostBlock is not a supported block"),
+        ("eva02_tiny_patch14_224", None),
+    ],
+)
 def test_unsupported_families_name_the_module(name, message):
     kwargs = dict(scale_attn_inner=True) if message is None else {}
     message = message or r"eva02_tiny_patch14_224: blocks.0.attn.norm: an inner attention norm"
@@ -229,11 +267,18 @@ def test_unsupported_families_name_the_module(name, message):
         load_backbone(name, pretrained=False, depth=1, **kwargs)
 
 
-@pytest.mark.parametrize(("name", "prefix", "patch"), [
-    ("deit3_small_patch16_224", 1, 16), ("vit_base_patch16_clip_quickgelu_224", 1, 16),
-    ("vit_base_patch16_siglip_224", 0, 16), ("vit_small_patch16_dinov3", 5, 16),
-    ("vit_small_plus_patch16_dinov3", 5, 16), ("eva02_small_patch14_224", 1, 14), ("vit_base_patch16_224", 1, 16),
-])
+@pytest.mark.parametrize(
+    ("name", "prefix", "patch"),
+    [
+        ("deit3_small_patch16_224", 1, 16),
+        ("vit_base_patch16_clip_quickgelu_224", 1, 16),
+        ("vit_base_patch16_siglip_224", 0, 16),
+        ("vit_small_patch16_dinov3", 5, 16),
+        ("vit_small_plus_patch16_dinov3", 5, 16),
+        ("eva02_small_patch14_224", 1, 14),
+        ("vit_base_patch16_224", 1, 16),
+    ],
+)
 def test_other_families_load(name, prefix, patch):
     model = load_backbone(name, pretrained=False, depth=1)
     assert not model.training and model.dynamic_img_size and model.num_prefix_tokens == prefix

@@ -22,10 +22,33 @@ def load_tool():
 
 def test_tiny_run_figures_add_up(tmp_path):
     output = tmp_path / "figures.json"
-    command = [sys.executable, str(REPO / "tools" / "bench_full.py"), "--depth", "6", "--width", "192",
-               "--planted-block", "3", "--resolution", "224", "--num-images", str(NUM_IMAGES), "--limit-layers", "3",
-               "--directions-method", "expected", "--num-workers", "0", "--precision", "fp32", "--quiet",
-               "--cache", str(tmp_path / "cache"), "--json", str(output)]
+    command = [
+        sys.executable,
+        str(REPO / "tools" / "bench_full.py"),
+        "--depth",
+        "6",
+        "--width",
+        "192",
+        "--planted-block",
+        "3",
+        "--resolution",
+        "224",
+        "--num-images",
+        str(NUM_IMAGES),
+        "--limit-layers",
+        "3",
+        "--directions-method",
+        "expected",
+        "--num-workers",
+        "0",
+        "--precision",
+        "fp32",
+        "--quiet",
+        "--cache",
+        str(tmp_path / "cache"),
+        "--json",
+        str(output),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "images/s" in done.stdout and "held out" in done.stdout
@@ -76,10 +99,36 @@ def test_image_cache_is_deterministic_and_reused(tmp_path):
 def test_tiny_run_with_compile_times_the_compiled_scan(tmp_path):
     """``--compile``: the wrapped ``compiled_image_loss`` is what the loop timed (every image is counted)."""
     output = tmp_path / "figures.json"
-    command = [sys.executable, str(REPO / "tools" / "bench_full.py"), "--depth", "6", "--width", "192",
-               "--planted-block", "3", "--resolution", "224", "--num-images", "8", "--limit-layers", "3",
-               "--directions-method", "expected", "--num-workers", "1", "--precision", "fp32", "--quiet",
-               "--compile", "--count-batch", "2", "--cache", str(tmp_path / "cache"), "--json", str(output)]
+    command = [
+        sys.executable,
+        str(REPO / "tools" / "bench_full.py"),
+        "--depth",
+        "6",
+        "--width",
+        "192",
+        "--planted-block",
+        "3",
+        "--resolution",
+        "224",
+        "--num-images",
+        "8",
+        "--limit-layers",
+        "3",
+        "--directions-method",
+        "expected",
+        "--num-workers",
+        "1",
+        "--precision",
+        "fp32",
+        "--quiet",
+        "--compile",
+        "--count-batch",
+        "2",
+        "--cache",
+        str(tmp_path / "cache"),
+        "--json",
+        str(output),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "--compile" in done.stdout

@@ -68,7 +68,12 @@ def test_stock_shape_converts_to_stock_name():
     with torch.device("meta"):
         model = timm.create_model("vit_giant_patch14_reg4_dinov2_sinder", weight_init="skip")
     config = transformers_config(model)
-    assert (config.hidden_size, config.num_hidden_layers, config.mlp_ratio, config.num_register_tokens) == (1536, 40, 4, 4)
+    assert (config.hidden_size, config.num_hidden_layers, config.mlp_ratio, config.num_register_tokens) == (
+        1536,
+        40,
+        4,
+        4,
+    )
     architecture, model_args = timm_architecture(config)
     assert (architecture, model_args) == ("vit_giant_patch14_reg4_dinov2", {"img_size": 518})
 
@@ -107,14 +112,19 @@ def test_exported_folders_load_in_stock_timm_and_transformers(tmp_path):
     (tmp_path / "run" / "repair_report.json").write_text(json.dumps({"steps": 3}))
     (tmp_path / "run" / "before_after_astronaut.png").write_bytes(b"picture")
     sinder = random_dinov2("vit_giant_patch14_reg4_dinov2_sinder")
-    folders = {"run": export(tmp_path / "run", tmp_path / "out_run", format="both"),
-               "sinder": export(sinder, tmp_path / "out_sinder", format="both")}
+    folders = {
+        "run": export(tmp_path / "run", tmp_path / "out_run", format="both"),
+        "sinder": export(sinder, tmp_path / "out_sinder", format="both"),
+    }
     assert folders["run"] == {"timm": tmp_path / "out_run/timm", "transformers": tmp_path / "out_run/transformers"}
     for kind in ("timm", "transformers"):
         assert json.loads((tmp_path / "out_run" / kind / "repair_report.json").read_text()) == {"steps": 3}
         assert (tmp_path / "out_run" / kind / "before_after_astronaut.png").read_bytes() == b"picture"
         assert not (tmp_path / "out_sinder" / kind / "repair_report.json").exists()
-    assert json.loads((tmp_path / "out_sinder/timm/config.json").read_text())["architecture"] == "vit_giant_patch14_reg4_dinov2"
+    assert (
+        json.loads((tmp_path / "out_sinder/timm/config.json").read_text())["architecture"]
+        == "vit_giant_patch14_reg4_dinov2"
+    )
     processor = json.loads((tmp_path / "out_run/transformers/preprocessor_config.json").read_text())
     assert processor["image_processor_type"] == "BitImageProcessor" and processor["resample"] == 3
     assert (processor["size"], processor["crop_size"]) == ({"shortest_edge": 256}, {"height": 224, "width": 224})
@@ -122,8 +132,18 @@ def test_exported_folders_load_in_stock_timm_and_transformers(tmp_path):
 
     image = torch.randn(1, 3, 518, 518)
     safetensors.torch.save_file({"image": image}, tmp_path / "image.safetensors")
-    subprocess.run([sys.executable, "-c", STOCK_LOADER, str(tmp_path / "image.safetensors"),
-                    str(tmp_path / "out_run"), str(tmp_path / "out_sinder")], check=True, cwd=tmp_path)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            STOCK_LOADER,
+            str(tmp_path / "image.safetensors"),
+            str(tmp_path / "out_run"),
+            str(tmp_path / "out_sinder"),
+        ],
+        check=True,
+        cwd=tmp_path,
+    )
     loaded = safetensors.torch.load_file(tmp_path / "image.safetensors.out")
     with torch.no_grad():
         for name, model in (("out_run", run), ("out_sinder", sinder)):
@@ -134,14 +154,21 @@ def test_exported_folders_load_in_stock_timm_and_transformers(tmp_path):
 
 def test_export_single_format_and_card_hook(tmp_path, monkeypatch):
     cards = []
-    monkeypatch.setattr(sinder_hub.hub, "write_model_card", lambda folder, kind: cards.append(
-        (folder.parent, kind, sorted(path.name for path in folder.iterdir()))))
+    monkeypatch.setattr(
+        sinder_hub.hub,
+        "write_model_card",
+        lambda folder, kind: cards.append((folder.parent, kind, sorted(path.name for path in folder.iterdir()))),
+    )
     model = random_dinov2("vit_small_patch14_dinov2")
     assert export(model, tmp_path, format="transformers", card=True) == {"transformers": tmp_path}
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "dinov2"
     # the card is written in the staging folder, beside the files it describes, before they are moved in
     assert cards == [(tmp_path, "transformers", ["config.json", "model.safetensors", "preprocessor_config.json"])]
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["config.json", "model.safetensors", "preprocessor_config.json"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+    ]
     with pytest.raises(ValueError, match="unknown export format 'onnx'"):
         export(model, tmp_path, format="onnx")
 
@@ -155,12 +182,17 @@ def test_export_tool(tmp_path, monkeypatch):
 
     calls = []
     monkeypatch.setattr(tool, "load_backbone", lambda path, architecture: calls.append((path, architecture)) or "model")
-    monkeypatch.setattr(tool, "export", lambda source, to, format, card, overwrite:
-                        calls.append((source, to, format, card, overwrite)) or {})
+    monkeypatch.setattr(
+        tool,
+        "export",
+        lambda source, to, format, card, overwrite: calls.append((source, to, format, card, overwrite)) or {},
+    )
     (tmp_path / "dinov2g_sinder.pth").write_bytes(b"")
     tool.main(["--from-authors", str(tmp_path / "dinov2g_sinder.pth"), "--to", str(tmp_path / "authors")])
-    assert calls == [(tmp_path / "dinov2g_sinder.pth", "vit_giant_patch14_dinov2_sinder"),
-                     ("model", str(tmp_path / "authors"), "both", False, False)]
+    assert calls == [
+        (tmp_path / "dinov2g_sinder.pth", "vit_giant_patch14_dinov2_sinder"),
+        ("model", str(tmp_path / "authors"), "both", False, False),
+    ]
     with pytest.raises(SystemExit):
         tool.main(["run", "--from-authors", "x.pth", "--to", "out"])
 
@@ -181,8 +213,13 @@ OTHER_FAMILY_LOADER = textwrap.dedent("""
     assert "sinder_hub" not in sys.modules
     save_file(out, sys.argv[1] + ".out")
 """)
-OTHER_FAMILIES = ("deit3_small_patch16_224", "vit_base_patch16_clip_quickgelu_224", "vit_base_patch16_siglip_224",
-                  "vit_small_patch16_dinov3", "vit_small_plus_patch16_dinov3")
+OTHER_FAMILIES = (
+    "deit3_small_patch16_224",
+    "vit_base_patch16_clip_quickgelu_224",
+    "vit_base_patch16_siglip_224",
+    "vit_small_patch16_dinov3",
+    "vit_small_plus_patch16_dinov3",
+)
 
 
 def test_other_families_export_to_stock_timm_folders(tmp_path):
@@ -204,8 +241,11 @@ def test_other_families_export_to_stock_timm_folders(tmp_path):
             to_transformers(models[str(tmp_path / name)])
     image = torch.randn(1, 3, 64, 64)
     safetensors.torch.save_file({"image": image}, tmp_path / "image.safetensors")
-    subprocess.run([sys.executable, "-c", OTHER_FAMILY_LOADER, str(tmp_path / "image.safetensors"), *models],
-                   check=True, cwd=tmp_path)
+    subprocess.run(
+        [sys.executable, "-c", OTHER_FAMILY_LOADER, str(tmp_path / "image.safetensors"), *models],
+        check=True,
+        cwd=tmp_path,
+    )
     loaded = safetensors.torch.load_file(tmp_path / "image.safetensors.out")
     with torch.no_grad():
         for folder, model in models.items():

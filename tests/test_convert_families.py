@@ -75,7 +75,11 @@ def test_stock_transformers_loads_the_timm_features(tmp_path):
     for name, model in models.items():
         export(model, tmp_path / name, format="transformers")
     config = json.loads((tmp_path / "vit_base_patch16_clip_quickgelu_224/config.json").read_text())
-    assert (config["model_type"], config["hidden_act"], config["layer_norm_eps"]) == ("clip_vision_model", "quick_gelu", 1e-5)
+    assert (config["model_type"], config["hidden_act"], config["layer_norm_eps"]) == (
+        "clip_vision_model",
+        "quick_gelu",
+        1e-5,
+    )
     assert json.loads((tmp_path / "vit_base_patch16_clip_224/config.json").read_text())["hidden_act"] == "gelu"
     config = json.loads((tmp_path / "vit_small_plus_patch16_dinov3/config.json").read_text())
     assert (config["model_type"], config["use_gated_mlp"], config["num_register_tokens"]) == ("dinov3_vit", True, 4)
@@ -84,8 +88,17 @@ def test_stock_transformers_loads_the_timm_features(tmp_path):
 
     image = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     safetensors.torch.save_file({"image": image}, tmp_path / "image.safetensors")
-    subprocess.run([sys.executable, "-c", STOCK_LOADER, str(tmp_path / "image.safetensors"),
-                    *(str(tmp_path / name) for name in models)], check=True, cwd=tmp_path)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            STOCK_LOADER,
+            str(tmp_path / "image.safetensors"),
+            *(str(tmp_path / name) for name in models),
+        ],
+        check=True,
+        cwd=tmp_path,
+    )
     loaded = safetensors.torch.load_file(tmp_path / "image.safetensors.out")
     with torch.no_grad():
         for name, model in models.items():
@@ -100,10 +113,16 @@ def test_stock_transformers_loads_the_timm_features(tmp_path):
                 assert relative(ours[:, 0], loaded[folder + "/pooler"]) <= 1e-4, name
 
 
-@pytest.mark.parametrize("name, args", [("vit_base_patch16_clip_quickgelu_224", {}), ("vit_base_patch16_clip_224", {}),
-                                        ("vit_small_patch16_dinov3", {"img_size": 224}),
-                                        ("vit_small_plus_patch16_dinov3", {"img_size": 224}),
-                                        ("vit_small_patch16_dinov3_qkvb", {"img_size": 224})])
+@pytest.mark.parametrize(
+    "name, args",
+    [
+        ("vit_base_patch16_clip_quickgelu_224", {}),
+        ("vit_base_patch16_clip_224", {}),
+        ("vit_small_patch16_dinov3", {"img_size": 224}),
+        ("vit_small_plus_patch16_dinov3", {"img_size": 224}),
+        ("vit_small_patch16_dinov3_qkvb", {"img_size": 224}),
+    ],
+)
 def test_round_trip_is_exact(name, args):
     model = random_model(name, 7, **args)
     hf_model = to_transformers(model)
@@ -125,11 +144,23 @@ def test_what_transformers_cannot_hold_is_refused():
         to_transformers(random_model("deit3_small_patch16_224", 0))
 
 
-@pytest.mark.parametrize("name, family, citation, base_model", [
-    ("vit_base_patch16_clip_224.openai", "CLIP", "Learning Transferable Visual Models From Natural Language Supervision",
-     "timm/vit_base_patch16_clip_224.openai"),
-    ("deit3_small_patch16_224.fb_in1k", "DeiT-III", "{DeiT III}: Revenge of the {ViT}", "timm/deit3_small_patch16_224.fb_in1k"),
-])
+@pytest.mark.parametrize(
+    "name, family, citation, base_model",
+    [
+        (
+            "vit_base_patch16_clip_224.openai",
+            "CLIP",
+            "Learning Transferable Visual Models From Natural Language Supervision",
+            "timm/vit_base_patch16_clip_224.openai",
+        ),
+        (
+            "deit3_small_patch16_224.fb_in1k",
+            "DeiT-III",
+            "{DeiT III}: Revenge of the {ViT}",
+            "timm/deit3_small_patch16_224.fb_in1k",
+        ),
+    ],
+)
 def test_card_of_a_timm_folder_names_its_family(tmp_path, name, family, citation, base_model):
     save_timm(random_model(name.split(".")[0], 0), tmp_path)
     (tmp_path / "repair_report.json").write_text(json.dumps({"source_model": name, "steps": 3}))
@@ -141,7 +172,9 @@ def test_card_of_a_timm_folder_names_its_family(tmp_path, name, family, citation
 
 def test_card_of_a_clip_transformers_folder(tmp_path):
     export(random_model("vit_base_patch16_clip_quickgelu_224", 0), tmp_path, format="transformers")
-    (tmp_path / "repair_report.json").write_text(json.dumps({"source_model": "vit_base_patch16_clip_quickgelu_224.openai"}))
+    (tmp_path / "repair_report.json").write_text(
+        json.dumps({"source_model": "vit_base_patch16_clip_quickgelu_224.openai"})
+    )
     card = ModelCard(str(build_model_card(tmp_path, repo_id="alice/repaired")))
     assert card.data.base_model == "timm/vit_base_patch16_clip_224.openai"  # timm's hub repo for these weights
     assert "clip" in card.data.tags and "dinov2" not in card.data.tags
@@ -156,4 +189,6 @@ def test_card_of_a_dinov3_transformers_folder(tmp_path):
     assert "dinov3" in card.data.tags and card.data.license == "other"
     assert 'DINOv3ViTModel.from_pretrained("alice/repaired")' in card.text
     assert "tokens[:, 5:]  # drop the class token and 4 storage tokens" in card.text
-    assert "simeoni2025dinov3" in card.text and "The model was trained for 224 px inputs. It has no absolute" in card.text
+    assert (
+        "simeoni2025dinov3" in card.text and "The model was trained for 224 px inputs. It has no absolute" in card.text
+    )

@@ -68,8 +68,9 @@ def two_pixels(mode: str, first, second) -> Image.Image:
     return image
 
 
-@pytest.mark.parametrize(("mode", "dtype", "suffix"), [("I;16", "<u2", ".png"), ("I;16B", ">u2", ".tif"),
-                                                       ("I;16L", "<u2", None)])
+@pytest.mark.parametrize(
+    ("mode", "dtype", "suffix"), [("I;16", "<u2", ".png"), ("I;16B", ">u2", ".tif"), ("I;16L", "<u2", None)]
+)
 def test_16_bit_grayscale_is_scaled_by_its_bit_depth(tmp_path, mode, dtype, suffix):
     array = np.array([[0, 257 * 100, 65535, 12000]], dtype=dtype)
     image = Image.frombytes(mode, (4, 1), array.tobytes())  # PIL's convert() would clip to 255
@@ -84,21 +85,27 @@ def test_a_dark_16_bit_photo_is_not_white(tmp_path):
     assert np.abs(loaded[..., 0].astype(int) - photo // 257).max() == 0
 
 
-@pytest.mark.parametrize(("values", "expected"), [
-    ([0, 255], [0, 255]),  # 8-bit values as they are
-    ([0, 65535], [0, 255]),  # 16-bit values by 65535
-    ([-1000, 1000], [0, 255]),  # anything else by its own range
-])
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ([0, 255], [0, 255]),  # 8-bit values as they are
+        ([0, 65535], [0, 255]),  # 16-bit values by 65535
+        ([-1000, 1000], [0, 255]),  # anything else by its own range
+    ],
+)
 def test_32_bit_integer_grayscale(tmp_path, values, expected):
     image = two_pixels("I", *values)
     assert [p[0] for p in pixels(load_rgb(saved(tmp_path, image, "int32.tif")))] == expected
 
 
-@pytest.mark.parametrize(("values", "expected"), [
-    ([0.0, 0.5], [0, 128]),  # unit range
-    ([0.0, 200.0], [0, 200]),
-    ([-2.0, 2.0], [0, 255]),
-])
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ([0.0, 0.5], [0, 128]),  # unit range
+        ([0.0, 200.0], [0, 200]),
+        ([-2.0, 2.0], [0, 255]),
+    ],
+)
 def test_float_grayscale(tmp_path, values, expected):
     image = two_pixels("F", *values)
     assert [p[0] for p in pixels(load_rgb(saved(tmp_path, image, "float.tif")))] == expected
@@ -113,18 +120,21 @@ def test_palette_with_and_without_transparency(tmp_path):
     assert pixels(load_rgb(saved(tmp_path, palette, "p_alpha.png"))) == [(255, 255, 255), (0, 0, 255)]
 
 
-@pytest.mark.parametrize(("mode", "first", "second", "suffix", "expected"), [
-    ("1", 0, 1, ".png", [(0, 0, 0), (255, 255, 255)]),
-    ("L", 30, 200, ".png", [(30,) * 3, (200,) * 3]),
-    ("LA", (0, 0), (100, 255), ".png", [(255,) * 3, (100,) * 3]),  # transparent -> white
-    ("PA", (0, 0), (0, 255), ".tif", None),  # palette of grays: checked below
-    ("RGBA", (255, 0, 0, 0), (0, 255, 0, 255), ".png", [(255,) * 3, (0, 255, 0)]),
-    ("RGBA", (0, 0, 0, 128), (0, 0, 255, 255), ".png", [(127,) * 3, (0, 0, 255)]),  # half over white
-    ("CMYK", (255, 0, 0, 0), (0, 0, 0, 255), ".jpg", None),
-    ("CMYK", (0, 255, 0, 0), (0, 0, 0, 0), ".tif", [(255, 0, 255), (255, 255, 255)]),
-    ("YCbCr", (255, 128, 128), (76, 85, 255), None, None),
-    ("HSV", (0, 255, 255), (85, 255, 128), None, [(255, 0, 0), (0, 128, 0)]),
-])
+@pytest.mark.parametrize(
+    ("mode", "first", "second", "suffix", "expected"),
+    [
+        ("1", 0, 1, ".png", [(0, 0, 0), (255, 255, 255)]),
+        ("L", 30, 200, ".png", [(30,) * 3, (200,) * 3]),
+        ("LA", (0, 0), (100, 255), ".png", [(255,) * 3, (100,) * 3]),  # transparent -> white
+        ("PA", (0, 0), (0, 255), ".tif", None),  # palette of grays: checked below
+        ("RGBA", (255, 0, 0, 0), (0, 255, 0, 255), ".png", [(255,) * 3, (0, 255, 0)]),
+        ("RGBA", (0, 0, 0, 128), (0, 0, 255, 255), ".png", [(127,) * 3, (0, 0, 255)]),  # half over white
+        ("CMYK", (255, 0, 0, 0), (0, 0, 0, 255), ".jpg", None),
+        ("CMYK", (0, 255, 0, 0), (0, 0, 0, 0), ".tif", [(255, 0, 255), (255, 255, 255)]),
+        ("YCbCr", (255, 128, 128), (76, 85, 255), None, None),
+        ("HSV", (0, 255, 255), (85, 255, 128), None, [(255, 0, 0), (0, 128, 0)]),
+    ],
+)
 def test_modes_become_the_expected_rgb(tmp_path, mode, first, second, suffix, expected):
     image = two_pixels(mode, first, second)
     if mode == "PA":
@@ -158,7 +168,9 @@ def test_lab_matches_littlecms(tmp_path):
 
 def test_max_pixels_is_explicit(tmp_path):
     path = saved(tmp_path, Image.new("RGB", (200, 100)), "big.png")
-    with pytest.raises(DataError, match=r"big\.png: image of 200x100 px \(20,000 pixels\) is over the limit of 19,999 pixels"):
+    with pytest.raises(
+        DataError, match=r"big\.png: image of 200x100 px \(20,000 pixels\) is over the limit of 19,999 pixels"
+    ):
         load_rgb(path, max_pixels=19_999)
     assert load_rgb(path, max_pixels=20_000).size == (200, 100)
     index, image, problem = ImageFiles([path], resolution=28, max_pixels=10)[0]
@@ -199,8 +211,11 @@ def test_list_images_errors(tmp_path):
         list_images(tmp_path / "binary.lst")
     listing = tmp_path / "list.txt"
     listing.write_text("# comment\nphoto.png\n" + "\n".join(f"gone{i}.png" for i in range(5)) + "\n")
-    with pytest.raises(DataError, match=r"list\.txt: 5 of 6 listed images do not exist or are not files "
-                                        r"\(.*gone0\.png, .*gone1\.png, .*gone2\.png, \.\.\.\)"):
+    with pytest.raises(
+        DataError,
+        match=r"list\.txt: 5 of 6 listed images do not exist or are not files "
+        r"\(.*gone0\.png, .*gone1\.png, .*gone2\.png, \.\.\.\)",
+    ):
         list_images(listing)
     listing.write_text("# only a comment\n")
     with pytest.raises(DataError, match="lists no image paths"):

@@ -93,7 +93,9 @@ def test_kernel_5_known_answer():
     """The authors' 5x5 table (centre 41 of 273), not the outer product of [1, 4, 7, 4, 1] (centre 49 of 289)."""
     tokens = grid_with_defect(size=7, at=(3, 3))
     result = neighbor_loss(tokens, E2, kernel=5)
-    weights = torch.tensor([[1.0, 4, 7, 4, 1], [4, 16, 26, 16, 4], [7, 26, 41, 26, 7], [4, 16, 26, 16, 4], [1, 4, 7, 4, 1]])
+    weights = torch.tensor(
+        [[1.0, 4, 7, 4, 1], [4, 16, 26, 16, 4], [7, 26, 41, 26, 7], [4, 16, 26, 16, 4], [1, 4, 7, 4, 1]]
+    )
     assert gaussian_kernel(5)[2, 2].item() == pytest.approx(41 / 273)
     assert gaussian_kernel(5)[0, 2].item() == pytest.approx(7 / 273)
     weights[2, 2] *= math.exp(-10)

@@ -84,7 +84,7 @@ def crude_planted_model():
     ).eval()
     direction = torch.nn.functional.normalize(torch.randn(model.embed_dim), dim=0)
     with torch.no_grad():
-        grid_pos = model.pos_embed[0, model.num_prefix_tokens:].view(8, 8, -1)
+        grid_pos = model.pos_embed[0, model.num_prefix_tokens :].view(8, 8, -1)
         for row, col in DEFECT_POSITIONS:
             grid_pos[row, col] += 500 * direction
     return model, direction
@@ -117,7 +117,9 @@ def test_defect_report_finds_the_planted_defects(crude_planted_model, crude_imag
         angles = block["token_angles"]["noise0"]
         assert len(angles) == 64 and max(angles) <= 90.0
         defect_angles = [angles[r * 8 + c] for r, c in DEFECT_POSITIONS]
-        assert max(defect_angles) < 3.0 < min(a for i, a in enumerate(angles) if (i // 8, i % 8) not in DEFECT_POSITIONS)
+        assert (
+            max(defect_angles) < 3.0 < min(a for i, a in enumerate(angles) if (i // 8, i % 8) not in DEFECT_POSITIONS)
+        )
 
 
 def test_defect_report_statistics_match_block_statistics(crude_planted_model, crude_images):

@@ -11,7 +11,6 @@ from PIL import Image
 from sinder_hub.data import IMAGENET_MEAN, IMAGENET_STD
 from sinder_hub.errors import DataError
 from sinder_hub.evaluation import (
-    SHAPE_CLASSES,
     class_token_encoder,
     confusion_matrix,
     kmeans,
@@ -20,12 +19,12 @@ from sinder_hub.evaluation import (
     knn_votes,
     linear_probe_segmentation,
     load_mask,
-    make_shapes_dataset,
     match_clusters,
     segmentation_scores,
     segmentation_split,
     topk_accuracy,
 )
+from sinder_hub.synthetic import SHAPE_CLASSES, make_shapes_dataset
 
 SIZE = 112  # 8x8 patch grid
 
@@ -175,8 +174,15 @@ def test_kmeans_oracle_versus_random(shapes):
 def tiny_backbone(spec: str):
     """A random DINOv2-style ViT standing in for load_backbone (the spec only seeds it)."""
     torch.manual_seed(len(spec))
-    return timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=SIZE, dynamic_img_size=True,
-                             depth=2, embed_dim=64, num_heads=2).eval()
+    return timm.create_model(
+        "vit_small_patch14_dinov2",
+        pretrained=False,
+        img_size=SIZE,
+        dynamic_img_size=True,
+        depth=2,
+        embed_dim=64,
+        num_heads=2,
+    ).eval()
 
 
 @pytest.mark.parametrize("task", ["knn", "kmeans"])
@@ -184,9 +190,25 @@ def test_evaluate_tool_prints_two_columns(shapes, tmp_path, capsys, monkeypatch,
     backbones = pytest.importorskip("sinder_hub.backbones")
     monkeypatch.setattr(backbones, "load_backbone", tiny_backbone)
     from sinder_hub.commands import evaluate
+
     out = tmp_path / "result.json"
     data = shapes / ("classification" if task == "knn" else "segmentation")
-    evaluate.main(["--model", "a", "--compare", "bb", "--task", task, "--data", str(data), "--resolution", str(SIZE), "--out", str(out)])
+    evaluate.main(
+        [
+            "--model",
+            "a",
+            "--compare",
+            "bb",
+            "--task",
+            task,
+            "--data",
+            str(data),
+            "--resolution",
+            str(SIZE),
+            "--out",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
     metric = "top1" if task == "knn" else "miou"
     assert "original" in printed and "repaired" in printed and metric in printed
@@ -198,7 +220,9 @@ def test_evaluate_tool_prints_two_columns(shapes, tmp_path, capsys, monkeypatch,
 def test_the_image_feature_is_the_class_token_or_the_models_own_pooling():
     """DINOv2: the final-normed class token; SigLIP (no class token): timm's attention pool, not a patch token."""
     images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    dinov2 = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=224, depth=2, num_classes=0).eval()
+    dinov2 = timm.create_model(
+        "vit_small_patch14_dinov2", pretrained=False, img_size=224, depth=2, num_classes=0
+    ).eval()
     with torch.no_grad():
         assert torch.equal(class_token_encoder(dinov2)(images), dinov2.forward_features(images)[:, 0])
     siglip = timm.create_model("vit_base_patch16_siglip_224", pretrained=False, depth=2, num_classes=0).eval()

@@ -7,6 +7,7 @@ import timm
 import torch
 from timm.layers import LayerNorm
 from timm.models.vision_transformer import ResPostBlock, VisionTransformer
+from tiny import assert_sampled_map_converges_to_expected
 from torch import nn
 
 from sinder_hub import BackboneError
@@ -14,7 +15,6 @@ from sinder_hub.analysis import _expected_mlp_map, block_linear_maps, singular_d
 from sinder_hub.families import describe_block, describe_model, get_path, has_class_token
 from sinder_hub.singular_values import merge_singular_values, parametrize_singular_values
 from sinder_hub.tokens import block_outputs, patch_grid, prepare_blocks
-from tiny import assert_sampled_map_converges_to_expected
 
 # timm name -> (family, prefix tokens, value layer, layer scales, MLP kind, inner MLP norm)
 STOCK = {
@@ -62,8 +62,14 @@ def test_description_of_stock_blocks(name):
         model = timm.create_model(name, pretrained=False, depth=1)
     described = describe_model(model, name)
     block = described.blocks[0]
-    assert (described.family, described.num_prefix_tokens, block.value, (block.layer_scale1, block.layer_scale2),
-            block.mlp_kind, block.mlp_inner_norm) == (family, prefix, value, scales, mlp_kind, inner_norm)
+    assert (
+        described.family,
+        described.num_prefix_tokens,
+        block.value,
+        (block.layer_scale1, block.layer_scale2),
+        block.mlp_kind,
+        block.mlp_inner_norm,
+    ) == (family, prefix, value, scales, mlp_kind, inner_norm)
     assert described.rope == (family == "eva")
     assert has_class_token(model) == (name != "vit_base_patch16_siglip_224")
     dim = model.embed_dim
@@ -72,15 +78,19 @@ def test_description_of_stock_blocks(name):
     movable = dict(block.movable)
     assert not any(path.endswith(("q_proj", "k_proj")) for path in movable)
     assert movable[value] == (None if value == "attn.v_proj" else (2 * dim, 3 * dim))
-    assert list(movable)[1:] == ["attn.proj", *(("mlp.fc1_g", "mlp.fc1_x") if "split" in mlp_kind else ("mlp.fc1",)), "mlp.fc2"]
+    assert list(movable)[1:] == [
+        "attn.proj",
+        *(("mlp.fc1_g", "mlp.fc1_x") if "split" in mlp_kind else ("mlp.fc1",)),
+        "mlp.fc2",
+    ]
 
 
 def test_unsupported_blocks_name_the_module_and_what_is_missing():
-    with pytest.raises(BackboneError, match="a ResNet is not a supported backbone"):
-        with torch.device("meta"):
-            describe_model(timm.create_model("resnet18"), "resnet18")
-    post_norm = VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2, block_fn=ResPostBlock,
-                                  num_classes=0)
+    with pytest.raises(BackboneError, match="a ResNet is not a supported backbone"), torch.device("meta"):
+        describe_model(timm.create_model("resnet18"), "resnet18")
+    post_norm = VisionTransformer(
+        img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2, block_fn=ResPostBlock, num_classes=0
+    )
     with pytest.raises(BackboneError, match=r"post: blocks.0: ResPostBlock is not a supported block"):
         describe_model(post_norm, "post")
     inner = small("eva02_small_patch14_224", scale_attn_inner=True)
@@ -92,7 +102,9 @@ def test_unsupported_blocks_name_the_module_and_what_is_missing():
         singular_defect_directions(gelu, method="expected")
     gelu.blocks[1].mlp.act = nn.GELU()
     gelu.blocks[1].norm2 = nn.BatchNorm1d(32)
-    with pytest.raises(BackboneError, match=r"blocks.1.norm2: expected a LayerNorm or RmsNorm pre-norm, got BatchNorm1d"):
+    with pytest.raises(
+        BackboneError, match=r"blocks.1.norm2: expected a LayerNorm or RmsNorm pre-norm, got BatchNorm1d"
+    ):
         parametrize_singular_values(gelu)
 
 
@@ -150,9 +162,13 @@ def test_attention_map_reads_layer_scale_norm_weight_and_value_rows(name):
 
 def mlp_block(kind: str, dim: int = 12) -> tuple[nn.Module, object]:
     """One block of a small stock model whose MLP is ``kind``, weights ~ N(0, 0.5²)."""
-    name = {"gelu": "deit3_small_patch16_224", "quick_gelu": "vit_base_patch16_clip_quickgelu_224",
-            "gelu_tanh": "vit_base_patch16_siglip_224", "swiglu_packed": "eva02_small_patch14_224",
-            "swiglu_split": "vit_small_plus_patch16_dinov3"}[kind]
+    name = {
+        "gelu": "deit3_small_patch16_224",
+        "quick_gelu": "vit_base_patch16_clip_quickgelu_224",
+        "gelu_tanh": "vit_base_patch16_siglip_224",
+        "swiglu_packed": "eva02_small_patch14_224",
+        "swiglu_split": "vit_small_plus_patch16_dinov3",
+    }[kind]
     extra = {"act_layer": "gelu_tanh"} if kind == "gelu_tanh" else {}
     model = small(name, embed_dim=dim, num_heads=1, depth=1, seed=3, **extra)
     with torch.no_grad():
@@ -191,9 +207,18 @@ def test_expected_is_refused_for_an_mlp_with_an_inner_norm():
         singular_defect_directions(model, method="expected")
 
 
-@pytest.mark.parametrize("name", ["deit3_small_patch16_224", "vit_base_patch16_clip_224",
-                                  "vit_base_patch16_clip_quickgelu_224", "vit_base_patch16_siglip_224",
-                                  "vit_small_patch16_dinov3", "vit_small_plus_patch16_dinov3", "eva02_small_patch14_224"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "deit3_small_patch16_224",
+        "vit_base_patch16_clip_224",
+        "vit_base_patch16_clip_quickgelu_224",
+        "vit_base_patch16_siglip_224",
+        "vit_small_patch16_dinov3",
+        "vit_small_plus_patch16_dinov3",
+        "eva02_small_patch14_224",
+    ],
+)
 def test_directions_on_stock_random_init_architectures(name):
     """timm's own random initialisation at full width, depth 2: one unit direction per block (sampled, the
     default); the expected linearisation is available for all of them too."""
@@ -222,8 +247,16 @@ def test_block_callables_reproduce_forward_features(name):
     assert torch.equal(grid[:, 0, 0], outputs[-1][:, STOCK[name][1]])
 
 
-@pytest.mark.parametrize("name", ["vit_small_patch16_dinov3", "eva02_small_patch14_224", "eva02_base_patch14_224",
-                                  "vit_base_patch16_dinov3_qkvb", "vit_base_patch16_clip_224"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "vit_small_patch16_dinov3",
+        "eva02_small_patch14_224",
+        "eva02_base_patch14_224",
+        "vit_base_patch16_dinov3_qkvb",
+        "vit_base_patch16_clip_224",
+    ],
+)
 def test_singular_value_layers_on_every_family(name):
     """Only the family's movable layers get ε; ε = 0 keeps the outputs; a moved ε is what the attention runs
     (Eva's fused qkv with separate biases reads ``qkv.weight`` itself, so this is where it could be bypassed)."""
@@ -234,7 +267,7 @@ def test_singular_value_layers_on_every_family(name):
         before = model.forward_features(images)
     eps = parametrize_singular_values(model)
     layout = describe_model(model).blocks[0]
-    assert list(eps)[:len(layout.movable)] == [f"blocks.0.{path}.eps" for path, _ in layout.movable]
+    assert list(eps)[: len(layout.movable)] == [f"blocks.0.{path}.eps" for path, _ in layout.movable]
     assert [n for n, p in model.named_parameters() if p.requires_grad] == list(eps)
     with torch.no_grad():
         # exact except Eva's fused qkv with separate biases (bias added after the product: float rounding)
@@ -268,6 +301,8 @@ def test_rms_norm_has_no_centering():
         rms.weight.copy_(block.norm1.weight)
     block.norm1 = rms
     start, stop = describe_block(block).value_rows
-    expected = (block.gamma_1[:, None] * block.attn.proj.weight @ block.attn.qkv.weight[start:stop] * rms.weight).double()
+    expected = (
+        block.gamma_1[:, None] * block.attn.proj.weight @ block.attn.qkv.weight[start:stop] * rms.weight
+    ).double()
     assert torch.allclose(block_linear_maps(model, samples=100)[0].A, expected, atol=1e-6)
     assert isinstance(model.blocks[1].norm1, LayerNorm)

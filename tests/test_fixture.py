@@ -36,7 +36,7 @@ from sinder_hub.data import sample_images, sinder_transform
 from sinder_hub.defects import defect_mask
 from sinder_hub.diagnostics import angle_to_direction, mean_pairwise_angle
 from sinder_hub.families import describe_model
-from sinder_hub.testing import PLANTED_BLOCK, PLANTED_VARIANTS, planted_backbone
+from sinder_hub.planted import PLANTED_BLOCK, PLANTED_VARIANTS, planted_backbone
 from sinder_hub.tokens import block_outputs, patch_grid
 
 HIGH_NORM = 4.0  # × the grid's median token norm
@@ -113,7 +113,9 @@ def test_defects_are_exactly_the_high_norm_tokens(planted):
         defects = planted.blocks[block]
         for name, mask, high_norm in zip(planted.names, defects.masks, defects.high_norm):
             where = f"{planted.variant} block {block} image {name}"
-            assert torch.equal(mask, high_norm), f"{where}: flagged {mask.nonzero().tolist()}, high-norm {high_norm.nonzero().tolist()}"
+            assert torch.equal(mask, high_norm), (
+                f"{where}: flagged {mask.nonzero().tolist()}, high-norm {high_norm.nonzero().tolist()}"
+            )
             assert mask.sum() >= 3, where
             assert 0.003 <= mask.float().mean() <= 0.05, where
 
@@ -154,9 +156,15 @@ ANATOMY = {
 def test_each_variant_has_its_family_anatomy(planted):
     described = describe_model(planted.model)
     block = described.blocks[0]
-    anatomy = (type(planted.model).__name__, described.num_prefix_tokens, described.patch_size[0],
-               (block.layer_scale1, block.layer_scale2), block.mlp_kind,
-               isinstance(planted.model.norm_pre, torch.nn.LayerNorm), described.rope)
+    anatomy = (
+        type(planted.model).__name__,
+        described.num_prefix_tokens,
+        described.patch_size[0],
+        (block.layer_scale1, block.layer_scale2),
+        block.mlp_kind,
+        isinstance(planted.model.norm_pre, torch.nn.LayerNorm),
+        described.rope,
+    )
     assert anatomy == ANATOMY[planted.variant]
 
 
@@ -171,7 +179,9 @@ def test_timm_local_dir_round_trip(planted, tmp_path, images_224):
     timm.models.save_for_hf(planted.model, tmp_path, safe_serialization=True)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["architecture"] == architecture
-    saved_args = {key: tuple(value) if isinstance(value, list) else value for key, value in config["model_args"].items()}
+    saved_args = {
+        key: tuple(value) if isinstance(value, list) else value for key, value in config["model_args"].items()
+    }
     expected_args = {key: (value, value) if key == "img_size" else value for key, value in model_args.items()}
     assert expected_args.items() <= saved_args.items()
 
@@ -207,8 +217,10 @@ def _report(variant: str) -> None:
         blocks = block_defects(model, images, directions["expected"])
         grid_size = blocks[0].masks[0].numel()
         print(f"\n### {resolution} px ({grid_size} patch tokens per image)")
-        print("block | defects per image (min-max, total) | fraction max | flagged != high-norm | "
-              "norm ratio min | within max | between | sampled | expected")
+        print(
+            "block | defects per image (min-max, total) | fraction max | flagged != high-norm | "
+            "norm ratio min | within max | between | sampled | expected"
+        )
         for index, defects in enumerate(blocks):
             counts = defects.counts
             mismatches = int((defects.masks != defects.high_norm).sum())
@@ -223,12 +235,16 @@ def _report(variant: str) -> None:
             between = mean_pairwise_angle(defects.image_means())
             empirical = defects.empirical_direction()
             angles = {method: float(angle_to_direction(empirical, d[index])) for method, d in directions.items()}
-            print(f"{index} | {min(counts)}-{max(counts)}, {sum(counts)} | {max(counts) / grid_size:.3f} | {mismatches} | "
-                  f"{ratio:.1f} | {_degrees(within)} | {_degrees(between)} | {_degrees(angles['sampled'])} | "
-                  f"{_degrees(angles['expected'])}")
+            print(
+                f"{index} | {min(counts)}-{max(counts)}, {sum(counts)} | {max(counts) / grid_size:.3f} | {mismatches} | "
+                f"{ratio:.1f} | {_degrees(within)} | {_degrees(between)} | {_degrees(angles['sampled'])} | "
+                f"{_degrees(angles['expected'])}"
+            )
         spurious = [blocks[index].counts for index in range(PLANTED_BLOCK)]
-        print(f"spurious flags before block {PLANTED_BLOCK}: {sum(map(sum, spurious))} tokens; "
-              f"grids with >= 3: {sum(count >= 3 for counts in spurious for count in counts)} of {len(names) * PLANTED_BLOCK}")
+        print(
+            f"spurious flags before block {PLANTED_BLOCK}: {sum(map(sum, spurious))} tokens; "
+            f"grids with >= 3: {sum(count >= 3 for counts in spurious for count in counts)} of {len(names) * PLANTED_BLOCK}"
+        )
 
 
 if __name__ == "__main__":

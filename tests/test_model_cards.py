@@ -19,9 +19,21 @@ REPORT = {
     "architecture": "vit_small_patch14_dinov2",
     "model_args": {"img_size": 518},
     "hyperparameters": {
-        "resolution": 224, "lr": 0.005, "momentum": 0.9, "mask_thr": 4.0, "skip_less_than": 3,
-        "limit_layers": 3, "kernel": 3, "temperature": 0.1, "window": 100, "stop_clear": 0.75,
-        "max_steps": 300, "num_images": 12, "images_per_step": 1, "precision": "float32", "seed": 7,
+        "resolution": 224,
+        "lr": 0.005,
+        "momentum": 0.9,
+        "mask_thr": 4.0,
+        "skip_less_than": 3,
+        "limit_layers": 3,
+        "kernel": 3,
+        "temperature": 0.1,
+        "window": 100,
+        "stop_clear": 0.75,
+        "max_steps": 300,
+        "num_images": 12,
+        "images_per_step": 1,
+        "precision": "float32",
+        "seed": 7,
         "data": "hf://datasets/ILSVRC/imagenet-1k",
     },
     "steps": 137,
@@ -50,8 +62,13 @@ NUMBER = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?(?:e[-+]?\d+)?)(%?)(?!\w)")
 
 def timm_folder(path, report=REPORT):
     path.mkdir()
-    config = {"architecture": "vit_small_patch14_dinov2", "num_classes": 0, "num_features": 384,
-              "pretrained_cfg": {"input_size": [3, 518, 518]}, "model_args": {"img_size": 518}}
+    config = {
+        "architecture": "vit_small_patch14_dinov2",
+        "num_classes": 0,
+        "num_features": 384,
+        "pretrained_cfg": {"input_size": [3, 518, 518]},
+        "model_args": {"img_size": 518},
+    }
     (path / "config.json").write_text(json.dumps(config))
     (path / "model.safetensors").write_bytes(b"weights")
     (path / "before_after_astronaut.png").write_bytes(b"png")  # before_after_coffee.png is missing
@@ -149,9 +166,21 @@ def test_every_figure_comes_from_the_report(tmp_path, kind):
     link_targets = re.compile(r"\]\([^)]*\)")  # URLs are not figures
     assert numbers_not_in_report(link_targets.sub("]", intro + figures), REPORT) == []
     # the section really carries the report's figures
-    for expected in ("| astronaut | 30 | 0 |", "**49**", "**1**", "98.0%", "0.999123", "0.9996", "137",
-                     "63.2173 s", "NVIDIA H100 80GB HBM3", "76.1%", "`clear_rate`", "| `lr` | 0.005 |",
-                     "block 4: 95"):
+    for expected in (
+        "| astronaut | 30 | 0 |",
+        "**49**",
+        "**1**",
+        "98.0%",
+        "0.999123",
+        "0.9996",
+        "137",
+        "63.2173 s",
+        "NVIDIA H100 80GB HBM3",
+        "76.1%",
+        "`clear_rate`",
+        "| `lr` | 0.005 |",
+        "block 4: 95",
+    ):
         assert expected in figures, expected
     assert "source weights sha256 `3ed0e9fefe" in intro
 
@@ -200,16 +229,19 @@ def test_interpolation_note_can_be_filled(tmp_path):
     assert "At 224 px the features differ by at most 0.01." in section(measured, "Limitations")
 
 
-@pytest.mark.parametrize(("source", "expected"), [
-    ("hf-hub:timm/vit_giant_patch14_dinov2.lvd142m", "timm/vit_giant_patch14_dinov2.lvd142m"),
-    ("/root/.cache/huggingface/hub/models--facebook--dinov2-giant/snapshots/611a9d4", "facebook/dinov2-giant"),
-    ("vit_giant_patch14_dinov2.lvd142m", "timm/vit_giant_patch14_dinov2.lvd142m"),
-    ("vit_giant_patch14_dinov2", "timm/vit_giant_patch14_dinov2.lvd142m"),
-    ("planted-swiglu", None),
-    ("runs/vit_giant", None),  # load_backbone reads ORG/NAME without hf-hub: as a local path
-    ("/data/weights/dinov2.safetensors", None),
-    (None, None),
-])
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("hf-hub:timm/vit_giant_patch14_dinov2.lvd142m", "timm/vit_giant_patch14_dinov2.lvd142m"),
+        ("/root/.cache/huggingface/hub/models--facebook--dinov2-giant/snapshots/611a9d4", "facebook/dinov2-giant"),
+        ("vit_giant_patch14_dinov2.lvd142m", "timm/vit_giant_patch14_dinov2.lvd142m"),
+        ("vit_giant_patch14_dinov2", "timm/vit_giant_patch14_dinov2.lvd142m"),
+        ("planted-swiglu", None),
+        ("runs/vit_giant", None),  # load_backbone reads ORG/NAME without hf-hub: as a local path
+        ("/data/weights/dinov2.safetensors", None),
+        (None, None),
+    ],
+)
 def test_base_model_only_for_hub_sources(source, expected):
     assert base_model_of(source) == expected
 
@@ -217,18 +249,25 @@ def test_base_model_only_for_hub_sources(source, expected):
 def test_local_source_omits_base_model(tmp_path):
     weights = tmp_path / "dinov2_vits14.pth"
     weights.write_bytes(b"w")
-    report = {**REPORT, "source_model": str(weights), "hyperparameters": {**REPORT["hyperparameters"], "data": str(tmp_path)}}
+    report = {
+        **REPORT,
+        "source_model": str(weights),
+        "hyperparameters": {**REPORT["hyperparameters"], "data": str(tmp_path)},
+    }
     card = ModelCard.load(write_model_card(timm_folder(tmp_path / "t", report=report), repo_id=REPO_ID))
     assert "base_model" not in card.data.to_dict() and "datasets" not in card.data.to_dict()
     assert "not a model on the hub" in card.text
 
 
-@pytest.mark.parametrize(("data", "expected"), [
-    ("hf://datasets/ILSVRC/imagenet-1k", ["ILSVRC/imagenet-1k"]),
-    ("/root/.cache/huggingface/hub/datasets--ILSVRC--imagenet-1k/snapshots/9fb3b0d/train", ["ILSVRC/imagenet-1k"]),
-    ("/data/imagenet/train", None),
-    (None, None),
-])
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ("hf://datasets/ILSVRC/imagenet-1k", ["ILSVRC/imagenet-1k"]),
+        ("/root/.cache/huggingface/hub/datasets--ILSVRC--imagenet-1k/snapshots/9fb3b0d/train", ["ILSVRC/imagenet-1k"]),
+        ("/data/imagenet/train", None),
+        (None, None),
+    ],
+)
 def test_datasets_only_for_hub_data(tmp_path, data, expected):
     report = {**REPORT, "hyperparameters": {**REPORT["hyperparameters"], "data": data}}
     card = build_model_card(timm_folder(tmp_path / "t", report=report))
@@ -244,18 +283,33 @@ def test_a_built_wheel_carries_the_card_templates(tmp_path):
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path / "dist"), str(repo)],
-                           capture_output=True, text=True)
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path / "dist"), str(repo)],
+        capture_output=True,
+        text=True,
+    )
     assert build.returncode == 0, build.stderr[-2000:]
     (wheel,) = (tmp_path / "dist").glob("sinder_hub-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert {"sinder_hub/model_cards/timm.md", "sinder_hub/model_cards/transformers.md"} <= set(names)
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)], check=True
+    )
     folder = timm_folder(tmp_path / "repaired")
-    code = ("import sinder_hub.hub as hub, sys; print(hub.__file__); "
-            f"print('## Repair report' in hub.build_model_card({str(folder)!r}, 'timm', repo_id={REPO_ID!r}).text)")
-    found = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(target)},
-                           capture_output=True, text=True)
+    code = (
+        "import sinder_hub.hub as hub, sys; print(hub.__file__); "
+        f"print('## Repair report' in hub.build_model_card({str(folder)!r}, 'timm', repo_id={REPO_ID!r}).text)"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(target)},
+        capture_output=True,
+        text=True,
+    )
     assert found.returncode == 0, found.stderr[-2000:]
-    assert found.stdout.split() == [str(target / "sinder_hub" / "hub.py"), "True"]  # the installed copy, with its templates
+    assert found.stdout.split() == [
+        str(target / "sinder_hub" / "hub.py"),
+        "True",
+    ]  # the installed copy, with its templates

@@ -32,15 +32,21 @@ def test_giant_points_at_the_authors_checkpoint(name):
 @pytest.mark.parametrize("name", ["vit_small_patch14_dinov2_sinder", "vit_large_patch14_reg4_dinov2_sinder"])
 def test_no_published_weights_says_how_to_load_them(name):
     assert not get_pretrained_cfg(name).has_weights
-    with pytest.raises(BackboneError, match=f"{name} has no published weights.*pretrained_cfg_overlay=dict\\(file=.*hf-hub:"):
+    with pytest.raises(
+        BackboneError, match=f"{name} has no published weights.*pretrained_cfg_overlay=dict\\(file=.*hf-hub:"
+    ):
         timm.create_model(name, pretrained=True)
 
 
 def test_local_safetensors_with_overlay(tmp_path):
     source = random_dinov2("vit_base_patch14_reg4_dinov2")
     safetensors.torch.save_file(source.state_dict(), tmp_path / "model.safetensors")
-    model = timm.create_model("vit_base_patch14_reg4_dinov2_sinder", pretrained=True,
-                              pretrained_cfg_overlay=dict(file=str(tmp_path / "model.safetensors")), **SMALL)
+    model = timm.create_model(
+        "vit_base_patch14_reg4_dinov2_sinder",
+        pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(tmp_path / "model.safetensors")),
+        **SMALL,
+    )
     assert_same_weights(model, source)
 
 
@@ -55,8 +61,12 @@ def test_local_authors_pth_with_overlay(tmp_path, monkeypatch):
     torch.save(authors_state_dict(source, stray_registers=True), tmp_path / "dinov2l_sinder.pth")
     weights_only = _record_torch_load(monkeypatch)
     with pytest.warns(UserWarning, match="dropping register_tokens"):
-        model = timm.create_model("vit_large_patch14_dinov2_sinder", pretrained=True,
-                                  pretrained_cfg_overlay=dict(file=str(tmp_path / "dinov2l_sinder.pth")), **SMALL)
+        model = timm.create_model(
+            "vit_large_patch14_dinov2_sinder",
+            pretrained=True,
+            pretrained_cfg_overlay=dict(file=str(tmp_path / "dinov2l_sinder.pth")),
+            **SMALL,
+        )
     assert weights_only == [True]
     assert_same_weights(model, source)
 

@@ -17,8 +17,9 @@ def authors_interpolation(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
     class_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
     M, D = int(math.sqrt(patch_pos.shape[1])), patch_pos.shape[-1]
     scale = (grid + 0.1) / M
-    patch_pos = F.interpolate(patch_pos.reshape(1, M, M, D).permute(0, 3, 1, 2), scale_factor=(scale, scale),
-                              mode="bicubic", antialias=True)
+    patch_pos = F.interpolate(
+        patch_pos.reshape(1, M, M, D).permute(0, 3, 1, 2), scale_factor=(scale, scale), mode="bicubic", antialias=True
+    )
     assert patch_pos.shape[-2:] == (grid, grid)
     return torch.cat([class_pos, patch_pos.permute(0, 2, 3, 1).reshape(1, grid * grid, D)], dim=1)
 
@@ -49,8 +50,9 @@ def test_timm_resampling_vs_the_authors_offset(resolution):
         tokens = embed(model, image)
         patches = model.patch_embed(image)
         authors_tokens = torch.cat([model.cls_token.expand(1, -1, -1), patches.flatten(1, 2)], dim=1) + theirs
-        assert torch.allclose(tokens, torch.cat([model.cls_token.expand(1, -1, -1), patches.flatten(1, 2)], 1) + ours,
-                              atol=1e-6)
+        assert torch.allclose(
+            tokens, torch.cat([model.cls_token.expand(1, -1, -1), patches.flatten(1, 2)], 1) + ours, atol=1e-6
+        )
     input_difference = ((tokens - authors_tokens).norm() / authors_tokens.norm()).item()
     print(f"{resolution} px: position table {100 * table_difference:.2f}%, block-0 input {100 * input_difference:.2f}%")
     assert 1e-4 < table_difference < 0.05

@@ -82,8 +82,9 @@ class FakeHubHandler(http.server.BaseHTTPRequestHandler):
         hub: FakeHub = self.server
         url = urlsplit(self.path)
         path, query = unquote(url.path), parse_qs(url.query)
-        hub.requests.append({"method": self.command, "path": path, "query": query,
-                             "authorization": self.headers.get("Authorization")})
+        hub.requests.append(
+            {"method": self.command, "path": path, "query": query, "authorization": self.headers.get("Authorization")}
+        )
         body = self._body()
         repo = r"(?P<repo>[^/]+/[^/]+)"
         if self.command == "POST" and path == "/api/repos/create":
@@ -102,13 +103,25 @@ class FakeHubHandler(http.server.BaseHTTPRequestHandler):
             hub.branches.append((match["repo"], match["rev"]))
             return self._json(200, {})
         if self.command == "POST" and re.fullmatch(rf"/api/models/{repo}/preupload/.+", path):
-            files = [{"path": f["path"], "uploadMode": "lfs" if f["path"].endswith(LFS_SUFFIXES) else "regular",
-                      "shouldIgnore": False} for f in json.loads(body)["files"]]
+            files = [
+                {
+                    "path": f["path"],
+                    "uploadMode": "lfs" if f["path"].endswith(LFS_SUFFIXES) else "regular",
+                    "shouldIgnore": False,
+                }
+                for f in json.loads(body)["files"]
+            ]
             return self._json(200, {"files": files})
         if self.command == "POST" and re.fullmatch(rf"/{repo}\.git/info/lfs/objects/batch", path):
-            objects = [{"oid": o["oid"], "size": o["size"], "authenticated": True,
-                        "actions": {"upload": {"href": f"{hub.url}/lfs-upload/{o['oid']}"}}}
-                       for o in json.loads(body)["objects"]]
+            objects = [
+                {
+                    "oid": o["oid"],
+                    "size": o["size"],
+                    "authenticated": True,
+                    "actions": {"upload": {"href": f"{hub.url}/lfs-upload/{o['oid']}"}},
+                }
+                for o in json.loads(body)["objects"]
+            ]
             return self._json(200, {"transfer": "basic", "objects": objects})
         if self.command == "PUT" and (match := re.fullmatch(r"/lfs-upload/(?P<oid>[0-9a-f]{64})", path)):
             hub.blobs[match["oid"]] = body
@@ -130,11 +143,25 @@ class FakeHubHandler(http.server.BaseHTTPRequestHandler):
             elif line["key"] == "lfsFile":
                 lfs[value["path"]] = value["oid"]
                 files[value["path"]] = hub.blobs[value["oid"]]
-        hub.commits.append({"repo": repo, "revision": revision, "query": query,
-                            "summary": lines[0]["value"]["summary"], "files": files, "lfs": lfs})
+        hub.commits.append(
+            {
+                "repo": repo,
+                "revision": revision,
+                "query": query,
+                "summary": lines[0]["value"]["summary"],
+                "files": files,
+                "lfs": lfs,
+            }
+        )
         pr = "1" in query.get("create_pr", [])
-        return self._json(200, {"commitUrl": f"{hub.url}/{repo}/commit/{'c' * 40}", "commitOid": "c" * 40,
-                                "pullRequestUrl": f"{hub.url}/{repo}/discussions/1" if pr else None})
+        return self._json(
+            200,
+            {
+                "commitUrl": f"{hub.url}/{repo}/commit/{'c' * 40}",
+                "commitOid": "c" * 40,
+                "pullRequestUrl": f"{hub.url}/{repo}/discussions/1" if pr else None,
+            },
+        )
 
     def _body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
@@ -167,8 +194,9 @@ def folder(tmp_path):
     """A repair run folder: timm config + weights + report + picture, and a checkpoint that stays local."""
     run = tmp_path / "run"
     (run / "checkpoint").mkdir(parents=True)
-    (run / "config.json").write_text(json.dumps({"architecture": "vit_small_patch14_dinov2", "num_classes": 0,
-                                                 "model_args": {"img_size": 224}}))
+    (run / "config.json").write_text(
+        json.dumps({"architecture": "vit_small_patch14_dinov2", "num_classes": 0, "model_args": {"img_size": 224}})
+    )
     safetensors.torch.save_file({"weight": torch.rand(732)}, run / "model.safetensors")  # a valid file of 3,000 bytes
     (run / "repair_report.json").write_text(json.dumps({"source_model": "planted-swiglu", "steps": 12}))
     (run / "before_after_astronaut.png").write_bytes(os.urandom(500))
@@ -193,8 +221,11 @@ def hub_env(monkeypatch, tmp_path, token):
 
 
 def snapshot(folder: Path) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def local_files(folder: Path, *names: str) -> dict[str, bytes]:
@@ -222,12 +253,23 @@ def failure_line(err: str) -> str:
 
 def test_push_in_a_subprocess_sends_every_file_with_the_token(folder, tmp_path, token):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
-    env.update(HF_TOKEN=token, HF_HOME=str(tmp_path / "hf-home"), HF_HUB_DISABLE_XET="1",
-               HF_HUB_DISABLE_TELEMETRY="1", PYTHONPATH=str(ROOT))
+    env.update(
+        HF_TOKEN=token,
+        HF_HOME=str(tmp_path / "hf-home"),
+        HF_HUB_DISABLE_XET="1",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        PYTHONPATH=str(ROOT),
+    )
     with FakeHub() as hub:
         env["HF_ENDPOINT"] = hub.url
-        result = subprocess.run([sys.executable, str(ROOT / "tools" / "push.py"), str(folder), "--repo-id", REPO_ID,
-                                 "--private"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "tools" / "push.py"), str(folder), "--repo-id", REPO_ID, "--private"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     leaked = token in result.stdout + result.stderr
     assert not leaked, "the token appeared in the tool's output"
     assert result.returncode == 0, result.stderr
@@ -319,7 +361,12 @@ def test_dry_run_lists_exactly_the_files_and_prints_the_card(folder, capfd):
     result = push_folder(folder, REPO_ID, dry_run=True)
     assert [name for _, name in listed] == [name for name, _ in result.files]
     assert [name for name, _ in result.files] == [
-        "README.md", "before_after_astronaut.png", "config.json", "model.safetensors", "repair_report.json"]
+        "README.md",
+        "before_after_astronaut.png",
+        "config.json",
+        "model.safetensors",
+        "repair_report.json",
+    ]
     sizes = dict(result.files)
     assert sizes["README.md"] == len(result.card.encode())
     assert sizes["model.safetensors"] == 3000 and ("3,000", "model.safetensors") in listed
@@ -327,10 +374,13 @@ def test_dry_run_lists_exactly_the_files_and_prints_the_card(folder, capfd):
     assert snapshot(folder) == before
 
 
-@pytest.mark.parametrize(("remove", "missing"), [
-    ("config.json", "no config.json"),
-    ("model.safetensors", "no weights file"),
-])
+@pytest.mark.parametrize(
+    ("remove", "missing"),
+    [
+        ("config.json", "no config.json"),
+        ("model.safetensors", "no weights file"),
+    ],
+)
 def test_incomplete_folder_is_refused(folder, remove, missing):
     (folder / remove).unlink()
     with pytest.raises(PushError, match=missing):

@@ -44,7 +44,7 @@ def python_blocks(text: str) -> list[Block]:
             if fence == "python":
                 before = [previous.strip() for previous in lines[:start] if previous.strip()]
                 marked = bool(before) and before[-1] == NETWORK_MARK
-                blocks.append(Block(start + 1, "\n".join(lines[start + 1:number]), marked))
+                blocks.append(Block(start + 1, "\n".join(lines[start + 1 : number]), marked))
             fence = None
     assert fence is None, f"README.md: the code fence opened at line {start + 1} is never closed"
     return blocks
@@ -76,10 +76,22 @@ for line, code in json.load(sys.stdin):
 
 def run_blocks(blocks: list[Block], cwd: Path) -> None:
     """Run the blocks in order in one fresh interpreter, each in its own namespace."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
-    result = subprocess.run([sys.executable, "-c", RUNNER], input=json.dumps([(b.line, b.code) for b in blocks]),
-                            cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", RUNNER],
+        input=json.dumps([(b.line, b.code) for b in blocks]),
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -106,16 +118,35 @@ def test_runnable_blocks_run_offline(blocks, tmp_path):
 
 
 def test_the_convention_itself(tmp_path):
-    text = "\n".join([
-        "```bash", "```python inside bash is not a block", "```",
-        "```python", "x = 1", "```",
-        NETWORK_MARK, "", "```python", "import timm  # would download", "```",
-        NETWORK_MARK, "text in between", "```python", "y = 2", "```",
-    ])
+    text = "\n".join(
+        [
+            "```bash",
+            "```python inside bash is not a block",
+            "```",
+            "```python",
+            "x = 1",
+            "```",
+            NETWORK_MARK,
+            "",
+            "```python",
+            "import timm  # would download",
+            "```",
+            NETWORK_MARK,
+            "text in between",
+            "```python",
+            "y = 2",
+            "```",
+        ]
+    )
     blocks = python_blocks(text)
     assert [(b.line, b.needs_network) for b in blocks] == [(4, False), (9, True), (14, False)]
     assert misplaced_marks(text) == [12]
-    run_blocks([Block(1, "from pathlib import Path; Path('made').write_text('ok')", False),
-                Block(2, "from pathlib import Path; assert Path('made').read_text() == 'ok'", False)], tmp_path)
+    run_blocks(
+        [
+            Block(1, "from pathlib import Path; Path('made').write_text('ok')", False),
+            Block(2, "from pathlib import Path; assert Path('made').read_text() == 'ok'", False),
+        ],
+        tmp_path,
+    )
     with pytest.raises(AssertionError, match="line 3 failed"):
         run_blocks([Block(3, "raise SystemExit(1)", False)], tmp_path)

@@ -24,8 +24,8 @@ from sinder_hub import BackboneError, load_backbone
 from sinder_hub.cli import main as cli_main
 from sinder_hub.convert import export
 from sinder_hub.errors import RunFolderError
-from sinder_hub.evaluation import make_shapes_dataset
 from sinder_hub.hub import build_model_card, push_folder
+from sinder_hub.synthetic import make_shapes_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(embed_dim=192, depth=2, num_heads=3)
@@ -74,7 +74,9 @@ def test_truncated_and_corrupt_weights_name_the_file(tmp_path, timm_folder):
     weights = tmp_path / "w.safetensors"
     safetensors.torch.save_file(small_vit().state_dict(), weights)
     truncate(weights)
-    with pytest.raises(BackboneError, match=r"w\.safetensors: cannot read the weights, the file is truncated or corrupt"):
+    with pytest.raises(
+        BackboneError, match=r"w\.safetensors: cannot read the weights, the file is truncated or corrupt"
+    ):
         load_backbone(weights, architecture="vit_small_patch14_dinov2", **SMALL)
     pth = tmp_path / "w.pth"
     torch.save(small_vit().state_dict(), pth)
@@ -131,7 +133,9 @@ def test_nan_weights_are_refused_on_every_path(tmp_path, monkeypatch):
     model = small_vit()
     weights = tmp_path / "model.safetensors"
     safetensors.torch.save_file(poisoned(model), weights)
-    with pytest.raises(BackboneError, match=r"model\.safetensors: tensor blocks\.1\.mlp\.fc1\.weight has 12 NaN values"):
+    with pytest.raises(
+        BackboneError, match=r"model\.safetensors: tensor blocks\.1\.mlp\.fc1\.weight has 12 NaN values"
+    ):
         load_backbone(weights, architecture="vit_small_patch14_dinov2", **SMALL)
     state = poisoned(model)
     state["cls_token"][0, 0, :3] = float("inf")
@@ -140,7 +144,9 @@ def test_nan_weights_are_refused_on_every_path(tmp_path, monkeypatch):
         load_backbone(tmp_path / "model.pth", architecture="vit_small_patch14_dinov2", **SMALL)
     save_for_hf(model, tmp_path / "folder", safe_serialization=True)
     safetensors.torch.save_file(poisoned(model), tmp_path / "folder" / "model.safetensors")
-    with pytest.raises(BackboneError, match=r"folder/model\.safetensors: tensor blocks\.1\.mlp\.fc1\.weight has 12 NaN"):
+    with pytest.raises(
+        BackboneError, match=r"folder/model\.safetensors: tensor blocks\.1\.mlp\.fc1\.weight has 12 NaN"
+    ):
         load_backbone(tmp_path / "folder")
 
     from sinder_hub.convert import to_transformers
@@ -190,12 +196,23 @@ def test_export_refuses_a_used_folder_and_overwrite_leaves_nothing_stale(tmp_pat
 
     assert cli(["export", str(second), "--to", str(out), "--format", "timm", "--card", "--overwrite"]) == 0
     names = sorted(listing(out))
-    assert names == ["README.md", "before_after_camera.png", "config.json", "model.safetensors", "notes.txt",
-                     "repair_report.json"]
+    assert names == [
+        "README.md",
+        "before_after_camera.png",
+        "config.json",
+        "model.safetensors",
+        "notes.txt",
+        "repair_report.json",
+    ]
     assert (out / "notes.txt").read_text() == "mine"
     assert json.loads((out / "repair_report.json").read_text())["source_model"] == "run-two-source"
     card = (out / "README.md").read_text()
-    assert "`run-two-source`" in card and "run-one-source" not in card and "before_after_camera.png" in card and "astronaut" not in card
+    assert (
+        "`run-two-source`" in card
+        and "run-one-source" not in card
+        and "before_after_camera.png" in card
+        and "astronaut" not in card
+    )
     assert torch.equal(safetensors.torch.load_file(out / "model.safetensors")["cls_token"], small_vit(2).cls_token)
 
 
@@ -210,14 +227,27 @@ def test_export_of_a_bare_model_over_a_run_export_drops_its_report(tmp_path):
 def test_export_into_its_own_source_is_refused_up_front(tmp_path, capsys, no_model):
     run = run_folder(tmp_path / "run", 1, {"steps": 1}, ())
     before = listing(run)
-    one_error_line(capsys, cli(["export", str(run), "--to", str(run), "--format", "timm", "--overwrite"]), 2,
-                   f"--to {run} is the source {run}")
-    one_error_line(capsys, cli(["export", str(run), "--to", str(tmp_path), "--format", "timm", "--overwrite"]), 2,
-                   f"--to {tmp_path} contains the source {run}")
+    one_error_line(
+        capsys,
+        cli(["export", str(run), "--to", str(run), "--format", "timm", "--overwrite"]),
+        2,
+        f"--to {run} is the source {run}",
+    )
+    one_error_line(
+        capsys,
+        cli(["export", str(run), "--to", str(tmp_path), "--format", "timm", "--overwrite"]),
+        2,
+        f"--to {tmp_path} contains the source {run}",
+    )
     assert listing(run) == before
     (run / "INCOMPLETE").write_text("")
-    one_error_line(capsys, cli(["export", str(run), "--to", str(tmp_path / "new")]), 2,
-                   f"this run is incomplete: {run}", "--resume")
+    one_error_line(
+        capsys,
+        cli(["export", str(run), "--to", str(tmp_path / "new")]),
+        2,
+        f"this run is incomplete: {run}",
+        "--resume",
+    )
     assert not (tmp_path / "new").exists()
     with pytest.raises(RunFolderError, match="is a file"):
         export(small_vit(), run / "config.json", format="timm")
@@ -227,8 +257,9 @@ def test_export_both_needs_an_empty_parent(tmp_path, capsys, no_model):
     out = tmp_path / "out"
     out.mkdir()
     (out / "other.txt").write_text("x")
-    one_error_line(capsys, cli(["export", "planted-gelu", "--to", str(out)]), 2, f"--to {out} holds other files",
-                   "other.txt")
+    one_error_line(
+        capsys, cli(["export", "planted-gelu", "--to", str(out)]), 2, f"--to {out} holds other files", "other.txt"
+    )
 
 
 # --- push and the card ------------------------------------------------------------------------------
@@ -236,29 +267,50 @@ def test_export_both_needs_an_empty_parent(tmp_path, capsys, no_model):
 
 def test_push_refuses_incomplete_and_truncated_runs(timm_folder, capsys):
     (timm_folder / "INCOMPLETE").write_text("")
-    one_error_line(capsys, cli(["push", str(timm_folder), "--repo-id", "a/b", "--dry-run"]), 2,
-                   f"this run is incomplete: {timm_folder} (finish it with --resume or start again)")
+    one_error_line(
+        capsys,
+        cli(["push", str(timm_folder), "--repo-id", "a/b", "--dry-run"]),
+        2,
+        f"this run is incomplete: {timm_folder} (finish it with --resume or start again)",
+    )
     (timm_folder / "INCOMPLETE").unlink()
     truncate(timm_folder / "model.safetensors")
-    one_error_line(capsys, cli(["push", str(timm_folder), "--repo-id", "a/b", "--dry-run"]), 2,
-                   f"{timm_folder / 'model.safetensors'} does not load, the file is truncated or corrupt")
-    one_error_line(capsys, cli(["push", str(timm_folder / "nope"), "--repo-id", "a/b", "--dry-run"]), 2, "nope is not a folder")
+    one_error_line(
+        capsys,
+        cli(["push", str(timm_folder), "--repo-id", "a/b", "--dry-run"]),
+        2,
+        f"{timm_folder / 'model.safetensors'} does not load, the file is truncated or corrupt",
+    )
+    one_error_line(
+        capsys, cli(["push", str(timm_folder / "nope"), "--repo-id", "a/b", "--dry-run"]), 2, "nope is not a folder"
+    )
 
 
 def test_push_refuses_invalid_config_json(timm_folder, capsys):
     (timm_folder / "config.json").write_text("{oops")
-    one_error_line(capsys, cli(["push", str(timm_folder), "--repo-id", "a/b", "--dry-run"]), 2,
-                   "config.json: invalid JSON at line 1 column 2")
+    one_error_line(
+        capsys,
+        cli(["push", str(timm_folder), "--repo-id", "a/b", "--dry-run"]),
+        2,
+        "config.json: invalid JSON at line 1 column 2",
+    )
 
 
-@pytest.mark.parametrize(("outcome", "expected"), [
-    ({"status": "degraded", "reasons": ["held-out defects rose from 3 to 5", "2 steps skipped (NaN)"]},
-     "**Warning: the repair run that produced these weights reports a degraded outcome.** Reasons recorded in "
-     "`repair_report.json`: held-out defects rose from 3 to 5; 2 steps skipped (NaN)."),
-    ({"status": "failed", "reasons": []},
-     "**Warning: the repair run that produced these weights failed.** No reason was recorded."),
-    ({"status": "ok", "reasons": []}, None),
-])
+@pytest.mark.parametrize(
+    ("outcome", "expected"),
+    [
+        (
+            {"status": "degraded", "reasons": ["held-out defects rose from 3 to 5", "2 steps skipped (NaN)"]},
+            "**Warning: the repair run that produced these weights reports a degraded outcome.** Reasons recorded in "
+            "`repair_report.json`: held-out defects rose from 3 to 5; 2 steps skipped (NaN).",
+        ),
+        (
+            {"status": "failed", "reasons": []},
+            "**Warning: the repair run that produced these weights failed.** No reason was recorded.",
+        ),
+        ({"status": "ok", "reasons": []}, None),
+    ],
+)
 @pytest.mark.parametrize("kind", ["timm", "transformers"])
 def test_card_warns_when_the_run_is_not_ok(timm_folder, outcome, expected, kind):
     card = str(build_model_card(timm_folder, kind=kind, report={"steps": 3, "outcome": outcome}))
@@ -269,10 +321,13 @@ def test_card_warns_when_the_run_is_not_ok(timm_folder, outcome, expected, kind)
 
 
 def test_dry_run_card_of_a_degraded_run(timm_folder):
-    (timm_folder / "repair_report.json").write_text(json.dumps(
-        {"steps": 1, "outcome": {"status": "degraded", "reasons": ["no update at block 3"]}}))
-    assert "reports a degraded outcome.** Reasons recorded in `repair_report.json`: no update at block 3." in \
-        push_folder(timm_folder, "a/b", dry_run=True).card
+    (timm_folder / "repair_report.json").write_text(
+        json.dumps({"steps": 1, "outcome": {"status": "degraded", "reasons": ["no update at block 3"]}})
+    )
+    assert (
+        "reports a degraded outcome.** Reasons recorded in `repair_report.json`: no update at block 3."
+        in push_folder(timm_folder, "a/b", dry_run=True).card
+    )
 
 
 # --- evaluate ---------------------------------------------------------------------------------------
@@ -289,16 +344,32 @@ def evaluate(*args) -> int:
 
 def test_evaluate_checks_the_layout_before_loading(shapes, tmp_path, capsys, no_model):
     segmentation, classification = shapes / "segmentation", shapes / "classification"
-    one_error_line(capsys, evaluate("--task", "knn", "--data", segmentation), 2, f"--data {segmentation}",
-                   "found a segmentation layout", "knn expects ROOT/train/<class>/")
-    one_error_line(capsys, evaluate("--task", "linseg", "--data", classification), 2, f"--data {classification}",
-                   "found a classification layout", "segmentation expects ROOT/<split>/images/")
-    one_error_line(capsys, evaluate("--task", "knn", "--data", tmp_path / "nope"), 2, f"--data {tmp_path / 'nope'} is not a folder")
+    one_error_line(
+        capsys,
+        evaluate("--task", "knn", "--data", segmentation),
+        2,
+        f"--data {segmentation}",
+        "found a segmentation layout",
+        "knn expects ROOT/train/<class>/",
+    )
+    one_error_line(
+        capsys,
+        evaluate("--task", "linseg", "--data", classification),
+        2,
+        f"--data {classification}",
+        "found a classification layout",
+        "segmentation expects ROOT/<split>/images/",
+    )
+    one_error_line(
+        capsys, evaluate("--task", "knn", "--data", tmp_path / "nope"), 2, f"--data {tmp_path / 'nope'} is not a folder"
+    )
     one_class = tmp_path / "one"
     for split in ("train", "val"):
         (one_class / split / "cat").mkdir(parents=True)
         Image.new("RGB", (28, 28)).save(one_class / split / "cat" / "a.png")
-    one_error_line(capsys, evaluate("--task", "knn", "--data", one_class), 2, f"{one_class / 'train'} has 1 class folder (cat)")
+    one_error_line(
+        capsys, evaluate("--task", "knn", "--data", one_class), 2, f"{one_class / 'train'} has 1 class folder (cat)"
+    )
     seg = tmp_path / "seg"
     for split in ("train", "val"):
         (seg / split / "masks").mkdir(parents=True)
@@ -306,8 +377,12 @@ def test_evaluate_checks_the_layout_before_loading(shapes, tmp_path, capsys, no_
         for stem in ("a", "b"):
             Image.new("RGB", (28, 28)).save(seg / split / "images" / f"{stem}.png")
         Image.new("L", (28, 28)).save(seg / split / "masks" / "a.png")
-    one_error_line(capsys, evaluate("--task", "kmeans", "--data", seg), 2,
-                   f"{seg / 'val'}: 1 of 2 images have no mask in {seg / 'val' / 'masks'} (b.png)")
+    one_error_line(
+        capsys,
+        evaluate("--task", "kmeans", "--data", seg),
+        2,
+        f"{seg / 'val'}: 1 of 2 images have no mask in {seg / 'val' / 'masks'} (b.png)",
+    )
     for flag in ("--batch-size", "--resolution", "--steps", "--max-pixels"):
         one_error_line(capsys, evaluate("--task", "knn", "--data", classification, flag, "0"), 2, f"{flag} 0")
     one_error_line(capsys, evaluate("--task", "onnx", "--data", classification), 2, "--task", "onnx")
@@ -316,16 +391,37 @@ def test_evaluate_checks_the_layout_before_loading(shapes, tmp_path, capsys, no_
 
 def tiny_backbone(spec: str):
     torch.manual_seed(len(spec))
-    return timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=28, dynamic_img_size=True,
-                             depth=1, embed_dim=32, num_heads=2).eval()
+    return timm.create_model(
+        "vit_small_patch14_dinov2",
+        pretrained=False,
+        img_size=28,
+        dynamic_img_size=True,
+        depth=1,
+        embed_dim=32,
+        num_heads=2,
+    ).eval()
 
 
 def test_evaluate_max_pixels_names_the_image(shapes, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sinder_hub.backbones, "load_backbone", tiny_backbone)
     out = tmp_path / "r.json"
-    one_error_line(capsys, evaluate("--task", "knn", "--data", shapes / "classification", "--resolution", "28",
-                                    "--max-pixels", "700", "--out", out), 2,
-                   "image of 28x28 px (784 pixels) is over the limit of 700 pixels")
+    one_error_line(
+        capsys,
+        evaluate(
+            "--task",
+            "knn",
+            "--data",
+            shapes / "classification",
+            "--resolution",
+            "28",
+            "--max-pixels",
+            "700",
+            "--out",
+            out,
+        ),
+        2,
+        "image of 28x28 px (784 pixels) is over the limit of 700 pixels",
+    )
     assert not out.exists()
     assert evaluate("--task", "knn", "--data", shapes / "classification", "--resolution", "28", "--out", out) == 0
     assert json.loads(out.read_text())["task"] == "knn"
@@ -342,23 +438,41 @@ def test_diagnose_flags_and_images_fail_before_loading(tmp_path, capsys, no_mode
     for flag, value in (("--resolution", "0"), ("--resolution", "-14"), ("--samples", "0"), ("--max-pixels", "-1")):
         one_error_line(capsys, diagnose(tmp_path, flag, value), 2, f"{flag} {value}")
     one_error_line(capsys, diagnose(tmp_path, "--kernel", "4"), 2, "--kernel")
-    one_error_line(capsys, diagnose(tmp_path, "--images", tmp_path / "nope.png"), 2, f"--images {tmp_path / 'nope.png'} does not exist")
+    one_error_line(
+        capsys,
+        diagnose(tmp_path, "--images", tmp_path / "nope.png"),
+        2,
+        f"--images {tmp_path / 'nope.png'} does not exist",
+    )
     (tmp_path / "notes.txt").write_text("not an image")
     one_error_line(capsys, diagnose(tmp_path, "--images", tmp_path / "notes.txt"), 2, "notes.txt: cannot read image")
     Image.new("RGB", (100, 100)).save(tmp_path / "big.png")
-    one_error_line(capsys, diagnose(tmp_path, "--images", tmp_path / "big.png", "--max-pixels", "9999"), 2,
-                   "big.png: image of 100x100 px (10,000 pixels) is over the limit of 9,999 pixels")
+    one_error_line(
+        capsys,
+        diagnose(tmp_path, "--images", tmp_path / "big.png", "--max-pixels", "9999"),
+        2,
+        "big.png: image of 100x100 px (10,000 pixels) is over the limit of 9,999 pixels",
+    )
     (tmp_path / "file").write_text("")
-    one_error_line(capsys, cli(["diagnose", "--model", "planted-gelu", "--out", str(tmp_path / "file")]), 2,
-                   f"--out {tmp_path / 'file'} is a file")
+    one_error_line(
+        capsys,
+        cli(["diagnose", "--model", "planted-gelu", "--out", str(tmp_path / "file")]),
+        2,
+        f"--out {tmp_path / 'file'} is a file",
+    )
     assert not (tmp_path / "out").exists()
 
 
 def test_diagnose_resolution_must_fit_the_patches(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sinder_hub.backbones, "load_backbone", tiny_backbone)
     Image.new("RGB", (60, 60)).save(tmp_path / "a.png")
-    one_error_line(capsys, diagnose(tmp_path, "--images", tmp_path / "a.png", "--resolution", "30"), 2,
-                   "--resolution 30 is not a multiple of the 14-px patches of planted-gelu", "28 or 42")
+    one_error_line(
+        capsys,
+        diagnose(tmp_path, "--images", tmp_path / "a.png", "--resolution", "30"),
+        2,
+        "--resolution 30 is not a multiple of the 14-px patches of planted-gelu",
+        "28 or 42",
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -380,24 +494,36 @@ def test_report_json_never_holds_nan():
 
 
 def test_demo_flags(tmp_path, capsys):
-    one_error_line(capsys, cli(["demo", "--crops-per-image", "0", "--output", str(tmp_path / "d")]), 2, "--crops-per-image 0")
-    one_error_line(capsys, cli(["demo", "--model", "planted-relu", "--output", str(tmp_path / "d")]), 2, "--model planted-relu")
+    one_error_line(
+        capsys, cli(["demo", "--crops-per-image", "0", "--output", str(tmp_path / "d")]), 2, "--crops-per-image 0"
+    )
+    one_error_line(
+        capsys, cli(["demo", "--model", "planted-relu", "--output", str(tmp_path / "d")]), 2, "--model planted-relu"
+    )
     assert not (tmp_path / "d").exists()
 
 
 # --- no traceback in a real process -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("args", [
-    ["diagnose.py", "--model", "planted-gelu", "--resolution", "-5"],
-    ["export.py", "RUN", "--to", "RUN", "--format", "timm"],
-    ["evaluate.py", "--model", "planted-gelu", "--task", "knn", "--data", "SEG"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["diagnose.py", "--model", "planted-gelu", "--resolution", "-5"],
+        ["export.py", "RUN", "--to", "RUN", "--format", "timm"],
+        ["evaluate.py", "--model", "planted-gelu", "--task", "knn", "--data", "SEG"],
+    ],
+)
 def test_tools_print_one_line_and_no_traceback(tmp_path, shapes, args):
     run = run_folder(tmp_path / "run", 1, {"steps": 1}, ())
     args = [str(run) if a == "RUN" else str(shapes / "segmentation") if a == "SEG" else a for a in args]
-    result = subprocess.run([sys.executable, str(ROOT / "tools" / args[0]), *args[1:]], capture_output=True, text=True,
-                            cwd=tmp_path, timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / args[0]), *args[1:]],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
@@ -415,9 +541,17 @@ def test_a_bad_compare_fails_before_any_work(shapes, tmp_path, capsys, monkeypat
     monkeypatch.setattr(sinder_hub.backbones, "load_backbone", load)
     monkeypatch.setattr("sinder_hub.evaluation.knn_evaluate", refuse)
     monkeypatch.setattr("sinder_hub.commands.diagnose.singular_defect_directions", refuse)
-    one_error_line(capsys, evaluate("--task", "knn", "--data", shapes / "classification", "--compare", "runs/typo"), 2,
-                   "runs/typo does not exist")
+    one_error_line(
+        capsys,
+        evaluate("--task", "knn", "--data", shapes / "classification", "--compare", "runs/typo"),
+        2,
+        "runs/typo does not exist",
+    )
     Image.new("RGB", (60, 60)).save(tmp_path / "a.png")
-    one_error_line(capsys, diagnose(tmp_path, "--images", tmp_path / "a.png", "--compare", "runs/typo"), 2,
-                   "runs/typo does not exist")
+    one_error_line(
+        capsys,
+        diagnose(tmp_path, "--images", tmp_path / "a.png", "--compare", "runs/typo"),
+        2,
+        "runs/typo does not exist",
+    )
     assert not (tmp_path / "out").exists()

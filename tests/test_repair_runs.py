@@ -20,8 +20,16 @@ from sinder_hub.data import TRAIN_SAMPLES, sample_images
 from sinder_hub.trainer import RepairConfig, repair
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = dict(model="planted-swiglu", resolution=224, limit_layers=3, directions_method="expected",
-            held_out=("astronaut",), num_workers=0, quiet=True, save_every=0)
+TINY = dict(
+    model="planted-swiglu",
+    resolution=224,
+    limit_layers=3,
+    directions_method="expected",
+    held_out=("astronaut",),
+    num_workers=0,
+    quiet=True,
+    save_every=0,
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +42,31 @@ def photos(tmp_path_factory):
 
 
 def tiny_args(photos, output, *extra):
-    return ["repair", "--model", "planted-swiglu", "--data", str(photos), "--output", str(output), "--resolution", "224",
-            "--limit-layers", "3", "--directions-method", "expected", "--held-out", "astronaut", "--num-workers", "0",
-            "--quiet", "--max-steps", "3", "--save-every", "0", *extra]
+    return [
+        "repair",
+        "--model",
+        "planted-swiglu",
+        "--data",
+        str(photos),
+        "--output",
+        str(output),
+        "--resolution",
+        "224",
+        "--limit-layers",
+        "3",
+        "--directions-method",
+        "expected",
+        "--held-out",
+        "astronaut",
+        "--num-workers",
+        "0",
+        "--quiet",
+        "--max-steps",
+        "3",
+        "--save-every",
+        "0",
+        *extra,
+    ]
 
 
 def cli(args) -> int:
@@ -54,21 +84,24 @@ def one_error_line(capsys) -> str:
     return err[0]
 
 
-@pytest.mark.parametrize("extra, named", [
-    (("--resolution", "0"), "--resolution 0"),
-    (("--lr", "-1"), "--lr -1"),
-    (("--lr", "nan"), "--lr nan"),
-    (("--images-per-step", "0"), "--images-per-step 0"),
-    (("--kernel", "4"), "--kernel 4"),
-    (("--temperature", "0"), "--temperature 0"),
-    (("--num-images", "0"), "--num-images 0"),
-    (("--momentum", "1"), "--momentum 1"),
-    (("--held-out", "lena"), "--held-out lena"),
-    (("--lr", "abc"), "--lr"),
-    (("--precision", "fp16"), "--precision"),
-    (("--resume",), "no checkpoint"),
-    (("--resume", "--overwrite"), "exclude each other"),
-])
+@pytest.mark.parametrize(
+    "extra, named",
+    [
+        (("--resolution", "0"), "--resolution 0"),
+        (("--lr", "-1"), "--lr -1"),
+        (("--lr", "nan"), "--lr nan"),
+        (("--images-per-step", "0"), "--images-per-step 0"),
+        (("--kernel", "4"), "--kernel 4"),
+        (("--temperature", "0"), "--temperature 0"),
+        (("--num-images", "0"), "--num-images 0"),
+        (("--momentum", "1"), "--momentum 1"),
+        (("--held-out", "lena"), "--held-out lena"),
+        (("--lr", "abc"), "--lr"),
+        (("--precision", "fp16"), "--precision"),
+        (("--resume",), "no checkpoint"),
+        (("--resume", "--overwrite"), "exclude each other"),
+    ],
+)
 def test_bad_flags_are_one_line_and_exit_2_before_any_model(photos, tmp_path, capsys, no_model, extra, named):
     assert cli(tiny_args(photos, tmp_path / "run", *extra)) == 2
     line = one_error_line(capsys)
@@ -89,8 +122,11 @@ def test_bad_paths_are_one_line_and_exit_2_before_any_model(photos, tmp_path, ca
 
 
 def test_resolution_not_a_multiple_of_the_patch_size_fails_before_the_directions(photos, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(sinder_hub.trainer, "singular_defect_directions",
-                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("directions computed")))
+    monkeypatch.setattr(
+        sinder_hub.trainer,
+        "singular_defect_directions",
+        lambda *a, **k: (_ for _ in ()).throw(AssertionError("directions computed")),
+    )
     assert cli(tiny_args(photos, tmp_path / "run", "--resolution", "500")) == 2
     line = one_error_line(capsys)
     assert "--resolution 500" in line and "14-px patch" in line and "504" in line
@@ -195,7 +231,7 @@ def test_resume_never_unpickles_and_names_a_truncated_checkpoint(photos, tmp_pat
     interrupted_run(photos, output, monkeypatch)
     checkpoint = output / "checkpoint/state.pt"
     good = checkpoint.read_bytes()
-    checkpoint.write_bytes(good[:len(good) // 2])
+    checkpoint.write_bytes(good[: len(good) // 2])
     assert cli(tiny_args(photos, output, "--max-steps", "6", "--resume")) == 2
     line = one_error_line(capsys)
     assert f"cannot read checkpoint {checkpoint}" in line
@@ -282,7 +318,9 @@ def finished_run(photos, tmp_path_factory):
 
 
 @pytest.mark.parametrize("where, offset", [("model", 0), ("model", 5000), ("report", 100)])
-def test_a_kill_during_the_final_writes_leaves_a_folder_marked_incomplete(photos, finished_run, tmp_path, where, offset):
+def test_a_kill_during_the_final_writes_leaves_a_folder_marked_incomplete(
+    photos, finished_run, tmp_path, where, offset
+):
     """kill -9 while the model or the report is being written (at a byte offset), over an earlier complete run
     replaced with --overwrite: never a truncated model beside a report; the folder says it is incomplete."""
     import shutil
@@ -291,8 +329,12 @@ def test_a_kill_during_the_final_writes_leaves_a_folder_marked_incomplete(photos
 
     output = tmp_path / "run"
     shutil.copytree(finished_run, output)
-    done = subprocess.run([sys.executable, "-c", KILLER, where, str(offset), *tiny_args(photos, output, "--overwrite")],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", KILLER, where, str(offset), *tiny_args(photos, output, "--overwrite")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
     assert (output / "INCOMPLETE").exists()
     assert not (output / "repair_report.json").exists()

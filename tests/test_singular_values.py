@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from tiny import tiny_vit
 from torch import nn
 
 from sinder_hub.singular_values import (
@@ -13,7 +14,6 @@ from sinder_hub.singular_values import (
     sync_singular_values,
 )
 from sinder_hub.tokens import block_outputs
-from tiny import tiny_vit
 
 IMAGES = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(0))
 
@@ -177,8 +177,10 @@ def test_weight_depends_on_eps_alone_and_the_merge_is_float64(shape, rows):
     exact = float64_weight(layer, original, layer.eps.detach())
     error = ((layer.weight.double() - exact).norm() / exact.norm()).item()
     start, stop = layer.rows
-    factor_error = ((float64_weight(layer, original, torch.zeros_like(layer.eps)) - original.double()).norm()
-                    / original.double().norm()).item()
+    factor_error = (
+        (float64_weight(layer, original, torch.zeros_like(layer.eps)) - original.double()).norm()
+        / original.double().norm()
+    ).item()
     print(f"{shape} rows {rows}: weight vs float64 formula {error:.1e}, factors vs W₀ {factor_error:.1e} (relative)")
     assert error < 1e-6 and factor_error < 1e-6  # float32 factors and product
     merged = layer.merged_weight()
@@ -199,8 +201,11 @@ def test_a_moved_layer_keeps_no_second_weight_on_its_device():
         layer(x)
     assert list(layer.state_dict()) == ["eps", "weight", "bias", "U", "S", "Vh"]
     layer.to("meta")
-    tensors = {**dict(layer.named_parameters()), **dict(layer.named_buffers()),
-               **{name: value for name, value in vars(layer).items() if isinstance(value, torch.Tensor)}}
+    tensors = {
+        **dict(layer.named_parameters()),
+        **dict(layer.named_buffers()),
+        **{name: value for name, value in vars(layer).items() if isinstance(value, torch.Tensor)},
+    }
     on_device = {name for name, tensor in tensors.items() if tensor.device.type == "meta"}
     assert on_device == {"eps", "weight", "bias", "U", "S", "Vh", "eps_applied"}
     weight_sized = {name for name in on_device if tensors[name].numel() >= 32 * 32}  # W₀[rows] is 32 x 32

@@ -29,7 +29,10 @@ def test_pca_rgb_separates_the_outlier_token():
 def test_norm_pca_figure_with_two_models(tmp_path):
     generator = torch.Generator().manual_seed(0)
     images = {"a": Image.new("RGB", (80, 60), "red"), "b": torch.zeros(3, 56, 56)}
-    grids = {label: {name: torch.randn(4, 4, 8, generator=generator) for name in images} for label in ("original", "repaired")}
+    grids = {
+        label: {name: torch.randn(4, 4, 8, generator=generator) for name in images}
+        for label in ("original", "repaired")
+    }
     path = norm_pca_figure(images, grids, tmp_path / "fig" / "norm_pca.png")
     assert is_png(path)
     with pytest.raises(ValueError, match="'repaired', 'c'"):
@@ -37,10 +40,16 @@ def test_norm_pca_figure_with_two_models(tmp_path):
 
 
 def test_angle_violin_figure_from_hand_built_angles(tmp_path):
-    report = {"blocks": [
-        {"token_angles": {"x": [80.0, 85.0, 88.0, 2.0]}, "defect_positions": {"x": [[1, 1]]}, "angle_singular_empirical": 2.0},
-        {"token_angles": {"x": [70.0, 75.0, 89.0, 60.0]}, "angle_singular_empirical": None},
-    ]}
+    report = {
+        "blocks": [
+            {
+                "token_angles": {"x": [80.0, 85.0, 88.0, 2.0]},
+                "defect_positions": {"x": [[1, 1]]},
+                "angle_singular_empirical": 2.0,
+            },
+            {"token_angles": {"x": [70.0, 75.0, 89.0, 60.0]}, "angle_singular_empirical": None},
+        ]
+    }
     assert is_png(angle_violin_figure(report, tmp_path / "one.png"))
     assert is_png(angle_violin_figure(report, tmp_path / "two.png", compare=report))
 
@@ -48,16 +57,26 @@ def test_angle_violin_figure_from_hand_built_angles(tmp_path):
 @pytest.mark.slow
 def test_diagnose_planted_swiglu_end_to_end(tmp_path):
     pytest.importorskip("sinder_hub.backbones")
-    testing = pytest.importorskip("sinder_hub.testing")
-    command = [sys.executable, str(ROOT / "tools" / "diagnose.py"), "--model", "planted-swiglu", "--out", str(tmp_path),
-               "--method", "expected", "--images", *(str(p) for p in sample_files(tmp_path / "images"))]
+    planted_module = pytest.importorskip("sinder_hub.planted")
+    command = [
+        sys.executable,
+        str(ROOT / "tools" / "diagnose.py"),
+        "--model",
+        "planted-swiglu",
+        "--out",
+        str(tmp_path),
+        "--method",
+        "expected",
+        "--images",
+        *(str(p) for p in sample_files(tmp_path / "images")),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "sing-vs-emp" in result.stdout
     report = json.loads((tmp_path / "report.json").read_text())["original"]
     assert report["model"] == "planted-swiglu" and report["resolution"] == 224
     blocks = report["blocks"]
-    planted = testing.PLANTED_BLOCK
+    planted = planted_module.PLANTED_BLOCK
     for block in blocks[planted:]:
         assert block["defects_per_image"] >= 1
         assert block["norm_defective"] > 3 * block["norm_normal"]

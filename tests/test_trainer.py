@@ -20,8 +20,15 @@ from sinder_hub.errors import DataError
 from sinder_hub.trainer import RepairConfig, fast_image_loss, naive_image_loss, repair, set_precision
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = dict(model="planted-swiglu", resolution=224, limit_layers=3, directions_method="expected",
-             held_out=("astronaut", "camera"), num_workers=0, quiet=True)
+SMALL = dict(
+    model="planted-swiglu",
+    resolution=224,
+    limit_layers=3,
+    directions_method="expected",
+    held_out=("astronaut", "camera"),
+    num_workers=0,
+    quiet=True,
+)
 
 
 @pytest.fixture(scope="module")
@@ -119,8 +126,11 @@ def test_fast_step_differentiates_and_factorises_only_the_window(planted_state):
         assert result.block == 6 and result.defects >= 3
         if name == "fast":
             touched = {int(n.split(".")[1]) for n in grads[name]}
-            factorised = {i for i, block in enumerate(model.blocks)
-                          if any(m.U is not None for m in block.modules() if isinstance(m, SingularValueLinear))}
+            factorised = {
+                i
+                for i, block in enumerate(model.blocks)
+                if any(m.U is not None for m in block.modules() if isinstance(m, SingularValueLinear))
+            }
             assert touched == factorised == {4, 5, 6}
     # gradient checkpointing recomputes the same blocks with the same kernels: the same gradients
     config.checkpoint_blocks = True
@@ -173,11 +183,15 @@ def test_compile_that_cannot_work_fails_before_loading_a_model(train_folder, tmp
     def broken_compile(fn, **kwargs):
         def run(*args):
             raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore lines")
+
         return run
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    with pytest.raises(InputError, match=r"^--compile: torch.compile does not work on this cpu "
-                                         r"\(InvalidCxxCompiler: No working C\+\+ compiler found\); run without"):
+    with pytest.raises(
+        InputError,
+        match=r"^--compile: torch.compile does not work on this cpu "
+        r"\(InvalidCxxCompiler: No working C\+\+ compiler found\); run without",
+    ):
         repair(RepairConfig(**SMALL, data=str(train_folder), output=str(tmp_path / "run"), compile=True))
     assert not (tmp_path / "run").exists()
 
@@ -201,15 +215,39 @@ def test_bad_files_are_skipped_logged_and_counted(train_folder, tmp_path):
     assert bad == {"e_text.png", "f_truncated.jpg", "g_tiny.png"}
     assert len(report["bad_files"]) == 3  # two passes over the 7 files: each bad file counted once
     assert report["data_passes"] == 2.0
-    assert report["images"] == {"selected": 7, "seen": 8, "clear": report["images"]["clear"],
-                                "with_loss": 8 - report["images"]["clear"], "skipped_bad": 3}
+    assert report["images"] == {
+        "selected": 7,
+        "seen": 8,
+        "clear": report["images"]["clear"],
+        "with_loss": 8 - report["images"]["clear"],
+        "skipped_bad": 3,
+    }
     assert all(str(data) in entry["problem"] for entry in report["bad_files"])
 
 
 def repair_command(data, output, *extra):
-    return [sys.executable, str(REPO / "tools" / "repair.py"), "--model", "planted-swiglu", "--data", str(data),
-            "--output", str(output), "--resolution", "224", "--limit-layers", "3", "--directions-method", "expected",
-            "--held-out", "astronaut", "--num-workers", "0", "--quiet", *extra]
+    return [
+        sys.executable,
+        str(REPO / "tools" / "repair.py"),
+        "--model",
+        "planted-swiglu",
+        "--data",
+        str(data),
+        "--output",
+        str(output),
+        "--resolution",
+        "224",
+        "--limit-layers",
+        "3",
+        "--directions-method",
+        "expected",
+        "--held-out",
+        "astronaut",
+        "--num-workers",
+        "0",
+        "--quiet",
+        *extra,
+    ]
 
 
 def final_eps(output):
@@ -255,13 +293,34 @@ def test_two_processes_equal_one_process_with_two_images_per_step(train_folder, 
     extra = ("--max-steps", "6", "--save-every", "0")
     # one thread everywhere, so that both runs use the same matmul kernels and summation order
     single = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(repair_command(train_folder, tmp_path / "one", *extra, "--images-per-step", "2"),
-                   check=True, capture_output=True, env=single)
+    subprocess.run(
+        repair_command(train_folder, tmp_path / "one", *extra, "--images-per-step", "2"),
+        check=True,
+        capture_output=True,
+        env=single,
+    )
     env = {**single, "ACCELERATE_USE_CPU": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    done = subprocess.run(launch + repair_command(train_folder, tmp_path / "two", *extra)[1:], env=env,
-                          capture_output=True, text=True, timeout=300)
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
+    done = subprocess.run(
+        launch + repair_command(train_folder, tmp_path / "two", *extra)[1:],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     one, two = final_eps(tmp_path / "one"), final_eps(tmp_path / "two")
     assert any(bool(v.any()) for v in one.values())
@@ -319,7 +378,8 @@ def test_kernel_5_fast_step_equals_naive_step(planted_state):
     config = RepairConfig(limit_layers=3, kernel=5)
     (fast, fast_grads, _), (naive, naive_grads, _) = (
         one_step(image_loss, "planted-swiglu", state_dict, directions, config)
-        for image_loss in (fast_image_loss, naive_image_loss))
+        for image_loss in (fast_image_loss, naive_image_loss)
+    )
     assert fast.block == naive.block is not None
     assert fast.loss == pytest.approx(naive.loss, rel=1e-9)
     assert_same_gradients(fast_grads, naive_grads, rtol=1e-6)
@@ -336,7 +396,8 @@ def test_fast_step_equals_naive_step_on_other_families(variant):
     config = RepairConfig(limit_layers=3)
     (fast, fast_grads, _), (compiled, compiled_grads, _), (naive, naive_grads, _) = (
         one_step(image_loss, variant, original.state_dict(), directions, config, 4)
-        for image_loss in (fast_image_loss, compiled_image_loss, naive_image_loss))
+        for image_loss in (fast_image_loss, compiled_image_loss, naive_image_loss)
+    )
     assert fast.block == compiled.block == naive.block == 4 and fast.defects >= 3
     assert fast.loss == pytest.approx(naive.loss, rel=1e-9) and compiled.loss == pytest.approx(naive.loss, rel=1e-9)
     assert {int(n.split(".")[1]) for n in fast_grads} == {int(n.split(".")[1]) for n in compiled_grads} == {2, 3, 4}
@@ -356,16 +417,22 @@ def test_compiled_scan_gives_the_naive_gradients(planted_state):
     state_dict, directions = planted_state
     for force_block in (6, None):
         config = RepairConfig(limit_layers=3, compile=True)
-        compiled, compiled_grads, model = one_step(compiled_image_loss, "planted-swiglu", state_dict, directions,
-                                                   config, force_block)
-        naive, naive_grads, _ = one_step(naive_image_loss, "planted-swiglu", state_dict, directions, config, force_block)
+        compiled, compiled_grads, model = one_step(
+            compiled_image_loss, "planted-swiglu", state_dict, directions, config, force_block
+        )
+        naive, naive_grads, _ = one_step(
+            naive_image_loss, "planted-swiglu", state_dict, directions, config, force_block
+        )
         assert compiled.block == naive.block and compiled.defects == naive.defects >= 3
         assert compiled.loss == pytest.approx(naive.loss, rel=1e-9)
         assert_same_gradients(compiled_grads, naive_grads, rtol=1e-5)
         window = set(range(compiled.block - 2, compiled.block + 1))
         assert {int(n.split(".")[1]) for n in compiled_grads} == window
-        assert {i for i, block in enumerate(model.blocks)
-                if any(m.U is not None for m in block.modules() if isinstance(m, SingularValueLinear))} == window
+        assert {
+            i
+            for i, block in enumerate(model.blocks)
+            if any(m.U is not None for m in block.modules() if isinstance(m, SingularValueLinear))
+        } == window
 
 
 @pytest.mark.parametrize("count_batch", [1, 5, 12])

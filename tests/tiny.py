@@ -6,12 +6,22 @@ from timm.layers import SwiGLUPacked
 from torch import nn
 
 
-def tiny_vit(mlp: str = "gelu", reg_tokens: int = 0, embed_dim: int = 32, depth: int = 3, seed: int = 0, img_size: int = 56):
+def tiny_vit(
+    mlp: str = "gelu", reg_tokens: int = 0, embed_dim: int = 32, depth: int = 3, seed: int = 0, img_size: int = 56
+):
     """A ``[B, 3, 56, 56]`` -> 4x4-patch-grid ViT with random weights, layer scales and norm weights."""
     torch.manual_seed(seed)
     kwargs = dict(
-        img_size=img_size, patch_size=14, embed_dim=embed_dim, depth=depth, num_heads=2, init_values=1.0,
-        dynamic_img_size=True, num_classes=0, reg_tokens=reg_tokens, no_embed_class=reg_tokens > 0,
+        img_size=img_size,
+        patch_size=14,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=2,
+        init_values=1.0,
+        dynamic_img_size=True,
+        num_classes=0,
+        reg_tokens=reg_tokens,
+        no_embed_class=reg_tokens > 0,
     )
     if mlp == "swiglu":
         kwargs.update(mlp_layer=SwiGLUPacked, act_layer=nn.SiLU, mlp_ratio=2.66667 * 2)

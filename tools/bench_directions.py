@@ -50,8 +50,10 @@ def chain_only(args, device: torch.device) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
-        print(f"{args.model}: singular vectors of {len(E)} blocks (D = {E[0].shape[0]}) {seconds:.3f} s, "
-              f"{sum(f.steps for f in found)} Lanczos steps, {sum(f.fallback for f in found)} fallbacks")
+        print(
+            f"{args.model}: singular vectors of {len(E)} blocks (D = {E[0].shape[0]}) {seconds:.3f} s, "
+            f"{sum(f.steps for f in found)} Lanczos steps, {sum(f.fallback for f in found)} fallbacks"
+        )
     print("block  Lanczos steps  fallback")
     for block, f in enumerate(found):
         print(f"{block:5d}  {f.steps:13d}  {'yes' if f.fallback else 'no':>8}")

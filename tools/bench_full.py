@@ -5,7 +5,7 @@
     python tools/bench_full.py --depth 6 --width 192 --planted-block 3 --resolution 224 \\
         --num-images 24 --limit-layers 3 --directions-method expected --num-workers 0   # tiny, on a CPU
 
-The backbone is ``sinder_hub.testing.planted_backbone("planted-swiglu")`` (timm's
+The backbone is ``sinder_hub.planted.planted_backbone("planted-swiglu")`` (timm's
 ``vit_giant_patch14_dinov2`` architecture, packed SwiGLU) scaled to ``--depth`` blocks of
 ``--width`` channels (``width / 64`` heads) at ``img_size = --resolution``, its defect
 planted at ``--planted-block``, its block weights drawn with a width-scaled std
@@ -40,11 +40,10 @@ from unittest import mock
 
 import torch
 
-from sinder_hub import backbones, testing, trainer
+from sinder_hub import backbones, planted, trainer
 from sinder_hub.data import TRAIN_SAMPLES, sample_images
 
 VARIANT = "planted-swiglu"
-FIXTURE_WIDTH = 384  # the width sinder_hub.testing's constants are tuned at
 IMAGE_SIZE = (640, 480)  # width, height of the generated JPEGs
 JPEG_QUALITY = 90
 CROP_SCALE = (0.25, 1.0)  # fraction of the photo's area
@@ -87,12 +86,19 @@ def _write_image(job: tuple[int, int, str]) -> None:
     os.replace(temporary, path)
 
 
-def training_images(cache: Path, num_images: int, seed: int = 0,
-                    processes: int | None = None) -> tuple[list[Path], float]:
+def training_images(
+    cache: Path, num_images: int, seed: int = 0, processes: int | None = None
+) -> tuple[list[Path], float]:
     """The first ``num_images`` benchmark images under ``cache`` (made if missing); returns their paths and the
     seconds spent making them (0 when the cache already had them all)."""
-    settings = {"photos": list(TRAIN_SAMPLES), "size": IMAGE_SIZE, "quality": JPEG_QUALITY, "scale": CROP_SCALE,
-                "ratio": CROP_RATIO, "seed": seed}
+    settings = {
+        "photos": list(TRAIN_SAMPLES),
+        "size": IMAGE_SIZE,
+        "quality": JPEG_QUALITY,
+        "scale": CROP_SCALE,
+        "ratio": CROP_RATIO,
+        "seed": seed,
+    }
     settings = json.loads(json.dumps(settings))  # tuples as lists, as read back
     cache.mkdir(parents=True, exist_ok=True)
     manifest = cache / MANIFEST
@@ -115,20 +121,14 @@ def training_images(cache: Path, num_images: int, seed: int = 0,
 # The backbone
 
 
-def weight_std(width: int) -> float:
-    """The fixture's block-weight std scaled so that a block's gain (std · √width) stays the fixture's.
-
-    At width 1536 the fixture's own std lets the 17 random blocks before a defect at block 17
-    outgrow it: the analysed direction there was 89.6° from the defect (2 of 6 defects flagged at
-    block 17, none after), and 1.5° with this scaling (224 px, 20 blocks; see docs/benchmarks.md).
-    """
-    return testing.WEIGHT_STD * (FIXTURE_WIDTH / width) ** 0.5
-
-
 def planted_giant(model_args: dict, planted_block: int):
     """``planted-swiglu`` at ``model_args``'s size with the width-scaled weight std."""
-    with mock.patch.object(testing, "WEIGHT_STD", weight_std(model_args["embed_dim"])):
-        return testing.planted_backbone(VARIANT, model_args=model_args, planted_block=planted_block)
+    return planted.planted_backbone(
+        VARIANT,
+        model_args=model_args,
+        planted_block=planted_block,
+        weight_std=planted.scaled_weight_std(model_args["embed_dim"]),
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -207,17 +207,24 @@ class Timings:
                 timings.loop_started = timings.loop_started or time.perf_counter()
                 return TimedIterator(super().__iter__())
 
-        return [mock.patch.object(backbones, "load_backbone", build),
-                mock.patch.object(trainer, "singular_defect_directions", timed_directions),
-                *[mock.patch.object(trainer, name, functools.partial(timed_loss, loss)) for name, loss in image_losses.items()],
-                mock.patch.object(trainer, "merge_singular_values", timed_merge),
-                mock.patch.object(trainer, "DataLoader", TimedLoader)]
+        return [
+            mock.patch.object(backbones, "load_backbone", build),
+            mock.patch.object(trainer, "singular_defect_directions", timed_directions),
+            *[
+                mock.patch.object(trainer, name, functools.partial(timed_loss, loss))
+                for name, loss in image_losses.items()
+            ],
+            mock.patch.object(trainer, "merge_singular_values", timed_merge),
+            mock.patch.object(trainer, "DataLoader", TimedLoader),
+        ]
 
 
 def peak_memory(device: torch.device) -> tuple[float, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30, "CUDA max allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "peak RSS of this process (not the loader workers)"
+    return resource.getrusage(
+        resource.RUSAGE_SELF
+    ).ru_maxrss / 2**20, "peak RSS of this process (not the loader workers)"
 
 
 # ----------------------------------------------------------------------------------------
@@ -227,7 +234,12 @@ def run(args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
     paths, generate_s = training_images(Path(args.cache), args.num_images)
-    model_args = {"depth": args.depth, "embed_dim": args.width, "num_heads": args.width // 64, "img_size": args.resolution}
+    model_args = {
+        "depth": args.depth,
+        "embed_dim": args.width,
+        "num_heads": args.width // 64,
+        "img_size": args.resolution,
+    }
     timings = Timings(device)
     with contextlib.ExitStack() as stack:
         temporary = None if args.output else stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-full-"))
@@ -236,11 +248,24 @@ def run(args) -> dict:
         listing = work / "images.txt"
         listing.write_text("".join(f"{path.resolve()}\n" for path in paths))
         config = trainer.RepairConfig(
-            model=VARIANT, data=str(listing), output=str(work / "run"), overwrite=True, num_images=args.num_images,
-            resolution=args.resolution, stop_clear=2.0, max_steps=args.num_images // args.images_per_step,
-            images_per_step=args.images_per_step, precision=args.precision, num_workers=args.num_workers,
-            limit_layers=args.limit_layers, directions_method=args.directions_method, allow_degraded=True,
-            compile=args.compile, count_batch=args.count_batch, quiet=args.quiet)
+            model=VARIANT,
+            data=str(listing),
+            output=str(work / "run"),
+            overwrite=True,
+            num_images=args.num_images,
+            resolution=args.resolution,
+            stop_clear=2.0,
+            max_steps=args.num_images // args.images_per_step,
+            images_per_step=args.images_per_step,
+            precision=args.precision,
+            num_workers=args.num_workers,
+            limit_layers=args.limit_layers,
+            directions_method=args.directions_method,
+            allow_degraded=True,
+            compile=args.compile,
+            count_batch=args.count_batch,
+            quiet=args.quiet,
+        )
         for patch in timings.patches(model_args, args.planted_block):
             stack.enter_context(patch)
         if device.type == "cuda":
@@ -254,13 +279,26 @@ def run(args) -> dict:
     images = report["images"]
     held = report["held_out"]
     return {
-        "device": device_name, "torch": torch.__version__,
-        "model": {"architecture": report["architecture"], **model_args, "planted_block": args.planted_block,
-                  "weight_std": weight_std(args.width)},
-        "resolution": args.resolution, "precision": args.precision, "images_per_step": args.images_per_step,
-        "num_workers": args.num_workers, "compile": args.compile, "count_batch": args.count_batch, "limit_layers": args.limit_layers, "directions_method": args.directions_method,
-        "num_images": args.num_images, "images_generated_s": round(generate_s, 2),
-        "steps": report["steps"], "updates": report["updates"],
+        "device": device_name,
+        "torch": torch.__version__,
+        "model": {
+            "architecture": report["architecture"],
+            **model_args,
+            "planted_block": args.planted_block,
+            "weight_std": planted.scaled_weight_std(args.width),
+        },
+        "resolution": args.resolution,
+        "precision": args.precision,
+        "images_per_step": args.images_per_step,
+        "num_workers": args.num_workers,
+        "compile": args.compile,
+        "count_batch": args.count_batch,
+        "limit_layers": args.limit_layers,
+        "directions_method": args.directions_method,
+        "num_images": args.num_images,
+        "images_generated_s": round(generate_s, 2),
+        "steps": report["steps"],
+        "updates": report["updates"],
         "images_processed": images["seen"] + images["skipped_bad"],
         "images_per_s": images["seen"] / loop_s,
         "loop_s": loop_s,
@@ -268,41 +306,53 @@ def run(args) -> dict:
         "clear": {"images": timings.clear_images, "time_s": timings.clear_s},
         "loader_wait_s": timings.loader_wait_s,
         "other_loop_s": loop_s - timings.loss_s - timings.clear_s - timings.loader_wait_s,
-        "setup_s": timings.loop_started - started, "build_s": timings.build_s, "directions_s": timings.directions_s,
-        "finish_s": finished - timings.loop_ended, "total_s": finished - started,
-        "peak_memory_gib": memory_gib, "peak_memory_kind": memory_kind,
-        "report_images": images, "loss_layer_histogram": report["loss_layer_histogram"],
+        "setup_s": timings.loop_started - started,
+        "build_s": timings.build_s,
+        "directions_s": timings.directions_s,
+        "finish_s": finished - timings.loop_ended,
+        "total_s": finished - started,
+        "peak_memory_gib": memory_gib,
+        "peak_memory_kind": memory_kind,
+        "report_images": images,
+        "loss_layer_histogram": report["loss_layer_histogram"],
         "outcome": report["outcome"]["status"],
-        "held_out": {"defects_before": held["before"]["total"], "defects_after": held["after"]["total"],
-                     "defect_reduction": held["defect_reduction"], "normal_token_cosine": held["normal_token_cosine"],
-                     "class_token_cosine": held["class_token_cosine"]},
+        "held_out": {
+            "defects_before": held["before"]["total"],
+            "defects_after": held["after"]["total"],
+            "defect_reduction": held["defect_reduction"],
+            "normal_token_cosine": held["normal_token_cosine"],
+            "class_token_cosine": held["class_token_cosine"],
+        },
     }
 
 
 def describe(result: dict) -> str:
     model, loss, clear, held = result["model"], result["loss"], result["clear"], result["held_out"]
+
     def per(part):
         return f"{part['time_s'] / part['images'] * 1000:.1f} ms/image" if part["images"] else "-"
 
-    return "\n".join([
-        f"planted {model['architecture']}: {model['depth']} blocks x {model['embed_dim']}, "
-        f"defect at block {model['planted_block']}; {result['resolution']} px, {result['precision']}, "
-        f"{result['images_per_step']} image(s)/step, {result['num_workers']} loader workers"
-        f"{', --compile' if result['compile'] else ''}, on {result['device']}",
-        f"  images      {result['images_processed']} processed in {result['loop_s']:.2f} s: {result['images_per_s']:.3f} images/s "
-        f"({result['steps']} steps, {result['updates']} updates)",
-        f"  with a loss {loss['images']:6d} images  {loss['time_s']:9.2f} s  ({per(loss)}; loss block: images "
-        f"{result['loss_layer_histogram']})",
-        f"  clear       {clear['images']:6d} images  {clear['time_s']:9.2f} s  ({per(clear)})",
-        f"  loader wait {result['loader_wait_s']:9.2f} s; rest of the loop (updates, bookkeeping, checkpoints) "
-        f"{result['other_loop_s']:.2f} s",
-        f"  set-up      {result['setup_s']:9.2f} s (model build {result['build_s']:.2f} s, directions "
-        f"{result['directions_s']:.2f} s); finish (merge, held-out, files) {result['finish_s']:.2f} s; total "
-        f"{result['total_s']:.2f} s; images made {result['images_generated_s']:.2f} s",
-        f"  peak memory {result['peak_memory_gib']:.2f} GiB ({result['peak_memory_kind']})",
-        f"  held out    defects {held['defects_before']} -> {held['defects_after']}, cosine normal "
-        f"{held['normal_token_cosine']:.4f} / class {held['class_token_cosine']:.4f}; outcome {result['outcome']}",
-    ])
+    return "\n".join(
+        [
+            f"planted {model['architecture']}: {model['depth']} blocks x {model['embed_dim']}, "
+            f"defect at block {model['planted_block']}; {result['resolution']} px, {result['precision']}, "
+            f"{result['images_per_step']} image(s)/step, {result['num_workers']} loader workers"
+            f"{', --compile' if result['compile'] else ''}, on {result['device']}",
+            f"  images      {result['images_processed']} processed in {result['loop_s']:.2f} s: {result['images_per_s']:.3f} images/s "
+            f"({result['steps']} steps, {result['updates']} updates)",
+            f"  with a loss {loss['images']:6d} images  {loss['time_s']:9.2f} s  ({per(loss)}; loss block: images "
+            f"{result['loss_layer_histogram']})",
+            f"  clear       {clear['images']:6d} images  {clear['time_s']:9.2f} s  ({per(clear)})",
+            f"  loader wait {result['loader_wait_s']:9.2f} s; rest of the loop (updates, bookkeeping, checkpoints) "
+            f"{result['other_loop_s']:.2f} s",
+            f"  set-up      {result['setup_s']:9.2f} s (model build {result['build_s']:.2f} s, directions "
+            f"{result['directions_s']:.2f} s); finish (merge, held-out, files) {result['finish_s']:.2f} s; total "
+            f"{result['total_s']:.2f} s; images made {result['images_generated_s']:.2f} s",
+            f"  peak memory {result['peak_memory_gib']:.2f} GiB ({result['peak_memory_kind']})",
+            f"  held out    defects {held['defects_before']} -> {held['defects_after']}, cosine normal "
+            f"{held['normal_token_cosine']:.4f} / class {held['class_token_cosine']:.4f}; outcome {result['outcome']}",
+        ]
+    )
 
 
 def main(argv=None) -> int:
@@ -319,8 +369,11 @@ def main(argv=None) -> int:
     parser.add_argument("--count-batch", type=int, default=trainer.RepairConfig.count_batch)
     parser.add_argument("--limit-layers", type=int, default=10)
     parser.add_argument("--directions-method", choices=trainer.DIRECTIONS_METHODS, default="sampled")
-    parser.add_argument("--cache", default=str(Path.home() / ".cache" / "sinder-hub" / "bench-images"),
-                        help="folder of the generated JPEGs (reused)")
+    parser.add_argument(
+        "--cache",
+        default=str(Path.home() / ".cache" / "sinder-hub" / "bench-images"),
+        help="folder of the generated JPEGs (reused)",
+    )
     parser.add_argument("--output", help="work folder (image list and run/); default: a temporary one, removed")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -43,12 +43,14 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
         else:
             import psutil
+
             process = psutil.Process()
             self.peak = process.memory_info().rss
 
             def sample():
                 while not self._stop.wait(0.002):
                     self.peak = max(self.peak, process.memory_info().rss)
+
             self._thread = threading.Thread(target=sample, daemon=True)
             self._thread.start()
         return self
@@ -142,14 +144,23 @@ def main(argv=None) -> int:
     parser.add_argument("--loss-block", type=int, default=25, help="forced loss block (clamped to depth - 1)")
     parser.add_argument("--limit-layers", type=int, default=10)
     parser.add_argument("--mask-thr", type=float, default=1.0, help="low, so the forced block has defects")
-    parser.add_argument("--precision", choices=("fp32", "tf32", "bf16"), nargs="+", default=["tf32"],
-                        help="one or more; the model, directions and set-up are shared")
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "tf32", "bf16"),
+        nargs="+",
+        default=["tf32"],
+        help="one or more; the model, directions and set-up are shared",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--count-batch", type=int, default=4, help="--compile: defect counts read every K blocks")
-    parser.add_argument("--samples", type=int, default=100_000, help="least-squares samples of the directions (the authors': 100k)")
+    parser.add_argument(
+        "--samples", type=int, default=100_000, help="least-squares samples of the directions (the authors': 100k)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", action="store_true", help="print one JSON object per precision")
-    parser.add_argument("--profile", action="store_true", help="also print where one fast step spends its time (torch.profiler)")
+    parser.add_argument(
+        "--profile", action="store_true", help="also print where one fast step spends its time (torch.profiler)"
+    )
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -159,8 +170,9 @@ def main(argv=None) -> int:
     depth = len(model.blocks)
     block = min(args.loss_block, depth - 1)
     window = range(max(0, block - args.limit_layers + 1), block + 1)
-    config = RepairConfig(mask_thr=args.mask_thr, limit_layers=args.limit_layers, skip_less_than=10**9,
-                          count_batch=args.count_batch)
+    config = RepairConfig(
+        mask_thr=args.mask_thr, limit_layers=args.limit_layers, skip_less_than=10**9, count_batch=args.count_batch
+    )
     image = torch.randn(1, 3, args.resolution, args.resolution, generator=torch.Generator().manual_seed(0)).to(device)
     warm_up(device)
 
@@ -187,7 +199,7 @@ def main(argv=None) -> int:
     # the straightforward set-up for comparison: a general SVD of the same layers, float64
     start = time.perf_counter()
     for layer in window_layers:
-        torch.linalg.svd(layer.weight[layer.rows[0]:layer.rows[1]].double(), full_matrices=False)
+        torch.linalg.svd(layer.weight[layer.rows[0] : layer.rows[1]].double(), full_matrices=False)
     synchronize(device)
     setup_svd_s = time.perf_counter() - start
 
@@ -197,6 +209,7 @@ def main(argv=None) -> int:
             result = image_loss(model, image, directions, config, autocast, force_block=force_block)
             assert force_block is None or result.block == force_block, "the forced block had no defect"
             optimizer.step()
+
         return run
 
     # every fast measurement before any naive one: the naive step factorises all blocks it
@@ -221,30 +234,48 @@ def main(argv=None) -> int:
         compiled_clear_image_s = timed(step(compiled_image_loss, None, autocast), args.repeats, device)
         with PeakMemory(device) as compiled_memory:
             compiled_step_s = timed(step(compiled_image_loss, block, autocast), args.repeats, device)
-        results[precision] = {"clear_image_s": clear_image_s, "forward_s": forward_s, "fast_step_s": fast_step_s,
-                              "fast_peak_gib": fast_memory.gib, "checkpointed_step_s": checkpointed_step_s,
-                              "checkpointed_peak_gib": checkpointed_memory.gib, "compile_s": compile_s,
-                              "compiled_clear_image_s": compiled_clear_image_s, "compiled_step_s": compiled_step_s,
-                              "compiled_peak_gib": compiled_memory.gib, "attention": attention,
-                              **memory_ledger(model)}
+        results[precision] = {
+            "clear_image_s": clear_image_s,
+            "forward_s": forward_s,
+            "fast_step_s": fast_step_s,
+            "fast_peak_gib": fast_memory.gib,
+            "checkpointed_step_s": checkpointed_step_s,
+            "checkpointed_peak_gib": checkpointed_memory.gib,
+            "compile_s": compile_s,
+            "compiled_clear_image_s": compiled_clear_image_s,
+            "compiled_step_s": compiled_step_s,
+            "compiled_peak_gib": compiled_memory.gib,
+            "attention": attention,
+            **memory_ledger(model),
+        }
     for precision in args.precision:
         autocast = set_precision(precision)
         with PeakMemory(device) as naive_memory:
             naive_step_s = timed(step(naive_image_loss, block, autocast), args.repeats, device)
-        fast_grad = epsilon_gradients(list(eps.values()), model, fast_image_loss, image, directions, config, autocast, block)
-        compiled_grad = epsilon_gradients(list(eps.values()), model, compiled_image_loss, image, directions, config,
-                                          autocast, block)
-        naive_grad = epsilon_gradients(list(eps.values()), model, naive_image_loss, image, directions, config, autocast, block)
-        results[precision].update(naive_step_s=naive_step_s, naive_peak_gib=naive_memory.gib,
-                                  grad_rel_diff=float((fast_grad - naive_grad).norm() / naive_grad.norm()),
-                                  compiled_grad_rel_diff=float((compiled_grad - naive_grad).norm() / naive_grad.norm()))
+        fast_grad = epsilon_gradients(
+            list(eps.values()), model, fast_image_loss, image, directions, config, autocast, block
+        )
+        compiled_grad = epsilon_gradients(
+            list(eps.values()), model, compiled_image_loss, image, directions, config, autocast, block
+        )
+        naive_grad = epsilon_gradients(
+            list(eps.values()), model, naive_image_loss, image, directions, config, autocast, block
+        )
+        results[precision].update(
+            naive_step_s=naive_step_s,
+            naive_peak_gib=naive_memory.gib,
+            grad_rel_diff=float((fast_grad - naive_grad).norm() / naive_grad.norm()),
+            compiled_grad_rel_diff=float((compiled_grad - naive_grad).norm() / naive_grad.norm()),
+        )
 
     if args.profile:
         for precision in args.precision:
             autocast = set_precision(precision)
             run = step(fast_image_loss, block, autocast)
             run()
-            activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            activities = [torch.profiler.ProfilerActivity.CPU] + (
+                [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []
+            )
             with torch.profiler.profile(activities=activities) as profile:
                 run()
                 synchronize(device)
@@ -252,43 +283,79 @@ def main(argv=None) -> int:
             print(f"-- one fast step, {precision}: top operators by device time", file=sys.stderr)
             print(profile.key_averages().table(sort_by=sort, row_limit=14, max_name_column_width=40), file=sys.stderr)
 
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    device_name = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    )
     for precision in args.precision:
         r = results[precision]
         result = {
-            "model": args.model, "resolution": args.resolution, "loss_block": block, "precision": precision,
-            "fast_step_s": r["fast_step_s"], "naive_step_s": r["naive_step_s"], "clear_image_s": r["clear_image_s"],
-            "forward_s": r["forward_s"], "directions_s": directions_s, "directions_expected_s": directions_expected_s,
-            "directions_maps_s": directions_maps_s, "setup_s": setup_s,
-            "setup_svd_s": setup_svd_s, "fast_peak_gib": r["fast_peak_gib"], "naive_peak_gib": r["naive_peak_gib"],
-            "checkpointed_step_s": r["checkpointed_step_s"], "checkpointed_peak_gib": r["checkpointed_peak_gib"],
-            "speedup": r["naive_step_s"] / r["fast_step_s"], "grad_rel_diff": r["grad_rel_diff"], "device": device_name,
-            "compile_s": r["compile_s"], "compiled_step_s": r["compiled_step_s"],
-            "compiled_clear_image_s": r["compiled_clear_image_s"], "compiled_peak_gib": r["compiled_peak_gib"],
+            "model": args.model,
+            "resolution": args.resolution,
+            "loss_block": block,
+            "precision": precision,
+            "fast_step_s": r["fast_step_s"],
+            "naive_step_s": r["naive_step_s"],
+            "clear_image_s": r["clear_image_s"],
+            "forward_s": r["forward_s"],
+            "directions_s": directions_s,
+            "directions_expected_s": directions_expected_s,
+            "directions_maps_s": directions_maps_s,
+            "setup_s": setup_s,
+            "setup_svd_s": setup_svd_s,
+            "fast_peak_gib": r["fast_peak_gib"],
+            "naive_peak_gib": r["naive_peak_gib"],
+            "checkpointed_step_s": r["checkpointed_step_s"],
+            "checkpointed_peak_gib": r["checkpointed_peak_gib"],
+            "speedup": r["naive_step_s"] / r["fast_step_s"],
+            "grad_rel_diff": r["grad_rel_diff"],
+            "device": device_name,
+            "compile_s": r["compile_s"],
+            "compiled_step_s": r["compiled_step_s"],
+            "compiled_clear_image_s": r["compiled_clear_image_s"],
+            "compiled_peak_gib": r["compiled_peak_gib"],
             "compiled_speedup": r["naive_step_s"] / r["compiled_step_s"],
-            "compiled_grad_rel_diff": r["compiled_grad_rel_diff"], "count_batch": args.count_batch,
-            "weights_gib": r["weights_gib"], "factors_gib": r["factors_gib"], "attention": r["attention"],
+            "compiled_grad_rel_diff": r["compiled_grad_rel_diff"],
+            "count_batch": args.count_batch,
+            "weights_gib": r["weights_gib"],
+            "factors_gib": r["factors_gib"],
+            "attention": r["attention"],
         }
         if args.json:
             print(json.dumps(result))
             continue
-        print(f"{args.model} at {args.resolution}px, loss at block {block}/{depth}, window {args.limit_layers}, "
-              f"{precision} on {device_name}, attention: {r['attention']}")
+        print(
+            f"{args.model} at {args.resolution}px, loss at block {block}/{depth}, window {args.limit_layers}, "
+            f"{precision} on {device_name}, attention: {r['attention']}"
+        )
         print(f"  fast step    {r['fast_step_s']:8.3f} s   peak {r['fast_peak_gib']:6.2f} GiB")
-        print(f"  fast step, --checkpoint-blocks {r['checkpointed_step_s']:8.3f} s   peak {r['checkpointed_peak_gib']:6.2f} GiB")
-        print(f"  compiled step (--compile, counts every {args.count_batch}) {r['compiled_step_s']:8.3f} s   "
-              f"peak {r['compiled_peak_gib']:6.2f} GiB   (compiling: {r['compile_s']:.1f} s)")
+        print(
+            f"  fast step, --checkpoint-blocks {r['checkpointed_step_s']:8.3f} s   peak {r['checkpointed_peak_gib']:6.2f} GiB"
+        )
+        print(
+            f"  compiled step (--compile, counts every {args.count_batch}) {r['compiled_step_s']:8.3f} s   "
+            f"peak {r['compiled_peak_gib']:6.2f} GiB   (compiling: {r['compile_s']:.1f} s)"
+        )
         print(f"  naive step   {r['naive_step_s']:8.3f} s   peak {r['naive_peak_gib']:6.2f} GiB")
         print(f"  clear image  {r['clear_image_s']:8.3f} s   (a plain no-grad forward: {r['forward_s']:.3f} s)")
-        print(f"  clear image, --compile {r['compiled_clear_image_s']:8.3f} s   "
-              f"({r['compiled_clear_image_s'] / r['forward_s']:.2f} x the plain forward)")
-        print(f"  naive / fast {result['speedup']:8.2f} x   (clear image vs naive: {r['naive_step_s'] / r['clear_image_s']:.2f} x)")
+        print(
+            f"  clear image, --compile {r['compiled_clear_image_s']:8.3f} s   "
+            f"({r['compiled_clear_image_s'] / r['forward_s']:.2f} x the plain forward)"
+        )
+        print(
+            f"  naive / fast {result['speedup']:8.2f} x   (clear image vs naive: {r['naive_step_s'] / r['clear_image_s']:.2f} x)"
+        )
         print(f"  naive / compiled {result['compiled_speedup']:8.2f} x")
-        print(f"  ε gradient vs naive: fast {r['grad_rel_diff']:.2e}, compiled {r['compiled_grad_rel_diff']:.2e} (relative)")
-        print(f"  memory ledger after the steps: weights {r['weights_gib']:.2f} GiB, window factors {r['factors_gib']:.2f} GiB "
-              f"(the rest of the fast peak: graphs and temporaries)")
-        print(f"  directions   {directions_s:8.3f} s (sampled, {args.samples}; of which linearising the blocks "
-              f"{directions_maps_s:.3f} s)   {directions_expected_s:.3f} s (expected)")
+        print(
+            f"  ε gradient vs naive: fast {r['grad_rel_diff']:.2e}, compiled {r['compiled_grad_rel_diff']:.2e} (relative)"
+        )
+        print(
+            f"  memory ledger after the steps: weights {r['weights_gib']:.2f} GiB, window factors {r['factors_gib']:.2f} GiB "
+            f"(the rest of the fast peak: graphs and temporaries)"
+        )
+        print(
+            f"  directions   {directions_s:8.3f} s (sampled, {args.samples}; of which linearising the blocks "
+            f"{directions_maps_s:.3f} s)   {directions_expected_s:.3f} s (expected)"
+        )
         print(f"  set-up       {setup_s:8.3f} s   (general float64 SVD of the same layers: {setup_svd_s:.3f} s)")
     return 0
 

@@ -46,7 +46,7 @@ def random_dinov2(architecture: str, smooth_pos: bool, seed: int = 0) -> torch.n
             freqs = 3 * torch.rand(2, dim, generator=generator)
             phase = 2 * math.pi * torch.rand(dim, generator=generator)
             field = torch.sin(2 * math.pi * (y[..., None] * freqs[0] + x[..., None] * freqs[1]) + phase)
-            model.pos_embed[0, -grid[0] * grid[1]:] = 0.5 * field.flatten(0, 1)
+            model.pos_embed[0, -grid[0] * grid[1] :] = 0.5 * field.flatten(0, 1)
     return model
 
 

@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     if Path(args.output).exists() and not Path(args.output).is_dir():
         raise InputError(f"--output {args.output} is a file; expected a folder for the training crops and the run")
     if args.model.startswith("planted-"):
-        from sinder_hub.testing import PLANTED_VARIANTS
+        from sinder_hub.planted import PLANTED_VARIANTS
 
         if args.model not in PLANTED_VARIANTS:
             raise InputError(f"--model {args.model}: unknown planted backbone; known: {', '.join(PLANTED_VARIANTS)}")
@@ -64,8 +64,10 @@ def main(argv=None) -> int:
     try:  # before writing anything
         RunFolder(Path(args.output) / "run", overwrite=args.overwrite).check()
     except RunFolderError:
-        raise RunFolderError(f"{Path(args.output) / 'run'} holds an earlier demo run; pass --overwrite to replace it "
-                             f"(make demo does) or choose another --output") from None
+        raise RunFolderError(
+            f"{Path(args.output) / 'run'} holds an earlier demo run; pass --overwrite to replace it "
+            f"(make demo does) or choose another --output"
+        ) from None
 
     started = time.perf_counter()
     output = Path(args.output)
@@ -73,23 +75,40 @@ def main(argv=None) -> int:
     print(f"training images: {count} crops of {', '.join(TRAIN_SAMPLES)}")
     print(f"held-out images: {', '.join(HELD_OUT_SAMPLES)}")
     config = RepairConfig(
-        model=args.model, data=str(output / "train-images"), output=str(output / "run"), num_images=count,
-        resolution=224, limit_layers=3, window=100, directions_method="expected", save_every=0, quiet=args.quiet,
-        num_workers=0, precision=args.precision, overwrite=args.overwrite,
+        model=args.model,
+        data=str(output / "train-images"),
+        output=str(output / "run"),
+        num_images=count,
+        resolution=224,
+        limit_layers=3,
+        window=100,
+        directions_method="expected",
+        save_every=0,
+        quiet=args.quiet,
+        num_workers=0,
+        precision=args.precision,
+        overwrite=args.overwrite,
     )
     report = repair(config).report
     held_out = report["held_out"]
-    print(f"\nrepaired {args.model} in {report['steps']} steps ({report['updates']} updates), "
-          f"stopped by {report['stopped_because']}; loss blocks {report['loss_layer_histogram']}")
+    print(
+        f"\nrepaired {args.model} in {report['steps']} steps ({report['updates']} updates), "
+        f"stopped by {report['stopped_because']}; loss blocks {report['loss_layer_histogram']}"
+    )
     print(f"{'held-out image':>20}  defects before  after")
     for name in held_out["images"]:
         print(f"{name:>20}  {held_out['before']['defects'][name]:>14}  {held_out['after']['defects'][name]:>5}")
-    print(f"{'total':>20}  {held_out['before']['total']:>14}  {held_out['after']['total']:>5}"
-          f"   (reduction {100 * (held_out['defect_reduction'] or 0):.1f}%)")
-    print(f"cosine to the original: normal tokens {held_out['normal_token_cosine']:.4f}, "
-          f"class token {held_out['class_token_cosine']:.4f}")
-    print(f"outputs in {config.output}: model.safetensors, config.json, repair_report.json, "
-          f"{', '.join(report['pictures'])}")
+    print(
+        f"{'total':>20}  {held_out['before']['total']:>14}  {held_out['after']['total']:>5}"
+        f"   (reduction {100 * (held_out['defect_reduction'] or 0):.1f}%)"
+    )
+    print(
+        f"cosine to the original: normal tokens {held_out['normal_token_cosine']:.4f}, "
+        f"class token {held_out['class_token_cosine']:.4f}"
+    )
+    print(
+        f"outputs in {config.output}: model.safetensors, config.json, repair_report.json, "
+        f"{', '.join(report['pictures'])}"
+    )
     print(f"total wall time {time.perf_counter() - started:.1f} s")
     return 0
-

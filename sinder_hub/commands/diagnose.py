@@ -29,19 +29,35 @@ PLANTED_RESOLUTION, DINOV2_RESOLUTION = 224, 518
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = ArgumentParser(prog="diagnose", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="backbone spec for load_backbone (timm name, planted-swiglu, folder, file)")
+    parser.add_argument(
+        "--model", required=True, help="backbone spec for load_backbone (timm name, planted-swiglu, folder, file)"
+    )
     parser.add_argument("--compare", help="a second backbone (e.g. the repaired one), shown beside the first")
     parser.add_argument("--images", nargs="+", help="image folders or files (default: the skimage.data sample images)")
-    parser.add_argument("--resolution", type=int, help=f"square input size (default {PLANTED_RESOLUTION} for planted-* models, "
-                        f"for which the fixture is calibrated, else {DINOV2_RESOLUTION}, DINOv2's training resolution)")
-    parser.add_argument("--out", type=Path, default=Path("diagnose-output"), help="output folder (default: diagnose-output)")
-    parser.add_argument("--method", choices=METHODS, default="sampled", help="MLP linearisation for the singular directions")
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        help=f"square input size (default {PLANTED_RESOLUTION} for planted-* models, "
+        f"for which the fixture is calibrated, else {DINOV2_RESOLUTION}, DINOv2's training resolution)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("diagnose-output"), help="output folder (default: diagnose-output)"
+    )
+    parser.add_argument(
+        "--method", choices=METHODS, default="sampled", help="MLP linearisation for the singular directions"
+    )
     parser.add_argument("--samples", type=int, default=100_000, help="least-squares samples of the sampled method")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampled method")
     parser.add_argument("--mask-thr", type=float, default=4.0, help="defect threshold in standard deviations (eq. 5)")
-    parser.add_argument("--kernel", type=int, default=3, choices=(3, 5), help="neighbourhood size; its border is never defective")
-    parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
-                        help=f"refuse images with more pixels than this (default {MAX_PIXELS:,}, PIL's decompression-bomb limit)")
+    parser.add_argument(
+        "--kernel", type=int, default=3, choices=(3, 5), help="neighbourhood size; its border is never defective"
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=MAX_PIXELS,
+        help=f"refuse images with more pixels than this (default {MAX_PIXELS:,}, PIL's decompression-bomb limit)",
+    )
     args = parser.parse_args(argv)
     for flag in ("resolution", "samples", "max_pixels"):
         value = getattr(args, flag)
@@ -74,21 +90,27 @@ def check_resolution(model, spec: str, resolution: int) -> None:
     patch = model.patch_embed.patch_size[0]
     if resolution % patch:
         below, above = resolution // patch * patch, (resolution // patch + 1) * patch
-        raise InputError(f"--resolution {resolution} is not a multiple of the {patch}-px patches of {spec}; "
-                         f"expected e.g. {below or above} or {above}")
+        raise InputError(
+            f"--resolution {resolution} is not a multiple of the {patch}-px patches of {spec}; "
+            f"expected e.g. {below or above} or {above}"
+        )
 
 
 def format_table(label: str, spec: str, report: dict) -> str:
     def cell(value, digits=1):
         return "-" if value is None else f"{value:.{digits}f}"
 
-    lines = [f"{label}: {spec}",
-             f"{'block':>5} {'defects/img':>11} {'norm def':>9} {'norm normal':>11} {'within °':>9} {'between °':>9} "
-             f"{'all tokens °':>12} {'sing-vs-emp °':>13}"]
+    lines = [
+        f"{label}: {spec}",
+        f"{'block':>5} {'defects/img':>11} {'norm def':>9} {'norm normal':>11} {'within °':>9} {'between °':>9} "
+        f"{'all tokens °':>12} {'sing-vs-emp °':>13}",
+    ]
     for block in report["blocks"]:
-        lines.append(f"{block['block']:>5} {block['defects_per_image']:>11.2f} {cell(block['norm_defective']):>9} "
-                     f"{cell(block['norm_normal']):>11} {cell(block['within_angle']):>9} {cell(block['between_angle']):>9} "
-                     f"{cell(block['all_tokens_angle']):>12} {cell(block['angle_singular_empirical']):>13}")
+        lines.append(
+            f"{block['block']:>5} {block['defects_per_image']:>11.2f} {cell(block['norm_defective']):>9} "
+            f"{cell(block['norm_normal']):>11} {cell(block['within_angle']):>9} {cell(block['between_angle']):>9} "
+            f"{cell(block['all_tokens_angle']):>12} {cell(block['angle_singular_empirical']):>13}"
+        )
     return "\n".join(lines)
 
 
@@ -110,8 +132,14 @@ def main(argv=None) -> int:
         generator = torch.Generator().manual_seed(args.seed)
         directions = singular_defect_directions(model, samples=args.samples, generator=generator, method=args.method)
         report = defect_report(model, tensors, directions, mask_thr=args.mask_thr, kernel=args.kernel)
-        reports[label] = {"model": spec, "resolution": resolution, "method": args.method, "samples": args.samples,
-                          "seed": args.seed, **report}
+        reports[label] = {
+            "model": spec,
+            "resolution": resolution,
+            "method": args.method,
+            "samples": args.samples,
+            "seed": args.seed,
+            **report,
+        }
         grids[label] = last_block_grids(model, tensors)
         print(format_table(label, spec, report), end="\n\n")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -122,4 +150,3 @@ def main(argv=None) -> int:
         angle_violin_figure(reports["original"], tmp, compare=reports.get("repaired"))
     print(f"wrote {args.out / 'report.json'}, {args.out / 'norm_pca.png'}, {args.out / 'angles.png'}")
     return 0
-

@@ -11,7 +11,7 @@ Tasks (layouts in sinder_hub.evaluation):
 
 Every image with more than --max-pixels pixels is refused (one line naming the file). A small synthetic
 dataset for trying it out:
-    python -c "from sinder_hub.evaluation import make_shapes_dataset; make_shapes_dataset('shapes')"
+    python -c "from sinder_hub.synthetic import make_shapes_dataset; make_shapes_dataset('shapes')"
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ METRICS = {"knn": ("top1", "top5"), "linseg": ("miou", "pixel_accuracy"), "kmean
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = ArgumentParser(prog="evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="backbone spec for load_backbone (timm name, planted-swiglu, folder, file)")
+    parser.add_argument(
+        "--model", required=True, help="backbone spec for load_backbone (timm name, planted-swiglu, folder, file)"
+    )
     parser.add_argument("--compare", help="a second backbone (e.g. the repaired one), scored in a second column")
     parser.add_argument("--task", required=True, choices=TASKS)
     parser.add_argument("--data", required=True, type=Path, help="dataset folder (layout per task, see above)")
@@ -41,8 +43,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="kmeans: seed of the k-means++ seeding")
     parser.add_argument("--steps", type=int, default=100, help="linseg: L-BFGS iterations of the linear layer")
     parser.add_argument("--clusters", type=int, help="kmeans: number of clusters (default: number of classes)")
-    parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
-                        help=f"refuse images with more pixels than this (default {MAX_PIXELS:,}, PIL's decompression-bomb limit)")
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=MAX_PIXELS,
+        help=f"refuse images with more pixels than this (default {MAX_PIXELS:,}, PIL's decompression-bomb limit)",
+    )
     args = parser.parse_args(argv)
     for flag in ("resolution", "batch_size", "steps", "clusters", "max_pixels"):
         value = getattr(args, flag)
@@ -63,8 +69,9 @@ def evaluate(model, args: argparse.Namespace) -> dict:
     encoder = evaluation.patch_token_encoder(model)
     if args.task == "linseg":
         return evaluation.linear_probe_segmentation(encoder, args.data, args.resolution, steps=args.steps, **common)
-    return evaluation.kmeans_segmentation(encoder, args.data, args.resolution, clusters=args.clusters, seed=args.seed,
-                                          **common)
+    return evaluation.kmeans_segmentation(
+        encoder, args.data, args.resolution, clusters=args.clusters, seed=args.seed, **common
+    )
 
 
 def main(argv=None) -> int:

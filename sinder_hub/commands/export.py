@@ -25,12 +25,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("source", nargs="?", help="repair run folder or any load_backbone spec")
     parser.add_argument("--to", required=True, help="output folder (with format both: OUT/timm and OUT/transformers)")
     parser.add_argument("--format", choices=FORMATS, default="both")
-    parser.add_argument("--from-authors", metavar="FILE",
-                        help=f"the SINDER authors' repaired checkpoint (e.g. dinov2g_sinder.pth, as {AUTHORS_ARCHITECTURE})")
+    parser.add_argument(
+        "--from-authors",
+        metavar="FILE",
+        help=f"the SINDER authors' repaired checkpoint (e.g. dinov2g_sinder.pth, as {AUTHORS_ARCHITECTURE})",
+    )
     parser.add_argument("--card", action="store_true", help="also write README.md model cards (sinder_hub.hub)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace the files of an earlier export in --to (config.json, model.safetensors, README.md, "
-                             "report, pictures...); nothing else is removed")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the files of an earlier export in --to (config.json, model.safetensors, README.md, "
+        "report, pictures...); nothing else is removed",
+    )
     args = parser.parse_args(argv)
     if (args.source is None) == (args.from_authors is None):
         parser.error("give exactly one of RUN_DIR_OR_CHECKPOINT and --from-authors FILE")

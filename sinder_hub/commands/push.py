@@ -24,8 +24,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="list the files and print the card; no network")
     args = parser.parse_args(argv)
 
-    result = push_folder(args.folder, args.repo_id, private=args.private, revision=args.revision,
-                         create_pr=args.create_pr, dry_run=args.dry_run, commit_message=args.commit_message)
+    result = push_folder(
+        args.folder,
+        args.repo_id,
+        private=args.private,
+        revision=args.revision,
+        create_pr=args.create_pr,
+        dry_run=args.dry_run,
+        commit_message=args.commit_message,
+    )
 
     if args.dry_run:
         print(f"dry run: would upload {len(result.files)} files from {result.folder} to {result.repo_id}")
@@ -38,4 +45,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"pushed {len(result.files)} files from {result.folder} to {result.repo_id}")
     print(result.pr_url or result.commit_url)
     return 0
-

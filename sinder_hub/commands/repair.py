@@ -32,9 +32,9 @@ HELP = {
     "precision": "fp32, tf32 (the authors') or bf16 autocast",
     "checkpoint_blocks": "keep only each block's input and run it again in the backward: less GPU memory, same result, slower steps",
     "compile": "detect with a torch.compile'd no-grad scan (blocks fused with their defect counts); an image with a "
-               "loss runs its window again with autograd: faster clear images, limit_layers more block forwards per loss",
+    "loss runs its window again with autograd: faster clear images, limit_layers more block forwards per loss",
     "count_batch": "with --compile: read the defect counts from the device every K blocks (the scan may run K-1 blocks "
-                   "past the loss block)",
+    "past the loss block)",
     "num_workers": "data-loader processes decoding images (pinned memory on a GPU)",
     "directions_method": "sampled (the authors' least squares) or expected (its noise-free limit)",
     "held_out": "skimage sample images evaluated before and after",
@@ -49,8 +49,9 @@ CHOICES = {"precision": PRECISIONS, "directions_method": DIRECTIONS_METHODS}
 
 
 def parse_args(argv=None) -> RepairConfig:
-    parser = ArgumentParser(prog="sinder-hub repair", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(
+        prog="sinder-hub repair", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     for f in fields(RepairConfig):
         flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool):
@@ -58,8 +59,13 @@ def parse_args(argv=None) -> RepairConfig:
         elif isinstance(f.default, tuple):
             parser.add_argument(flag, nargs="+", default=f.default, help=HELP.get(f.name))
         else:
-            parser.add_argument(flag, type=type(f.default), default=f.default, choices=CHOICES.get(f.name),
-                                help=f"{HELP.get(f.name, '')} (default: {f.default})".strip())
+            parser.add_argument(
+                flag,
+                type=type(f.default),
+                default=f.default,
+                choices=CHOICES.get(f.name),
+                help=f"{HELP.get(f.name, '')} (default: {f.default})".strip(),
+            )
     args = parser.parse_args(argv)
     return RepairConfig(**{**vars(args), "held_out": tuple(args.held_out)})
 
@@ -68,19 +74,26 @@ def main(argv=None) -> int:
     config = parse_args(argv)
     result = repair(config)
     if result.interrupted_by:
-        print(f"interrupted by {result.interrupted_by}: checkpoint written to {result.output}/checkpoint; "
-              f"continue with the same command plus --resume", file=sys.stderr)
+        print(
+            f"interrupted by {result.interrupted_by}: checkpoint written to {result.output}/checkpoint; "
+            f"continue with the same command plus --resume",
+            file=sys.stderr,
+        )
         return 130
     if result.report is None:  # not the main process
         return 0
     report, held_out = result.report, result.report["held_out"]
-    print(f"wrote {result.output}: {report['steps']} steps ({report['data_passes']:.2f} passes over "
-          f"{report['images']['selected']} images), {report['updates']} updates, stopped by "
-          f"{report['stopped_because']}, {report['wall_time_s']:.1f} s on {report['hardware']['device']}")
-    print(f"held-out defects at the last block ({held_out['resolution']} px): "
-          f"{held_out['before']['total']} -> {held_out['after']['total']}; cosine to the original: "
-          f"normal tokens {held_out['normal_token_cosine']:.4f}, {held_out['class_token']} "
-          f"{held_out['class_token_cosine']:.4f}")
+    print(
+        f"wrote {result.output}: {report['steps']} steps ({report['data_passes']:.2f} passes over "
+        f"{report['images']['selected']} images), {report['updates']} updates, stopped by "
+        f"{report['stopped_because']}, {report['wall_time_s']:.1f} s on {report['hardware']['device']}"
+    )
+    print(
+        f"held-out defects at the last block ({held_out['resolution']} px): "
+        f"{held_out['before']['total']} -> {held_out['after']['total']}; cosine to the original: "
+        f"normal tokens {held_out['normal_token_cosine']:.4f}, {held_out['class_token']} "
+        f"{held_out['class_token_cosine']:.4f}"
+    )
     for reason in report["outcome"]["reasons"]:
         print(f"warning: {report['outcome']['status']}: {reason} (kept by --allow-degraded)", file=sys.stderr)
     if not config.quiet:

@@ -18,24 +18,46 @@ from sinder_hub.errors import SinderError
 def positive_int(text: str, largest: int | None = None) -> int:
     value = int(text)
     if value <= 0 or (largest is not None and value > largest):
-        raise argparse.ArgumentTypeError(f"expected a positive integer{f' up to {largest}' if largest else ''}, got {text}")
+        raise argparse.ArgumentTypeError(
+            f"expected a positive integer{f' up to {largest}' if largest else ''}, got {text}"
+        )
     return value
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="sinder-hub view", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="backbone spec for load_backbone (default planted-swiglu, and with no "
-                        "--compare the demo's repaired run demo-output/run beside it when that folder exists)")
+    parser = argparse.ArgumentParser(
+        prog="sinder-hub view", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model",
+        help="backbone spec for load_backbone (default planted-swiglu, and with no "
+        "--compare the demo's repaired run demo-output/run beside it when that folder exists)",
+    )
     parser.add_argument("--compare", help="a second backbone (e.g. the repaired one), shown beside the first")
-    parser.add_argument("--resolution", type=positive_int, help="default input size, a multiple of the patch size "
-                        "(default: the first model's native one; 224 for planted-* models and runs repaired at 224)")
-    parser.add_argument("--method", choices=METHODS, default="expected",
-                        help="MLP linearisation for the singular directions (expected: ~1 s per model on a CPU)")
-    parser.add_argument("--max-pixels", type=positive_int, default=MAX_PIXELS,
-                        help="larger uploads are refused (default: PIL's decompression-bomb limit)")
+    parser.add_argument(
+        "--resolution",
+        type=positive_int,
+        help="default input size, a multiple of the patch size "
+        "(default: the first model's native one; 224 for planted-* models and runs repaired at 224)",
+    )
+    parser.add_argument(
+        "--method",
+        choices=METHODS,
+        default="expected",
+        help="MLP linearisation for the singular directions (expected: ~1 s per model on a CPU)",
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=positive_int,
+        default=MAX_PIXELS,
+        help="larger uploads are refused (default: PIL's decompression-bomb limit)",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    parser.add_argument("--port", type=lambda text: positive_int(text, 65535), help="port (default: gradio's, 7860 or the next free one)")
+    parser.add_argument(
+        "--port",
+        type=lambda text: positive_int(text, 65535),
+        help="port (default: gradio's, 7860 or the next free one)",
+    )
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     return parser.parse_args(argv)
 

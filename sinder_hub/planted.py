@@ -88,6 +88,7 @@ DEFAULT_SEEDS = {"planted-gelu": 2, "planted-swiglu": 2, "planted-deit3": 6, "pl
 
 CALIBRATION_RESOLUTION = 224
 WEIGHT_STD = 0.04  # block weights large enough that blocks matter
+FIXTURE_WIDTH = 384  # the width the constants here are tuned at
 NORM_WEIGHT_STD = 0.1  # layer-norm weights are 1 ± this
 POS_EMBED_STD = 0.1
 FIRE_FRACTION = 0.02  # of the patch positions
@@ -102,6 +103,16 @@ LAYER_SCALES = (".gamma", "gamma_1", "gamma_2")  # parameter names: timm Block's
 OUTPUT_PROJECTIONS = ("attn.proj.weight", "mlp.fc2.weight")  # what a layer scale multiplies
 
 
+def scaled_weight_std(width: int) -> float:
+    """``WEIGHT_STD`` scaled so that a block's gain (std · √width) stays the width-384 fixture's.
+
+    At width 1536 the fixture's own std lets the 17 random blocks before a defect at block 17
+    outgrow it: the analysed direction there was 89.6° from the defect (2 of 6 defects flagged at
+    block 17, none after), and 1.5° with this scaling (224 px, 20 blocks; see docs/benchmarks.md).
+    """
+    return WEIGHT_STD * (FIXTURE_WIDTH / width) ** 0.5
+
+
 @functools.lru_cache(maxsize=1)
 def _calibration_images() -> torch.Tensor:
     """The training sample images at 224 px: ``[n, 3, 224, 224]``."""
@@ -109,7 +120,7 @@ def _calibration_images() -> torch.Tensor:
     return torch.stack([transform(image) for image in sample_images(TRAIN_SAMPLES).values()])
 
 
-def _draw_weights(model: nn.Module, generator: torch.Generator) -> None:
+def _draw_weights(model: nn.Module, generator: torch.Generator, weight_std: float = WEIGHT_STD) -> None:
     """Random DINOv2-like weights for every parameter, drawn in parameter order.
 
     Layer scales are ``LAYER_SCALE``; a family without them gets its output projections drawn
@@ -130,7 +141,7 @@ def _draw_weights(model: nn.Module, generator: torch.Generator) -> None:
         elif name == "pos_embed":
             value = POS_EMBED_STD * torch.randn(parameter.shape, generator=generator)
         else:
-            std = WEIGHT_STD * (LAYER_SCALE if folded and name.endswith(OUTPUT_PROJECTIONS) else 1.0)
+            std = weight_std * (LAYER_SCALE if folded and name.endswith(OUTPUT_PROJECTIONS) else 1.0)
             value = std * torch.randn(parameter.shape, generator=generator)
         parameter.copy_(value)
 
@@ -176,7 +187,7 @@ def _threshold_in_widest_gap(scores: torch.Tensor, fraction: float) -> torch.Ten
     """
     ordered = scores.flatten().sort(descending=True).values
     first, last = int(0.75 * fraction * ordered.numel()), int(1.25 * fraction * ordered.numel())
-    widest = first + int((ordered[first:last] - ordered[first + 1:last + 1]).argmax())
+    widest = first + int((ordered[first:last] - ordered[first + 1 : last + 1]).argmax())
     return (ordered[widest] + ordered[widest + 1]) / 2
 
 
@@ -204,8 +215,9 @@ def _attention_inputs(block: nn.Module, layout: BlockDescription) -> list[torch.
     return [block.attn.q_proj.weight, block.attn.k_proj.weight, block.attn.v_proj.weight]
 
 
-def _plant_trigger(block: nn.Module, layout: BlockDescription, readout: torch.Tensor, direction: torch.Tensor,
-                   size: float) -> None:
+def _plant_trigger(
+    block: nn.Module, layout: BlockDescription, readout: torch.Tensor, direction: torch.Tensor, size: float
+) -> None:
     """The last two hidden units of ``block.mlp`` add ``size · ν · step(readout · (x - mean x))``.
 
     ``readout [D]`` is divided by the norm weights, which folds them in. The step is
@@ -238,10 +250,18 @@ def _plant_trigger(block: nn.Module, layout: BlockDescription, readout: torch.Te
 
 
 @torch.no_grad()
-def planted_backbone(variant: str = "planted-swiglu", seed: int | None = None, model_args: dict | None = None,
-                     planted_block: int | None = None) -> nn.Module:
+def planted_backbone(
+    variant: str = "planted-swiglu",
+    seed: int | None = None,
+    model_args: dict | None = None,
+    planted_block: int | None = None,
+    weight_std: float | None = None,
+) -> nn.Module:
     """A timm ViT of ``variant``'s family (eval) with a singular defect planted at block ``planted_block``
-    (default ``PLANTED_BLOCK``); ``model_args`` override the variant's timm arguments (e.g. ``depth``, ``embed_dim``)."""
+    (default ``PLANTED_BLOCK``); ``model_args`` override the variant's timm arguments (e.g. ``depth``, ``embed_dim``).
+
+    ``weight_std``: std of the random block weights (default ``WEIGHT_STD``, tuned at width 384; a much wider
+    fixture needs it scaled, see ``scaled_weight_std``)."""
     if variant not in PLANTED_VARIANTS:
         raise ValueError(f"unknown planted variant {variant!r}; known: {', '.join(PLANTED_VARIANTS)}")
     architecture, variant_args = PLANTED_VARIANTS[variant]
@@ -256,7 +276,7 @@ def planted_backbone(variant: str = "planted-swiglu", seed: int | None = None, m
     for module in model.modules():  # Eva's RoPE frequencies and zero k_bias are buffers, not drawn below
         if hasattr(module, "init_non_persistent_buffers"):
             module.init_non_persistent_buffers()
-    _draw_weights(model, generator)
+    _draw_weights(model, generator, WEIGHT_STD if weight_std is None else weight_std)
     layouts = describe_model(model, variant).blocks
     tokens, output = _mlp_inputs(model, _calibration_images(), k)
     block, layout = model.blocks[k], layouts[k]
@@ -275,7 +295,7 @@ def planted_backbone(variant: str = "planted-swiglu", seed: int | None = None, m
     _blind_outputs(model.pos_embed[0].T, ones, readout)
     if isinstance(model.norm_pre, nn.LayerNorm):  # equal gains: a token's pre-norm scale cannot leak into ρ
         model.norm_pre.weight[quiet] = 1.0
-    for early, early_layout in zip(model.blocks[:k + 1], layouts):
+    for early, early_layout in zip(model.blocks[: k + 1], layouts):
         for weight in _attention_inputs(early, early_layout):
             _blind_inputs(weight, early.norm1.weight, readout)
         for path in early_layout.mlp_inputs:
@@ -308,7 +328,7 @@ def planted_backbone(variant: str = "planted-swiglu", seed: int | None = None, m
     _plant_trigger(block, layout, readout, defect_direction, DEFECT_TO_MEDIAN * output.norm(dim=-1).median())
 
     # step 4: later blocks carry the defect unchanged
-    for later, later_layout in zip(model.blocks[k + 1:], layouts[k + 1:]):
+    for later, later_layout in zip(model.blocks[k + 1 :], layouts[k + 1 :]):
         start, stop = later_layout.value_rows
         _blind_inputs(get_path(later, later_layout.value).weight[start:stop], later.norm1.weight, defect_direction)
         for path in later_layout.mlp_inputs:
