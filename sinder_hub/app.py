@@ -1,4 +1,4 @@
-"""The browser viewer (``sinder-hub view``): one image through two backbones, original vs repaired, side by side.
+"""The browser viewer (``sinder-hub view``): one image through one to four backbones, side by side.
 
 Per model: the token-norm map of one block with its defective tokens outlined, the
 3-component PCA of its patch tokens (paper Fig. 1), and per block the defect count and the
@@ -6,6 +6,11 @@ angle between the singular and the empirical defect direction (Fig. 2d); the fig
 table. Models and their singular defect directions are loaded once per process
 (``load_model``, before the first request); an image then costs two forwards per model and
 the pictures.
+
+The page may face strangers (``--host 0.0.0.0``, ``--share``): the viewer reads only files
+inside gradio's upload folder and its own sample PNGs (``readable_upload``), answers every
+other path with one fixed message (``NOT_AN_UPLOAD``), sends no analytics and loads no
+web fonts.
 
 Gradio is imported here only: ``import sinder_hub`` never loads it.
 """
@@ -15,6 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Sequence
@@ -26,6 +32,7 @@ import matplotlib
 import numpy as np
 import torch
 import torch.nn.functional as F
+from gradio.utils import get_upload_folder
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
@@ -38,17 +45,24 @@ from .errors import DataError, InputError
 from .planted import CALIBRATION_RESOLUTION
 from .plots import MODEL_COLOURS, pca_rgb, token_norms
 from .tokens import block_outputs, patch_grid
+from .variants import MAX_VARIANTS, parse_variants
 
 log = logging.getLogger(__name__)
 
 DEMO_RUN = Path("demo-output") / "run"
-LABELS = ("original", "repaired")
 OUTLINE = (255, 0, 0)
 METHOD_NOTES = {
     "expected": "`expected` (the noise-free limit of the authors' least squares; 0.9 s per planted model "
     "on 2 CPU cores vs 28 s for `sampled` with 100k samples)",
     "sampled": "`sampled` (the authors' least squares on 100k samples, seed 0)",
 }
+# the one answer to any path that is not a readable file the viewer may read: nothing to tell apart
+NOT_AN_UPLOAD = (
+    "**Error:** the viewer reads only images uploaded to this page and its own samples; "
+    "upload or paste an image, or pick a sample."
+)
+SYSTEM_FONTS = ("ui-sans-serif", "system-ui", "sans-serif")
+SYSTEM_MONO_FONTS = ("ui-monospace", "monospace")
 
 
 def default_models() -> list[str]:
@@ -90,9 +104,13 @@ class LoadedModel:
         return len(self.model.blocks)
 
 
-@functools.lru_cache(maxsize=8)
 def load_model(spec: str, method: str = "expected") -> LoadedModel:
     """``load_backbone(spec)`` and ``singular_defect_directions(model, method=method)`` (seed 0), once per process."""
+    return _load_model(spec, method)  # one cache entry per (spec, method), however the call spells them
+
+
+@functools.lru_cache(maxsize=8)
+def _load_model(spec: str, method: str) -> LoadedModel:
     started = time.perf_counter()
     model = load_backbone(spec)
     loaded = time.perf_counter()
@@ -197,12 +215,28 @@ def numbers_table(views: dict[str, ModelView], block: int) -> str:
     return "\n".join(lines)
 
 
+def readable_upload(path: str | Path, folders: Sequence[Path]) -> Path | None:
+    """``path`` with symlinks and ``..`` resolved when that is a readable regular file inside one of the
+    (resolved) ``folders``; else ``None``, whatever the reason (missing, a folder, elsewhere, unreadable)."""
+    try:
+        resolved = Path(path).resolve(strict=True)
+    except (OSError, RuntimeError, ValueError):  # missing, a symlink loop, a NUL byte
+        return None
+    if not any(resolved.is_relative_to(folder) for folder in folders):
+        return None
+    if not resolved.is_file() or not os.access(resolved, os.R_OK):
+        return None
+    return resolved
+
+
 class Viewer:
     """The models of one app and the answer to one request (no gradio here: tests call it directly).
 
-    ``specs``: one or two backbone specs, labelled ``original`` and ``repaired``. A spec that
-    fails to load, or whose patch size or depth differs from the first loaded one, is kept
-    in ``failures`` ``{label: message}`` and shown on the page instead of its pictures.
+    ``specs``: one to four backbone specs, each optionally ``LABEL=SPEC`` (``sinder_hub.variants``:
+    the first is ``original`` unless labelled). A spec that fails to load, or whose patch size
+    or depth differs from the first loaded one, is kept in ``failures`` ``{label: message}`` and
+    shown on the page instead of its pictures. ``answer`` reads only files inside
+    ``upload_folders`` (the app passes gradio's upload folder) and the viewer's own samples.
     """
 
     def __init__(
@@ -211,28 +245,16 @@ class Viewer:
         method: str = "expected",
         max_pixels: int = MAX_PIXELS,
         resolution: int | None = None,
+        upload_folders: Sequence[str | Path] = (),
     ):
-        if not 1 <= len(specs) <= len(LABELS):
-            raise InputError(f"the viewer shows one or two models side by side, got {len(specs)}")
-        self.specs = dict(zip(LABELS, specs))
+        if not 1 <= len(specs) <= MAX_VARIANTS:
+            raise InputError(f"the viewer shows one to {MAX_VARIANTS} models side by side, got {len(specs)}")
+        self.specs = {variant.label: variant.spec for variant in parse_variants(specs[0], specs[1:], flag="specs")}
         self.method, self.max_pixels = method, max_pixels
         self.models: dict[str, LoadedModel] = {}
         self.failures: dict[str, str] = {}
         for label, spec in self.specs.items():
-            try:
-                loaded = load_model(spec, method)
-            except Exception as error:  # noqa: BLE001 - any failure is shown on the page, the others still serve
-                self.failures[label] = f"`{spec}` could not be loaded: {error}"
-                log.warning("viewer: %s could not be loaded: %s", spec, error)
-                continue
-            first = next(iter(self.models.values()), loaded)
-            if (loaded.patch, loaded.depth) != (first.patch, first.depth):
-                self.failures[label] = (
-                    f"`{spec}` has patch {loaded.patch} and {loaded.depth} blocks, `{first.spec}` "
-                    f"patch {first.patch} and {first.depth} blocks: they cannot be shown side by side"
-                )
-                continue
-            self.models[label] = loaded
+            self._load(label, spec)
         first = next(iter(self.models.values()), None)
         self.patch = first.patch if first else 14
         self.depth = first.depth if first else 1
@@ -240,20 +262,37 @@ class Viewer:
         if self.resolution % self.patch:
             raise InputError(f"resolution {self.resolution} is not a multiple of the patch size {self.patch}")
         self.max_resolution = max(self.resolution * 2, 518) // self.patch * self.patch
-        self._samples = Path(tempfile.mkdtemp(prefix="sinder-hub-samples-"))
+        self._samples = Path(tempfile.mkdtemp(prefix="sinder-hub-samples-")).resolve()
+        self.readable_folders = (*(Path(folder).resolve() for folder in upload_folders), self._samples)
+
+    def _load(self, label: str, spec: str) -> None:
+        """Load ``spec`` into ``models``, or record why it cannot be shown in ``failures``."""
+        try:
+            loaded = load_model(spec, self.method)
+        except Exception as error:  # noqa: BLE001 - any failure is shown on the page, the others still serve
+            self.failures[label] = f"`{spec}` could not be loaded: {error}"
+            log.warning("viewer: %s could not be loaded: %s", spec, error)
+            return
+        first = next(iter(self.models.values()), loaded)
+        if (loaded.patch, loaded.depth) != (first.patch, first.depth):
+            self.failures[label] = (
+                f"`{spec}` has patch {loaded.patch} and {loaded.depth} blocks, `{first.spec}` "
+                f"patch {first.patch} and {first.depth} blocks: they cannot be shown side by side"
+            )
+            return
+        self.models[label] = loaded
 
     def sample_path(self, name: str | None) -> str | None:
-        """A ``skimage.data`` sample written once as ``<name>.png``, for the image input."""
-        if not name:
+        """A ``skimage.data`` sample written once as ``<name>.png``, for the image input; ``None`` for other names."""
+        if name not in SAMPLE_IMAGE_NAMES:
             return None
         path = self._samples / f"{name}.png"
         if not path.exists():
             sample_images([name])[name].save(path)
         return str(path)
 
-    def read_image(self, path: str | Path) -> Image.Image:
+    def read_image(self, path: Path) -> Image.Image:
         """The uploaded file as RGB; ``InputError`` for an empty, undecodable, tiny or too large file."""
-        path = Path(path)
         if path.stat().st_size == 0:
             raise InputError(f"{path.name} is empty (0 bytes)")
         try:
@@ -269,15 +308,32 @@ class Viewer:
             return Answer("No model could be loaded: " + "; ".join(self.failures.values()), {})
         if path is None:
             return Answer("Upload or paste an image, or pick a sample.", {})
+        upload = readable_upload(path, self.readable_folders)
+        if upload is None:
+            return Answer(NOT_AN_UPLOAD, {})
         try:
-            image = self.read_image(path)
+            image = self.read_image(upload)
         except InputError as error:
             return Answer(f"**Error:** {error}", {})
         resolution = min(
             max(self.patch, round((resolution or self.resolution) / self.patch) * self.patch), self.max_resolution
         )
         block = min(max(int(self.depth - 1 if block is None else block), 0), self.depth - 1)
-        name = Path(path).stem
+        views = self._views(image, upload.stem, resolution, block)
+        vmax = max(float(token_norms(view.grid).max()) for view in views.values())
+        for view in views.values():
+            view.norm_picture = norm_picture(view.grid, view.defects, self.patch, vmax)
+            view.pca_picture = upscale((pca_rgb(view.grid) * 255).round().astype(np.uint8), self.patch)
+        chart, table = block_chart(views, block, self.method), numbers_table(views, block)
+        grid_h, grid_w = next(iter(views.values())).grid.shape[:2]
+        message = (
+            f"`{upload.name.replace('`', '')}`: {image.width}×{image.height} px, centre crop at {resolution} px "
+            f"({grid_h}×{grid_w} tokens), block {block}; answered in {time.perf_counter() - started:.2f} s"
+        )
+        return Answer(message, views, block, vmax, chart, table)
+
+    def _views(self, image: Image.Image, name: str, resolution: int, block: int) -> dict[str, ModelView]:
+        """Every loaded model's ``defect_report`` and ``block``'s token grid for ``image`` at ``resolution``."""
         tensor = sinder_transform(resolution)(image)
         views = {}
         for label, loaded in self.models.items():
@@ -287,31 +343,23 @@ class Viewer:
             views[label] = ModelView(
                 label, loaded.spec, report, grid, report["blocks"][block]["defect_positions"][name]
             )
-        vmax = max(float(token_norms(view.grid).max()) for view in views.values())
-        for view in views.values():
-            view.norm_picture = norm_picture(view.grid, view.defects, self.patch, vmax)
-            view.pca_picture = upscale((pca_rgb(view.grid) * 255).round().astype(np.uint8), self.patch)
-        chart, table = block_chart(views, block, self.method), numbers_table(views, block)
-        grid_h, grid_w = next(iter(views.values())).grid.shape[:2]
-        message = (
-            f"`{Path(path).name}`: {image.width}×{image.height} px, centre crop at {resolution} px "
-            f"({grid_h}×{grid_w} tokens), block {block}; answered in {time.perf_counter() - started:.2f} s"
-        )
-        return Answer(message, views, block, vmax, chart, table)
+        return views
 
 
-def unopened_path(payload) -> str | None:
-    """Preprocessing of the image input: the uploaded file's path, unopened (``gr.Image`` would decode it first
-    and a bad file would end in gradio's generic error instead of the viewer's message)."""
+def uploaded_path(payload) -> str | None:
+    """Preprocessing of the image input: the payload's path, unopened and unchecked (``Viewer.answer`` reads
+    it only inside gradio's upload folder; ``gr.Image`` would decode any path it is sent, and a bad
+    upload would end in gradio's generic error instead of the viewer's message)."""
     return None if payload is None else payload.path
 
 
 def header(viewer: Viewer) -> str:
     """The page's introduction: which models, their load times, the direction method."""
     lines = [
-        "# sinder-hub viewer: singular defects, original vs repaired",
+        "# sinder-hub viewer: singular defects, side by side",
         f"Singular defect directions: {METHOD_NOTES[viewer.method]}. Defective tokens (eq. 5, 4σ) are "
-        "outlined in red on the token-norm maps; the two maps share one colour scale.",
+        "outlined in red on the token-norm maps; all maps share one colour scale. The table's cosine is "
+        "to the first model's tokens.",
     ]
     for label, loaded in viewer.models.items():
         lines.append(
@@ -322,85 +370,104 @@ def header(viewer: Viewer) -> str:
     return "\n".join(lines)
 
 
+def system_font_theme() -> gr.themes.Base:
+    """Gradio's default theme on the browser's own fonts: the page fetches no font from anywhere."""
+    return gr.themes.Default(font=SYSTEM_FONTS, font_mono=SYSTEM_MONO_FONTS)
+
+
+def input_column(viewer: Viewer) -> tuple[gr.Image, gr.Dropdown, gr.Slider, gr.Slider]:
+    """The image input, the sample picker and the resolution and block sliders."""
+    with gr.Column(scale=1, min_width=240):
+        image = gr.Image(
+            label="image: upload or paste",
+            type="filepath",
+            sources=["upload", "clipboard"],
+            elem_id="input-image",
+            height=260,
+        )
+        image.preprocess = uploaded_path  # not a subclass: gradio writes a .pyi beside any Component subclass
+        sample = gr.Dropdown(
+            choices=list(SAMPLE_IMAGE_NAMES), value=None, label="or a skimage.data sample", elem_id="sample"
+        )
+        size = gr.Slider(
+            4 * viewer.patch,
+            viewer.max_resolution,
+            value=viewer.resolution,
+            step=viewer.patch,
+            label=f"resolution (px, multiple of the patch, {viewer.patch})",
+            elem_id="resolution",
+        )
+        block = gr.Slider(
+            0, viewer.depth - 1, value=viewer.depth - 1, step=1, label="block (0 = first)", elem_id="block"
+        )
+    return image, sample, size, block
+
+
+def model_columns(viewer: Viewer) -> list[gr.Image]:
+    """One column per spec: its title (and why it is missing, if it is), its token-norm map and its PCA."""
+    pictures = []
+    for index, (label, spec) in enumerate(viewer.specs.items()):
+        with gr.Column(scale=1, min_width=220):
+            failure = viewer.failures.get(label)
+            gr.Markdown(
+                f"### {label}: `{spec}`" + (f"\n\n**Error:** {failure}" if failure else ""), elem_id=f"column-{index}"
+            )
+            pictures.append(gr.Image(label="token norm", format="png", interactive=False, elem_id=f"norm-{index}"))
+            pictures.append(
+                gr.Image(label="PCA of the patch tokens", format="png", interactive=False, elem_id=f"pca-{index}")
+            )
+    return pictures
+
+
+def page_updates(viewer: Viewer, answer: Answer) -> list:
+    """The outputs of one answer: message, table, chart, then the two pictures of every column."""
+    updates = [answer.message, answer.table, answer.chart]
+    for label in viewer.specs:
+        view = answer.views.get(label)
+        if view is None:
+            updates += [gr.update(value=None, label="token norm"), gr.update(value=None)]
+            continue
+        norm_label = f"token norm at block {answer.block} (0 – {answer.vmax:.0f}, shared scale; red: defects)"
+        updates += [gr.update(value=view.norm_picture, label=norm_label), gr.update(value=view.pca_picture)]
+    return updates
+
+
 def build_app(
     models: Sequence[str] | None = None,
     resolution: int | None = None,
     method: str = "expected",
     max_pixels: int = MAX_PIXELS,
 ) -> gr.Blocks:
-    """A Gradio Blocks app showing ``models`` (one or two specs, default ``default_models()``) side by side.
+    """A Gradio Blocks app showing ``models`` (one to four specs, ``LABEL=SPEC`` allowed; default
+    ``default_models()``) side by side.
 
     Loads the models and their directions now. ``resolution``: the default input size (a
     multiple of the patch; default the first model's native one); ``max_pixels``: larger
-    uploads are refused. Launch with ``app.launch(server_name=..., server_port=...)``.
+    uploads are refused. Analytics are off (also ``GRADIO_ANALYTICS_ENABLED`` for this process),
+    and ``app.launch(server_name=..., server_port=...)`` serves the page on system fonts.
     """
-    viewer = Viewer(list(models or default_models()), method, max_pixels, resolution)
-    with gr.Blocks(title="sinder-hub viewer") as app:
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    viewer = Viewer(list(models or default_models()), method, max_pixels, resolution, [get_upload_folder()])
+    with gr.Blocks(title="sinder-hub viewer", analytics_enabled=False) as app:
         gr.Markdown(header(viewer), elem_id="header")
         with gr.Row():
-            with gr.Column(scale=1, min_width=260):
-                image = gr.Image(
-                    label="image: upload or paste",
-                    type="filepath",
-                    sources=["upload", "clipboard"],
-                    elem_id="input-image",
-                    height=260,
-                )
-                image.preprocess = unopened_path  # not a subclass: gradio writes a .pyi beside any Component subclass
-                sample = gr.Dropdown(
-                    choices=list(SAMPLE_IMAGE_NAMES), value=None, label="or a skimage.data sample", elem_id="sample"
-                )
-                size = gr.Slider(
-                    4 * viewer.patch,
-                    viewer.max_resolution,
-                    value=viewer.resolution,
-                    step=viewer.patch,
-                    label=f"resolution (px, multiple of the patch, {viewer.patch})",
-                    elem_id="resolution",
-                )
-                block = gr.Slider(
-                    0, viewer.depth - 1, value=viewer.depth - 1, step=1, label="block (0 = first)", elem_id="block"
-                )
-            pictures = []
-            for index, label in enumerate(viewer.specs):
-                with gr.Column(scale=1, min_width=260):
-                    gr.Markdown(f"### {label}: `{viewer.specs[label]}`")
-                    pictures.append(
-                        gr.Image(label="token norm", format="png", interactive=False, elem_id=f"norm-{index}")
-                    )
-                    pictures.append(
-                        gr.Image(
-                            label="PCA of the patch tokens", format="png", interactive=False, elem_id=f"pca-{index}"
-                        )
-                    )
+            image, sample, size, block = input_column(viewer)
+            pictures = model_columns(viewer)
         message = gr.Markdown(elem_id="message")
         table = gr.Markdown(elem_id="numbers")
         chart = gr.Image(label="per block", format="png", interactive=False, elem_id="chart")
 
         def respond(path, resolution, shown_block):
-            answer = viewer.answer(path, resolution, shown_block)
-            updates = []
-            for label in viewer.specs:
-                view = answer.views.get(label)
-                if view is None:
-                    updates += [gr.update(value=None, label="token norm"), gr.update(value=None)]
-                else:
-                    updates += [
-                        gr.update(
-                            value=view.norm_picture,
-                            label=f"token norm at block {answer.block} "
-                            f"(0 – {answer.vmax:.0f}, shared scale; red: defects)",
-                        ),
-                        gr.update(value=view.pca_picture),
-                    ]
-            return [answer.message, answer.table, answer.chart, *updates]
+            return page_updates(viewer, viewer.answer(path, resolution, shown_block))
 
-        sample.change(viewer.sample_path, inputs=sample, outputs=image)
+        sample.change(viewer.sample_path, inputs=sample, outputs=image, api_name="sample")
         gr.on(
             [image.change, size.change, block.change],
             respond,
             inputs=[image, size, block],
             outputs=[message, table, chart, *pictures],
             trigger_mode="always_last",
+            api_name="respond",
         )
+    app.launch = functools.partial(app.launch, theme=system_font_theme())
     return app

@@ -1,9 +1,12 @@
-"""Open the browser viewer: token norms, PCA and per-block defects of your images, original vs repaired.
+"""Open the browser viewer: token norms, PCA and per-block defects of your images, up to four models side by side.
 
     sinder-hub view                                    # planted-swiglu vs demo-output/run (once the demo has run)
     sinder-hub view --model vit_base_patch14_dinov2 --compare runs/base --port 7860
+    sinder-hub view --model planted-swiglu --compare sinder=demo-output/run planted-gelu
 
 Loads the models and their singular defect directions, then serves the page until Ctrl-C.
+The page reads only images uploaded to it (and its own samples), sends no analytics and
+loads no web fonts; --host 0.0.0.0 and --share still expose it to anyone who can reach it.
 """
 
 from __future__ import annotations
@@ -11,29 +14,53 @@ from __future__ import annotations
 import argparse
 
 from sinder_hub.analysis import METHODS
+from sinder_hub.cli import ArgumentParser
 from sinder_hub.data import MAX_PIXELS
 from sinder_hub.errors import SinderError
+from sinder_hub.variants import MAX_VARIANTS, parse_variants
+
+DEFAULT_MODEL = "planted-swiglu"
+LARGEST_PORT = 65535
 
 
-def positive_int(text: str, largest: int | None = None) -> int:
-    value = int(text)
-    if value <= 0 or (largest is not None and value > largest):
-        raise argparse.ArgumentTypeError(
-            f"expected a positive integer{f' up to {largest}' if largest else ''}, got {text}"
-        )
+def positive_int(text: str) -> int:
+    """argparse type: an integer above zero."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, 1 to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= LARGEST_PORT:
+        raise argparse.ArgumentTypeError(f"expected a port number from 1 to {LARGEST_PORT}, got {text!r}")
     return value
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="sinder-hub view", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
         "--model",
-        help="backbone spec for load_backbone (default planted-swiglu, and with no "
+        help=f"backbone spec for load_backbone, optionally LABEL=SPEC (default {DEFAULT_MODEL}, and with no "
         "--compare the demo's repaired run demo-output/run beside it when that folder exists)",
     )
-    parser.add_argument("--compare", help="a second backbone (e.g. the repaired one), shown beside the first")
+    parser.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="[LABEL=]SPEC",
+        help=f"up to {MAX_VARIANTS - 1} more backbones (e.g. a repair run), shown beside the first; "
+        "the table's cosine is to the first model",
+    )
     parser.add_argument(
         "--resolution",
         type=positive_int,
@@ -50,30 +77,28 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--max-pixels",
         type=positive_int,
         default=MAX_PIXELS,
-        help="larger uploads are refused (default: PIL's decompression-bomb limit)",
+        help=f"larger uploads are refused (default {MAX_PIXELS:,}, PIL's decompression-bomb limit)",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    parser.add_argument(
-        "--port",
-        type=lambda text: positive_int(text, 65535),
-        help="port (default: gradio's, 7860 or the next free one)",
-    )
+    parser.add_argument("--port", type=port_number, help="port (default: gradio's, 7860 or the next free one)")
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.specs = (
+        None if args.model is None and args.compare is None else [args.model or DEFAULT_MODEL, *(args.compare or [])]
+    )
+    if args.specs:
+        parse_variants(args.specs[0], args.specs[1:])  # too many specs, a label given twice: before anything loads
+    return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        from sinder_hub.app import build_app, default_models
+        from sinder_hub.app import build_app
     except ModuleNotFoundError as error:
         if error.name != "gradio":
             raise
         raise SinderError("the viewer needs gradio: pip install 'sinder-hub[app]'") from error
-    if args.model is None and args.compare is None:
-        models = default_models()
-    else:
-        models = [args.model or "planted-swiglu", *([args.compare] if args.compare else [])]
-    app = build_app(models=models, resolution=args.resolution, method=args.method, max_pixels=args.max_pixels)
+    app = build_app(models=args.specs, resolution=args.resolution, method=args.method, max_pixels=args.max_pixels)
     app.launch(server_name=args.host, server_port=args.port, share=args.share)
     return 0
