@@ -1,25 +1,43 @@
-# `make demo` and `make test` work on a fresh machine: each creates or refreshes
-# .venv at the repository root, then uses it.
+# `make demo`, `make test` and `make test-fast` work on a fresh machine: each creates or refreshes
+# .venv at the repository root, then uses it. The demo needs only the package; the tests and the
+# viewer also need the `test` and `app` extras.
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+CORE := $(VENV)/.installed-core
+FULL := $(VENV)/.installed-full
+TORCH := torch==2.14.1 torchvision==0.29.1
+TORCH_RANGE := "torch>=2.4,<=2.14.1" "torchvision>=0.19,<=0.29.1"
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test test-fast lint view clean
 
-$(STAMP): pyproject.toml
+$(CORE): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1 || $(PY) -m pip install -q "torch>=2.4,<=2.14.1" "torchvision>=0.19,<=0.29.1"
+	$(PY) -m pip install -q $(TORCH) || $(PY) -m pip install -q $(TORCH_RANGE)
+	$(PY) -m pip install -q -e .
+	touch $(CORE)
+
+$(FULL): $(CORE) pyproject.toml
 	$(PY) -m pip install -q -e ".[test,app]"
-	touch $(STAMP)
+	touch $(FULL)
 
-venv: $(STAMP)
+venv: $(FULL)
 
-demo: $(STAMP)
+demo: $(CORE)
 	$(PY) tools/demo.py --overwrite
 
-test: $(STAMP)
+view: $(FULL)
+	$(PY) tools/view.py
+
+# the full suite, what CI runs
+test: $(FULL)
 	$(PY) -m pytest -q tests
+
+# daily work: no subprocess-heavy, multi-process or browser tests
+test-fast: $(FULL)
+	$(PY) -m pytest -q -m "not slow" tests
+
+lint: $(FULL)
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
 
 clean:
 	rm -rf $(VENV) demo-output

@@ -42,8 +42,8 @@ import scipy.linalg
 import torch
 from torch import nn
 
+from .anatomy import BlockDescription, Norm, describe_model, get_path
 from .errors import BackboneError
-from .families import BlockDescription, Norm, describe_model, get_path
 from .singular_values import SingularValueLinear
 
 METHODS = ("sampled", "expected")

@@ -18,7 +18,6 @@ Gradio is imported here only: ``import sinder_hub`` never loads it.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import tempfile
@@ -38,7 +37,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from .analysis import singular_defect_directions
-from .backbones import load_backbone
+from .backbones import load_backbone, native_resolution
 from .data import MAX_PIXELS, SAMPLE_IMAGE_NAMES, load_rgb, sample_images, sinder_transform
 from .diagnostics import defect_report
 from .errors import DataError, InputError
@@ -68,20 +67,6 @@ SYSTEM_MONO_FONTS = ("ui-monospace", "monospace")
 def default_models() -> list[str]:
     """``planted-swiglu``, and beside it the demo's repaired run when ``demo-output/run`` exists (cwd-relative)."""
     return ["planted-swiglu", *([str(DEMO_RUN)] if DEMO_RUN.is_dir() else [])]
-
-
-def native_resolution(spec: str, model: torch.nn.Module) -> int:
-    """Input size a backbone is meant for: 224 for planted backbones (their calibration), a repair run's
-    training resolution, else the pretrained config's input size; rounded down to a multiple of the patch."""
-    report = Path(spec) / "repair_report.json"
-    if spec.startswith("planted-"):
-        size = CALIBRATION_RESOLUTION
-    elif report.is_file():
-        size = int(json.loads(report.read_text())["hyperparameters"]["resolution"])
-    else:
-        size = int(model.pretrained_cfg.get("input_size", (3, *model.patch_embed.img_size))[-1])
-    patch = model.patch_embed.patch_size[0]
-    return max(patch, size // patch * patch)
 
 
 @dataclass(frozen=True)

@@ -2,14 +2,19 @@
 
 Specs (see ``load_backbone``): a timm name, an ``hf-hub:`` id, a ``.safetensors`` file in timm layout, a
 folder written by timm's ``save_for_hf``, a ``.pth``/``.pt`` checkpoint in the authors' / Meta DINOv2
-layout, a transformers Dinov2 / Dinov2WithRegisters folder, or a planted-defect fixture (``planted-*``).
-Any block family ``sinder_hub.families`` supports loads (DINOv2, DeiT-III, CLIP, SigLIP, DINOv3, EVA02);
-DINOv2 specs (``*dinov2*`` names, authors' checkpoints, transformers folders) must also be DINOv2-like.
-Weights always load strictly: a missing, unexpected or mis-shaped key is a ``BackboneError``.
+layout, a transformers folder of a family with a transformers counterpart (``Dinov2Model``,
+``Dinov2WithRegistersModel``, ``CLIPVisionModel``, ``DINOv3ViTModel``), a test-time-registers folder
+(``test_time_registers.json``: its base model with the edit applied), or a planted-defect fixture
+(``planted-*``). Any block ``sinder_hub.anatomy`` supports loads; a model of a family with a ``check``
+(DINOv2: 14-px patches, a class token, layer scale) must also pass it. Weights always load strictly: a
+missing, unexpected or mis-shaped key is a ``BackboneError``. Weights to download are looked up in the
+local cache first; without them and without a network, the error comes at once, in one line.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import pickle
 from pathlib import Path
@@ -20,28 +25,25 @@ import torch
 from timm.models._hub import load_model_config_from_path, load_state_dict_from_path
 from timm.models.vision_transformer import VisionTransformer
 
-from .dinov2 import (
-    TRANSFORMERS_MODEL_TYPES,
-    check_dinov2_like,
-    dinov2_filter_fn,
-    from_transformers,
-    infer_architecture,
-    unwrap_checkpoint,
-)
+from . import families
+from .anatomy import describe_model
+from .downloads import weights_within_reach
 from .errors import BackboneError
-from .families import describe_model
-from .models import base_architecture
+from .families.dinov2 import dinov2_filter_fn, infer_architecture, unwrap_checkpoint
 
+REGISTERS_FILE = "test_time_registers.json"
 ACCEPTED_SPECS = (
-    "a timm name: vit_{small,base,large,giant}_patch14_dinov2, vit_*_patch14_reg4_dinov2 (optionally with a "
-    "pretrained tag such as .lvd142m) or their *_sinder counterparts, or a ViT of another supported family "
-    "(deit3_*, vit_*_clip_*, vit_*_siglip_*, vit_*_dinov3, eva02_*)",
+    "a timm name of a supported family ("
+    + ", ".join(f"{family.name}: {' '.join(family.architectures)}" for family in families.FAMILIES)
+    + ", optionally with a pretrained tag such as .lvd142m)",
     "an hf-hub:<user>/<repo> id",
     "a .safetensors file in timm layout (with architecture=)",
     "a folder written by timm's save_for_hf (config.json + model.safetensors)",
     "a .pth/.pt checkpoint in the authors' / Meta DINOv2 layout",
-    "a transformers Dinov2 / Dinov2WithRegisters folder",
-    "planted-gelu / planted-swiglu / planted-deit3 / planted-clip / planted-dinov3",
+    "a transformers folder of "
+    + ", ".join(family.transformers.model_class for family in families.with_transformers_counterpart()),
+    "a test-time-registers folder (test_time_registers.json, from sinder-hub registers)",
+    " / ".join(name for family in families.FAMILIES for name in family.planted),
 )
 
 
@@ -109,6 +111,7 @@ def _from_file(path: Path, architecture: str | None, pretrained: bool, model_kwa
     if path.suffix not in (".safetensors", ".pth", ".pt"):
         raise BackboneError(f"{path}: unknown checkpoint type {path.suffix!r}; expected .safetensors, .pth or .pt")
     if path.suffix == ".safetensors" and architecture is None:
+        _read_weights(path, lambda p: safetensors.safe_open(p, framework="pt"))  # a corrupt file says so first
         raise BackboneError(
             f"{path}: a .safetensors file does not name its architecture; pass architecture= "
             "(e.g. 'vit_giant_patch14_dinov2') or load the save_for_hf folder that contains it"
@@ -123,8 +126,15 @@ def _from_file(path: Path, architecture: str | None, pretrained: bool, model_kwa
 
 def _from_folder(path: Path, pretrained: bool, model_kwargs: dict) -> VisionTransformer:
     config_file = path / "config.json"
+    if (path / REGISTERS_FILE).is_file() and not config_file.is_file():
+        from .registers_folder import load_registers_folder
+
+        return load_registers_folder(path, pretrained=pretrained, **model_kwargs)
     if not config_file.is_file():
-        raise BackboneError(f"{path}: no config.json; expected a timm save_for_hf or transformers Dinov2 folder")
+        raise BackboneError(
+            f"{path}: no config.json; expected a timm save_for_hf folder, a transformers folder or a "
+            f"test-time-registers folder ({REGISTERS_FILE})"
+        )
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -136,12 +146,15 @@ def _from_folder(path: Path, pretrained: bool, model_kwargs: dict) -> VisionTran
         raise BackboneError(f"{config_file}: invalid JSON at {where}") from error
     if not isinstance(config, dict):
         raise BackboneError(f"{config_file}: expected a JSON object, found a {type(config).__name__}")
-    if config.get("model_type") in TRANSFORMERS_MODEL_TYPES:
-        return _from_transformers_folder(path, pretrained, model_kwargs)
+    model_type = config.get("model_type")
+    family = families.describe(None, model_type=model_type) if model_type else None
+    if family is not None and family.transformers is not None:
+        return _from_transformers_folder(path, family, pretrained, model_kwargs)
     if "architecture" not in config:
+        known = ", ".join(t for f in families.with_transformers_counterpart() for t in f.transformers.model_types)
         raise BackboneError(
-            f"{config_file}: neither a timm config (no 'architecture') nor a transformers "
-            f"{'/'.join(TRANSFORMERS_MODEL_TYPES)} config (model_type {config.get('model_type')!r})"
+            f"{config_file}: neither a timm config (no 'architecture') nor a transformers config of a supported "
+            f"family (model_type {model_type!r}; known: {known})"
         )
     pretrained_cfg, architecture, model_args = load_model_config_from_path(path)
     model_kwargs = {**(model_args or {}), **model_kwargs, "pretrained_cfg": pretrained_cfg}
@@ -155,9 +168,10 @@ def _from_folder(path: Path, pretrained: bool, model_kwargs: dict) -> VisionTran
     return model
 
 
-def _from_transformers_folder(path: Path, pretrained: bool, model_kwargs: dict) -> VisionTransformer:
+def _from_transformers_folder(path: Path, family, pretrained: bool, model_kwargs: dict) -> VisionTransformer:
     from transformers import AutoConfig, AutoModel
 
+    from_transformers = family.transformers.from_transformers
     if not pretrained:
         return from_transformers(AutoModel.from_config(AutoConfig.from_pretrained(path)), **model_kwargs)
     hf_model, info = _read_weights(path, lambda p: AutoModel.from_pretrained(p, output_loading_info=True))
@@ -169,10 +183,11 @@ def _from_transformers_folder(path: Path, pretrained: bool, model_kwargs: dict) 
 
 
 def check_supported(model: torch.nn.Module, name: str, source: str) -> None:
-    """Raise ``BackboneError`` unless ``families`` supports ``model``'s blocks (naming the module and what is
-    missing) and, for a DINOv2 architecture ``name``, it is DINOv2-like (``dinov2.check_dinov2_like``)."""
-    if "dinov2" in base_architecture(name.split(".")[0]):
-        check_dinov2_like(model, source)
+    """Raise ``BackboneError`` unless ``anatomy`` supports ``model``'s blocks (naming the module and what is
+    missing) and the model passes its family's ``check`` (DINOv2: ``check_dinov2_like``)."""
+    family = families.describe(name)
+    if family.check is not None:
+        family.check(model, source)
     describe_model(model, source)
 
 
@@ -185,8 +200,10 @@ def _create(name: str, pretrained: bool, model_kwargs: dict, source: str) -> Vis
         raise BackboneError(f"unknown backbone {source!r}; accepted: " + "; ".join(ACCEPTED_SPECS))
     if local and pretrained:
         _check_on_meta(name, source)
+    reach = weights_within_reach(name, source) if pretrained else contextlib.nullcontext()
     try:
-        model = timm.create_model(name, pretrained=pretrained, **{"dynamic_img_size": True, **model_kwargs})
+        with reach:
+            model = timm.create_model(name, pretrained=pretrained, **{"dynamic_img_size": True, **model_kwargs})
     except TypeError as error:  # e.g. a CNN rejects dynamic_img_size
         if local:
             _check_on_meta(name, source)
@@ -220,6 +237,8 @@ def load_backbone(
     """
     spec = str(spec)
     path = Path(spec).expanduser()
+    if spec.startswith("~"):
+        spec = str(path)
     is_path = not spec.startswith(("planted-", "hf-hub:")) and (
         path.suffix in (".safetensors", ".pth", ".pt") or "/" in spec or spec.startswith(".") or path.exists()
     )
@@ -238,3 +257,34 @@ def load_backbone(
     else:
         model = _from_file(path, architecture, pretrained, model_kwargs)
     return model.eval()
+
+
+def native_resolution(spec: str, model: torch.nn.Module) -> int:
+    """The input size a backbone is meant for: a repair run's training resolution (its report), else the
+    size its position embeddings were made for (``patch_embed.img_size``; 224 for the planted fixtures,
+    518 for DINOv2), rounded down to a multiple of the patch."""
+    from .report import REPORT_FILE, RepairReport
+
+    report = Path(str(spec)).expanduser() / REPORT_FILE
+    size = RepairReport.read(report).hyperparameters.get("resolution") if report.is_file() else None
+    if size is None:
+        size = model.patch_embed.img_size[0]
+    patch = model.patch_embed.patch_size[0]
+    return max(patch, int(size) // patch * patch)
+
+
+def weights_sha256(spec: str, model: torch.nn.Module) -> str:
+    """sha256 of the source weights file, or of the state dict (keys and bytes) when the source is a name."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        path = next((p for p in (path / "model.safetensors", path / "pytorch_model.bin") if p.exists()), path)
+    digest = hashlib.sha256()
+    if path.is_file():
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(chunk)
+        return digest.hexdigest()
+    for key, value in model.state_dict().items():
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

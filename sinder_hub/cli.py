@@ -1,4 +1,4 @@
-"""The ``sinder-hub`` command: ``sinder-hub repair|export|push|diagnose|evaluate|demo|view ...``.
+"""The ``sinder-hub`` command: ``sinder-hub repair|registers|export|push|diagnose|evaluate|demo|view ...``.
 
 Each sub-command lives in ``sinder_hub.commands.<name>`` as ``main(argv) -> int``; the
 scripts in ``tools/`` call the same functions. Multi-process runs:
@@ -15,12 +15,13 @@ import sys
 
 COMMANDS = {
     "repair": "repair a backbone with SINDER (Algorithm 1) and write a run folder",
+    "registers": "find test-time registers (the training-free rival) and write a registers folder",
     "export": "export a repaired backbone as stock timm and/or transformers folders",
     "push": "upload a run or export folder to the Hugging Face hub",
-    "diagnose": "defect statistics and pictures of a backbone, optionally beside a repaired one",
-    "evaluate": "feature-quality checks (k-NN, linear-probe and k-means segmentation)",
+    "diagnose": "defect statistics and pictures of a backbone, beside up to three variants",
+    "evaluate": "the paper's evaluations (k-NN, linear probes, segmentation, depth) of up to four variants",
     "demo": "the embedded demo: repair the planted-defect backbone on skimage's photos",
-    "view": "open the browser viewer: original vs repaired feature maps of your images",
+    "view": "open the browser viewer: up to four models' feature maps of your images, side by side",
 }
 
 
@@ -53,21 +54,26 @@ def _report(error: BaseException) -> None:
         print(f"error: {error}", file=sys.stderr)
 
 
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    commands = "\n".join(f"  {name:<{width}}  {text}" for name, text in COMMANDS.items())
+    return f"usage: sinder-hub {{{','.join(COMMANDS)}}} [options]\n       sinder-hub --version\n\n{commands}"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        width = max(map(len, COMMANDS))
-        usage = (
-            "usage: sinder-hub {"
-            + ",".join(COMMANDS)
-            + "} [options]\n\n"
-            + "\n".join(f"  {name:<{width}}  {text}" for name, text in COMMANDS.items())
-        )
-        if argv and argv[0] not in ("-h", "--help"):
-            print(f"sinder-hub: unknown command {argv[0]!r}\n{usage}", file=sys.stderr)
-            return 2
-        print(usage, file=sys.stderr if not argv else sys.stdout)
-        return 0 if argv else 2
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if argv and argv[0] in ("-V", "--version"):
+        from . import __version__
+
+        print(f"sinder-hub {__version__}")
+        return 0
+    if not argv or argv[0] not in COMMANDS:
+        problem = "no command given" if not argv else f"unknown command {argv[0]!r}"
+        print(f"error: sinder-hub: {problem}; expected one of {', '.join(COMMANDS)}\n\n{usage()}", file=sys.stderr)
+        return 2
     return run_command(argv[0], argv[1:])
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from pathlib import Path
 
@@ -17,7 +18,8 @@ log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+# what counts as an image, in a folder and in a list file alike (GIF, TIFF: their first frame)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 # PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS), made explicit: larger images are refused
 MAX_PIXELS = 89_478_485
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa")
@@ -90,13 +92,29 @@ def _is_image_file(path: Path) -> bool:
         return False
 
 
+def _walk_images(folder: Path) -> list[Path]:
+    """Files with an image suffix under ``folder``, sorted; symlinked sub-folders are followed, each real
+    folder visited once (a link back to a parent is no loop)."""
+    found, seen = [], set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        found += [Path(root) / name for name in names if Path(name).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(path for path in found if path.is_file())
+
+
 def list_images(source: str | Path) -> list[Path]:
-    """Image paths under a folder (recursive, sorted) or listed in a text file, one per line.
+    """Image paths under a folder (recursive, sorted, symlinked sub-folders followed once) or listed in a
+    UTF-8 text file, one per line (a byte-order mark, blank lines and ``#`` comments ignored). Both take
+    the files whose suffix is one of ``IMAGE_SUFFIXES``.
 
     Raises ``DataError`` for a missing source, an image file given as the source, a list file that
-    is not text, a listed path that does not exist, or no images at all.
+    is not text, a listed path that does not exist or is not an image file, or no images at all.
     """
-    source = Path(source)
+    source = Path(source).expanduser()
     if not source.exists():
         raise DataError(
             f"data source {source} does not exist; expected a folder of images or a text file listing image paths"
@@ -107,7 +125,7 @@ def list_images(source: str | Path) -> list[Path]:
                 f"{source} is an image file; --data takes a folder of images or a text file listing image paths"
             )
         try:
-            lines = [line.strip() for line in source.read_text(encoding="utf-8").splitlines()]
+            lines = [line.strip() for line in source.read_text(encoding="utf-8-sig").splitlines()]
         except UnicodeDecodeError as error:
             raise DataError(
                 f"{source} is not a text file (byte {error.start} is not UTF-8); expected a folder "
@@ -127,8 +145,14 @@ def list_images(source: str | Path) -> list[Path]:
             )
         if not paths:
             raise DataError(f"{source} lists no image paths; expected one image path per line")
+        others = [path for path in paths if path.suffix.lower() not in IMAGE_SUFFIXES]
+        if others:
+            raise DataError(
+                f"{source}: {len(others)} listed files are not images by their suffix ({others[0]}"
+                f"{', ...' if len(others) > 1 else ''}); expected one of {', '.join(IMAGE_SUFFIXES)}"
+            )
     else:
-        paths = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        paths = _walk_images(source)
         if not paths:
             raise DataError(f"no images found in {source} (looked for {', '.join(IMAGE_SUFFIXES)})")
     return paths

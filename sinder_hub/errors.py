@@ -32,5 +32,9 @@ class RunFolderError(InputError):
     """A run or export folder that cannot be written: it holds another run, is locked, or is a file."""
 
 
+class OutputError(SinderError):
+    """An output that could not be written (disk full, read-only folder, no permission); exit code 1."""
+
+
 class RepairError(SinderError):
     """A repair that ran but produced nothing usable (no update, every loss NaN, a degraded model)."""

@@ -17,8 +17,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from .dinov2 import dinov2_filter_fn
 from .errors import BackboneError
+from .families.dinov2 import dinov2_filter_fn
 
 SINDER_HUB_ID = "haoqiwang/sinder"
 SINDER_GIANT_FILE = "dinov2g_sinder.pth"

@@ -63,8 +63,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .anatomy import BlockDescription, describe_model, get_path
 from .data import TRAIN_SAMPLES, sample_images, sinder_transform
-from .families import BlockDescription, describe_model, get_path
 from .tokens import prepare_blocks
 
 PLANTED_BLOCK = 4
@@ -249,6 +249,51 @@ def _plant_trigger(
     fc2.weight[:, on], fc2.weight[:, off] = column, -column
 
 
+def _random_model(architecture: str, model_args: dict, k: int, generator, weight_std: float) -> nn.Module:
+    """The stock timm architecture with random DINOv2-like weights (``_draw_weights``), in eval mode."""
+    with torch.device("meta"):  # skip timm's initialisation: every weight is drawn below
+        model = timm.create_model(architecture, pretrained=False, **model_args)
+    if not 0 <= k < len(model.blocks):
+        raise ValueError(f"planted_block {k}: expected a block of the model (0 to {len(model.blocks) - 1})")
+    model = model.to_empty(device="cpu").eval()
+    for module in model.modules():  # Eva's RoPE frequencies and zero k_bias are buffers, not drawn below
+        if hasattr(module, "init_non_persistent_buffers"):
+            module.init_non_persistent_buffers()
+    _draw_weights(model, generator, weight_std)
+    return model
+
+
+def _reserve_channels(model: nn.Module, layouts, k: int, quiet: torch.Tensor, readout: torch.Tensor) -> None:
+    """Step 3 (channels): nothing but ``pos_embed`` writes ρ's channels, and nothing but block k's trigger
+    reads them, up to block k."""
+    dim = readout.numel()
+    ones = torch.ones(dim)
+    _blind_outputs(model.patch_embed.proj.weight.flatten(1), ones, readout)
+    for prefix_tokens in (model.cls_token, model.reg_token):
+        if prefix_tokens is not None:
+            _blind_outputs(prefix_tokens[0].T, ones, readout)
+    _blind_outputs(model.pos_embed[0].T, ones, readout)
+    if isinstance(model.norm_pre, nn.LayerNorm):  # equal gains: a token's pre-norm scale cannot leak into ρ
+        model.norm_pre.weight[quiet] = 1.0
+    for index, (early, early_layout) in enumerate(zip(model.blocks[: k + 1], layouts)):
+        for weight in _attention_inputs(early, early_layout):
+            _blind_inputs(weight, early.norm1.weight, readout)
+        for path in early_layout.mlp_inputs:
+            _blind_inputs(get_path(early, path).weight, early.norm2.weight, readout)
+        _blind_outputs(early.attn.proj.weight, _scale(early, early_layout.layer_scale1, dim), readout)
+        if index != k:
+            _blind_outputs(early.mlp.fc2.weight, _scale(early, early_layout.layer_scale2, dim), readout)
+
+
+def _carry_defect(model: nn.Module, layouts, k: int, direction: torch.Tensor) -> None:
+    """Step 4: the blocks after k neither read nor amplify ν (value rows and MLP inputs blind to it)."""
+    for later, later_layout in zip(model.blocks[k + 1 :], layouts[k + 1 :]):
+        start, stop = later_layout.value_rows
+        _blind_inputs(get_path(later, later_layout.value).weight[start:stop], later.norm1.weight, direction)
+        for path in later_layout.mlp_inputs:
+            _blind_inputs(get_path(later, path).weight, later.norm2.weight, direction)
+
+
 @torch.no_grad()
 def planted_backbone(
     variant: str = "planted-swiglu",
@@ -268,15 +313,7 @@ def planted_backbone(
     model_args = {**variant_args, **(model_args or {})}
     k = PLANTED_BLOCK if planted_block is None else planted_block
     generator = torch.Generator().manual_seed(DEFAULT_SEEDS[variant] if seed is None else seed)
-    with torch.device("meta"):  # skip timm's initialisation: every weight is drawn below
-        model = timm.create_model(architecture, pretrained=False, **model_args)
-    if not 0 <= k < len(model.blocks):
-        raise ValueError(f"planted_block {k}: expected a block of the model (0 to {len(model.blocks) - 1})")
-    model = model.to_empty(device="cpu").eval()
-    for module in model.modules():  # Eva's RoPE frequencies and zero k_bias are buffers, not drawn below
-        if hasattr(module, "init_non_persistent_buffers"):
-            module.init_non_persistent_buffers()
-    _draw_weights(model, generator, WEIGHT_STD if weight_std is None else weight_std)
+    model = _random_model(architecture, model_args, k, generator, WEIGHT_STD if weight_std is None else weight_std)
     layouts = describe_model(model, variant).blocks
     tokens, output = _mlp_inputs(model, _calibration_images(), k)
     block, layout = model.blocks[k], layouts[k]
@@ -287,22 +324,7 @@ def planted_backbone(
     quiet = tokens.flatten(0, 1).var(dim=0).argsort()[:2]
     readout = torch.zeros(dim)
     readout[quiet] = torch.tensor([1.0, -1.0]) / 2**0.5
-    ones = torch.ones(dim)
-    _blind_outputs(model.patch_embed.proj.weight.flatten(1), ones, readout)
-    for prefix_tokens in (model.cls_token, model.reg_token):
-        if prefix_tokens is not None:
-            _blind_outputs(prefix_tokens[0].T, ones, readout)
-    _blind_outputs(model.pos_embed[0].T, ones, readout)
-    if isinstance(model.norm_pre, nn.LayerNorm):  # equal gains: a token's pre-norm scale cannot leak into ρ
-        model.norm_pre.weight[quiet] = 1.0
-    for early, early_layout in zip(model.blocks[: k + 1], layouts):
-        for weight in _attention_inputs(early, early_layout):
-            _blind_inputs(weight, early.norm1.weight, readout)
-        for path in early_layout.mlp_inputs:
-            _blind_inputs(get_path(early, path).weight, early.norm2.weight, readout)
-        _blind_outputs(early.attn.proj.weight, _scale(early, early_layout.layer_scale1, dim), readout)
-        if early is not block:
-            _blind_outputs(early.mlp.fc2.weight, _scale(early, early_layout.layer_scale2, dim), readout)
+    _reserve_channels(model, layouts, k, quiet, readout)
 
     # step 3 (field): a smooth positional field along ρ, and an offset added to every position and to
     # the prefix tokens (which never fire) so that FIRE_FRACTION of the patch positions fire
@@ -328,9 +350,5 @@ def planted_backbone(
     _plant_trigger(block, layout, readout, defect_direction, DEFECT_TO_MEDIAN * output.norm(dim=-1).median())
 
     # step 4: later blocks carry the defect unchanged
-    for later, later_layout in zip(model.blocks[k + 1 :], layouts[k + 1 :]):
-        start, stop = later_layout.value_rows
-        _blind_inputs(get_path(later, later_layout.value).weight[start:stop], later.norm1.weight, defect_direction)
-        for path in later_layout.mlp_inputs:
-            _blind_inputs(get_path(later, path).weight, later.norm2.weight, defect_direction)
+    _carry_defect(model, layouts, k, defect_direction)
     return model

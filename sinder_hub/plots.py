@@ -117,26 +117,27 @@ def _block_angles(block: dict, grids: dict[str, list[int]]) -> tuple[np.ndarray,
 def angle_violin_figure(
     report: dict,
     path: str | Path,
-    compare: dict | None = None,
-    labels: tuple[str, str] = ("original", "repaired"),
+    compare: dict | list[dict] | None = None,
+    labels: tuple[str, ...] | list[str] = ("original", "repaired"),
     title: str | None = None,
 ) -> Path:
     """Fig. 2d: per block, all tokens' acute angles to the singular defect direction (violins,
     defective tokens as dots) and the angle between singular and empirical defect directions (line).
 
-    ``report`` (and ``compare``, drawn beside it in another colour) is a
+    ``report`` (and ``compare``, one report or up to three, drawn beside it in other colours) is a
     ``diagnostics.defect_report`` dict, or any ``{"blocks": [{"token_angles": {name: [H*W]},
     "angle_singular_empirical": float | None, "defect_positions"?: {name: [[r, c], …]}}, …]}``.
     Writes a PNG to ``path`` and returns it.
     """
-    reports = [report] if compare is None else [report, compare]
+    others = [] if compare is None else [compare] if isinstance(compare, dict) else list(compare)
+    reports = [report, *others]
     width = 0.8 / len(reports)
     depth = max(len(r["blocks"]) for r in reports)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * depth + 2) + 3.2, 4.2))
     handles = []
     for index, (rep, label) in enumerate(zip(reports, labels)):
         colour = MODEL_COLOURS[index]
-        prefix = f"{label}: " if compare is not None else ""
+        prefix = f"{label}: " if others else ""
         positions = np.arange(len(rep["blocks"])) + (index - (len(reports) - 1) / 2) * width
         pooled = [_block_angles(block, rep.get("grid", {})) for block in rep["blocks"]]
         violins = ax.violinplot(
@@ -180,6 +181,39 @@ def angle_violin_figure(
     ax.set_xlim(-0.6, depth - 0.4)
     ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title(title or "Angles to the singular defect direction (paper Fig. 2d)", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def variants_figure(rows: dict[str, dict], path: str | Path) -> Path:
+    """Variants side by side: defects per image at every block (lines), and at the last block the
+    defect/normal norm ratio and the cosines to the first variant (bars).
+
+    ``rows``: ``{label: {"defects_per_block": [..], "norm_ratio", "normal_token_cosine", "class_token_cosine"}}``
+    (``commands.diagnose.comparison_row``). Writes a PNG to ``path`` and returns it.
+    """
+    labels = list(rows)
+    fig, (blocks_ax, ratio_ax, cosine_ax) = plt.subplots(1, 3, figsize=(13.5, 3.6), width_ratios=(2.2, 1, 1.2))
+    for index, label in enumerate(labels):
+        per_block = rows[label]["defects_per_block"]
+        blocks_ax.plot(range(len(per_block)), per_block, "o-", color=MODEL_COLOURS[index], markersize=3, label=label)
+    blocks_ax.set_xlabel("block")
+    blocks_ax.set_title("defective tokens per image", fontsize=9)
+    blocks_ax.legend(fontsize=8)
+    x = np.arange(len(labels))
+    ratios = [rows[label]["norm_ratio"] or 0.0 for label in labels]
+    ratio_ax.bar(x, ratios, color=MODEL_COLOURS[: len(labels)])
+    ratio_ax.set_title("norm of defects / normal tokens, last block", fontsize=9)
+    width = 0.38
+    for offset, key, hatch in ((-width / 2, "normal_token_cosine", ""), (width / 2, "class_token_cosine", "//")):
+        values = [rows[label][key] if rows[label][key] is not None else np.nan for label in labels]
+        cosine_ax.bar(x + offset, values, width, color=MODEL_COLOURS[: len(labels)], hatch=hatch, edgecolor="white",
+                      label=key.replace("_", " ").replace(" cosine", ""))  # fmt: skip
+    cosine_ax.set_ylim(min(0.9, np.nanmin([rows[label]["normal_token_cosine"] or 1 for label in labels]) - 0.01), 1.0)
+    cosine_ax.set_title(f"cosine of the final features to {labels[0]}", fontsize=9)
+    cosine_ax.legend(fontsize=7, loc="lower left")
+    for ax in (ratio_ax, cosine_ax):
+        ax.set_xticks(x, labels, rotation=20, fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
 

@@ -1,32 +1,59 @@
-"""A repair run folder that is never overwritten by accident and never looks finished when it is not.
+"""A run folder that is never overwritten by accident and never looks finished when it is not.
 
 - A folder that holds anything is refused unless the run resumes it (``--resume``) or is
-  told to replace it (``--overwrite``, which removes only the files a run writes).
+  told to replace it (``--overwrite``). A run never writes into the folder or the file it
+  reads its model or data from.
 - ``.lock`` holds the owner's pid and host while a run is active; a second run into the
   same folder stops at once. A lock whose process is gone (same host) is stale and taken over.
-- ``INCOMPLETE`` is written when a run starts and removed after its last file, the report,
+- Nothing is removed before the new run has passed every check, its model loaded
+  (``begin``); ``--overwrite`` then removes only the files a run writes, by name
+  (``RunFiles``), and leaves everything else, a user's files inside ``checkpoint/`` included.
+- ``INCOMPLETE`` is written when the run begins and removed after its last file, the report,
   is in place. Every final file is written to a temporary name and renamed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import os
-import shutil
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import RunFolderError
-from .files import write_text_atomic
+from .files import output_error, write_text_atomic, writing
 
 LOCK = ".lock"
 INCOMPLETE = "INCOMPLETE"
 REPORT = "repair_report.json"
 CHECKPOINT = "checkpoint/state.pt"
-# what a run writes; --overwrite removes these and nothing else
-RUN_FILES = ("model.safetensors", "config.json", REPORT, INCOMPLETE)
-RUN_PATTERNS = ("before_after_*.png", ".*.tmp-*")
-RUN_FOLDERS = ("checkpoint",)
+# hidden temporary files and staging folders of our atomic writes (a kill can leave them behind)
+TEMPORARY = ".*.tmp-*"
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """What a kind of run writes: ``names`` and ``patterns`` at the top of its folder, and its checkpoint."""
+
+    kind: str
+    report: str
+    names: tuple[str, ...]
+    patterns: tuple[str, ...] = ()
+    checkpoint: str | None = None
+
+    def owns(self, name: str) -> bool:
+        """Whether a top-level entry ``name`` is one this kind of run writes."""
+        return name in self.names or any(fnmatch.fnmatchcase(name, p) for p in (*self.patterns, TEMPORARY))
+
+
+REPAIR_FILES = RunFiles(
+    kind="repair run",
+    report=REPORT,
+    names=("model.safetensors", "config.json", REPORT, INCOMPLETE),
+    patterns=("before_after_*.png",),
+    checkpoint=CHECKPOINT,
+)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -40,17 +67,18 @@ def _pid_alive(pid: int) -> bool:
 
 
 class RunFolder:
-    """The output folder of one repair run (see the module docstring)."""
+    """The output folder of one run (see the module docstring)."""
 
-    def __init__(self, path: str | Path, resume: bool = False, overwrite: bool = False):
-        self.path = Path(path)
-        self.resume, self.overwrite = resume, overwrite
-        self.created = False
+    def __init__(self, path: str | Path, resume: bool = False, overwrite: bool = False, files: RunFiles = REPAIR_FILES):
+        self.path = Path(path).expanduser()
+        self.resume, self.overwrite, self.files = resume, overwrite, files
+        self.created = False  # this run made the folder
         self.locked = False
+        self.began = False  # this run passed its checks and marked the folder INCOMPLETE
 
     @property
     def checkpoint(self) -> Path:
-        return self.path / CHECKPOINT
+        return self.path / (self.files.checkpoint or CHECKPOINT)
 
     def check(self) -> None:
         """Read-only checks, before any model is loaded; raises ``RunFolderError``."""
@@ -60,45 +88,76 @@ class RunFolder:
         if self.resume and self.overwrite:
             raise RunFolderError("--resume and --overwrite exclude each other: resume a run or replace it")
         if self.resume:
+            if self.files.checkpoint is None:
+                raise RunFolderError(f"--resume: a {self.files.kind} has no checkpoint to resume")
             if not self.checkpoint.exists():
                 raise RunFolderError(f"--resume: no checkpoint at {self.checkpoint} (start the run without --resume)")
-            if (path / REPORT).exists() and not (path / INCOMPLETE).exists():
-                raise RunFolderError(f"--resume: {path} holds a finished run ({REPORT}); nothing to resume")
+            if (path / self.files.report).exists() and not (path / INCOMPLETE).exists():
+                raise RunFolderError(f"--resume: {path} holds a finished run ({self.files.report}); nothing to resume")
             return
         contents = self._contents()
         if contents and not self.overwrite:
-            kind = "a repair run" if (path / REPORT).exists() or (path / CHECKPOINT).exists() else "other files"
+            ours = (path / self.files.report).exists() or (path / INCOMPLETE).exists() or self._has_checkpoint()
+            kind = f"a {self.files.kind}" if ours else "other files"
+            hint = "pass --resume to continue a run, " if self.files.checkpoint and ours else ""
+            listing = f"{', '.join(contents[:3])}{', ...' if len(contents) > 3 else ''}"
             raise RunFolderError(
-                f"--output {path} already holds {kind} ({', '.join(contents[:3])}"
-                f"{', ...' if len(contents) > 3 else ''}); pass --resume to continue a run, "
-                f"--overwrite to replace it, or choose another folder"
+                f"--output {path} already holds {kind} ({listing}); {hint}--overwrite to replace "
+                f"{'it' if ours else 'the files a run writes there'}, or choose another folder"
             )
 
+    def check_inputs(self, inputs: dict[str, str]) -> None:
+        """``RunFolderError`` when the run would write where it reads: ``inputs`` maps a flag to a spec
+        (``{"--model": ..., "--data": ...}``); one that is this folder, or lies inside it, is refused."""
+        output = self.path.resolve()
+        for flag, spec in inputs.items():
+            source = Path(str(spec)).expanduser()
+            if not spec or not source.exists():
+                continue
+            source = source.resolve()
+            if source == output or output in source.parents:
+                where = "is" if source == output else "contains"
+                raise RunFolderError(
+                    f"--output {self.path} {where} the {flag} {spec} that the run reads; "
+                    f"write the run into another folder"
+                )
+
+    def _has_checkpoint(self) -> bool:
+        return self.files.checkpoint is not None and self.checkpoint.exists()
+
     def _contents(self) -> list[str]:
+        """Entries of the folder besides the lock and an empty ``checkpoint/`` a failed run may leave."""
         if not self.path.is_dir():
             return []
-        return sorted(p.name for p in self.path.iterdir() if p.name != LOCK)
+        empty_checkpoint = self.files.checkpoint is not None and _is_empty_dir(self.checkpoint.parent)
+        return sorted(
+            p.name
+            for p in self.path.iterdir()
+            if p.name != LOCK and not (empty_checkpoint and p == self.checkpoint.parent)
+        )
 
     def acquire(self) -> None:
-        """Create the folder if needed, take the lock, clear a replaced run, mark the run incomplete."""
+        """Create the folder if needed and take the lock; nothing in the folder is changed yet."""
         self.created = not self.path.exists()
-        try:
+        with writing(self.path, "create the run folder"):
             self.path.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise RunFolderError(f"--output {self.path}: cannot create the folder ({error.strerror})") from error
         self._lock()
         try:
             self.check()  # again, now that the folder is ours: another run may have written in between
-            if self.overwrite:
-                self._remove_run_files()
-            write_text_atomic(
-                self.path / INCOMPLETE,
-                "a repair run started here and has not finished; "
-                "continue it with --resume or replace it with --overwrite\n",
-            )
         except BaseException:
             self.release(failed=True)
             raise
+
+    def begin(self) -> None:
+        """Every check has passed: remove an earlier run's files (``--overwrite``) and mark the run incomplete."""
+        if self.overwrite:
+            self._remove_run_files()
+        self.began = True
+        write_text_atomic(
+            self.path / INCOMPLETE,
+            f"a {self.files.kind} started here and has not finished; continue it with --resume or "
+            "replace it with --overwrite\n",
+        )
 
     def _lock(self) -> None:
         lock = self.path / LOCK
@@ -117,6 +176,8 @@ class RunFolder:
                 raise RunFolderError(
                     f"--output {self.path} is locked by {holder} (a run is active there); if none is, remove {lock}"
                 ) from None
+            except OSError as error:
+                raise output_error(lock, "take the lock", error) from error
             with os.fdopen(fd, "w") as handle:
                 handle.write(me)
             self.locked = True
@@ -124,28 +185,47 @@ class RunFolder:
         raise RunFolderError(f"--output {self.path}: could not take the lock {lock}")
 
     def _remove_run_files(self) -> None:
-        for name in RUN_FILES:
-            (self.path / name).unlink(missing_ok=True)
-        for pattern in RUN_PATTERNS:
-            for path in self.path.glob(pattern):
-                if path.is_dir():  # a model staging folder left by a kill
-                    shutil.rmtree(path)
-                else:
-                    path.unlink(missing_ok=True)
-        for name in RUN_FOLDERS:
-            shutil.rmtree(self.path / name, ignore_errors=True)
+        """Remove, by name, the files a run of this kind writes; nothing else."""
+        with writing(self.path, "replace the earlier run in"):
+            for entry in self.path.iterdir():
+                if entry.name != LOCK and self.files.owns(entry.name):
+                    _remove(entry)
+            if self.files.checkpoint is not None:
+                folder = self.checkpoint.parent
+                self.checkpoint.unlink(missing_ok=True)
+                for entry in folder.glob(TEMPORARY) if folder.is_dir() else ():
+                    _remove(entry)
+                with contextlib.suppress(OSError):  # a user's files inside it stay, and so does the folder
+                    folder.rmdir()
 
     def finished(self) -> None:
         """The report is in place: the run is complete."""
         (self.path / INCOMPLETE).unlink(missing_ok=True)
 
     def release(self, failed: bool = False) -> None:
-        """Drop the lock; a folder this run created and left without a checkpoint is removed again."""
+        """Drop the lock; a run that failed before its first checkpoint leaves no trace of itself."""
         if self.locked:
             (self.path / LOCK).unlink(missing_ok=True)
             self.locked = False
-        if failed and not self.checkpoint.exists():  # nothing was computed: leave no trace
-            (self.path / INCOMPLETE).unlink(missing_ok=True)
-            if self.created:
-                with contextlib.suppress(OSError):  # something else is in it now: leave it
+        if failed and not self._has_checkpoint():
+            with contextlib.suppress(OSError):
+                if self.began:  # only what this run wrote; before begin() nothing was touched
+                    (self.path / INCOMPLETE).unlink(missing_ok=True)
+                    if self.files.checkpoint is not None and _is_empty_dir(self.checkpoint.parent):
+                        self.checkpoint.parent.rmdir()
+                if self.created:  # a folder this run created, if nothing else is in it now
                     self.path.rmdir()
+
+
+def _is_empty_dir(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
+
+
+def _remove(path: Path) -> None:
+    """A file, or a staging folder of our own (a kill can leave one) with its files."""
+    if path.is_dir() and not path.is_symlink():
+        for child in path.iterdir():
+            _remove(child)
+        path.rmdir()
+    else:
+        path.unlink(missing_ok=True)

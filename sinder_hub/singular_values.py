@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .families import describe_block, describe_model, get_path
+from .anatomy import describe_block, describe_model, get_path
 
 _REFERENCE_MODE = False
 # set on an EvaAttention whose qkv_bias_separate was switched on by parametrize_singular_values: its old value

@@ -17,7 +17,7 @@ from sinder_hub.analysis import (
     _sampled_mlp_map,
     chain_singular_vectors,
 )
-from sinder_hub.families import describe_block
+from sinder_hub.anatomy import describe_block
 from sinder_hub.planted import planted_backbone
 
 

@@ -5,8 +5,9 @@ the token-norm maps and PCA pictures of three models (non-blank, one 14-px squar
 the defect counts (equal to ``defect_report`` for the same file), the message for a non-image
 upload, and that the page requested nothing from any other host. The second model is the
 demo's repaired run when ``demo-output/run`` exists, else the planted backbone with its
-planted trigger (the top singular triplet of block 4's fc2) removed by hand; the third is
-``planted-gelu`` (same patch and depth). The raw HTTP API is tested in ``test_app_api.py``.
+planted trigger (the top singular triplet of block 4's fc2) removed by hand; the third is a
+test-time-registers folder of ``planted-swiglu`` (the training-free rival, searched on four training
+photos). The raw HTTP API is tested in ``test_app_api.py``.
 """
 
 from __future__ import annotations
@@ -45,18 +46,35 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO_RUN = ROOT / "demo-output" / "run"
 
 
+def registers_folder(folder: Path) -> str:
+    """Test-time registers of ``planted-swiglu``, found on four training photos."""
+    from sinder_hub.data import TRAIN_SAMPLES
+    from sinder_hub.registers_folder import RegistersConfig, find_registers
+
+    photos = folder / "photos"
+    photos.mkdir()
+    for name, image in list(sample_images(TRAIN_SAMPLES).items())[:4]:
+        image.resize((224, 224)).save(photos / f"{name}.png")
+    config = RegistersConfig(
+        model="planted-swiglu", images=str(photos), output=str(folder / "ttr"), held_out=("astronaut",)
+    )
+    find_registers(config)
+    return f"registers={config.output}"
+
+
 @pytest.fixture(scope="module")
 def specs(tmp_path_factory) -> list[str]:
-    """``planted-swiglu``, a repaired version of it (the demo's run, or the hand repair) and ``planted-gelu``."""
+    """``planted-swiglu``, a repaired version of it (the demo's run, or the hand repair) and its test-time registers."""
+    registers = registers_folder(tmp_path_factory.mktemp("registers"))
     if (DEMO_RUN / "model.safetensors").is_file():
-        return ["planted-swiglu", os.path.relpath(DEMO_RUN), "planted-gelu"]
+        return ["planted-swiglu", os.path.relpath(DEMO_RUN), registers]
     model = planted_backbone("planted-swiglu")
     fc2 = model.blocks[PLANTED_BLOCK].mlp.fc2
     with torch.no_grad():
         u, s, vh = torch.linalg.svd(fc2.weight, full_matrices=False)
         fc2.weight -= s[0] * torch.outer(u[:, 0], vh[0])
     folder = export(model, tmp_path_factory.mktemp("hand-repaired"), format="timm")["timm"]
-    return ["planted-swiglu", f"repaired={folder}", "planted-gelu"]
+    return ["planted-swiglu", f"repaired={folder}", registers]
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,10 @@ from timm.models import save_for_hf
 from timm.models.vision_transformer import VisionTransformer
 
 import sinder_hub
+import sinder_hub.downloads
 import sinder_hub.planted
 from sinder_hub import BackboneError, load_backbone
-from sinder_hub.dinov2 import infer_architecture
+from sinder_hub.families.dinov2 import infer_architecture
 
 SMALL = dict(embed_dim=192, depth=2, num_heads=3)
 STOCK = (
@@ -97,6 +98,7 @@ def test_hf_hub_id_passes_through_to_timm(monkeypatch):
         return model
 
     monkeypatch.setattr(sinder_hub.backbones.timm, "create_model", create_model)
+    monkeypatch.setattr(sinder_hub.downloads, "_cached", lambda kind, where: True)  # no network in the tests
     load_backbone("hf-hub:someone/repaired-dinov2")
     assert calls == [("hf-hub:someone/repaired-dinov2", dict(pretrained=True, dynamic_img_size=True))]
 

@@ -63,11 +63,13 @@ def test_tiny_run_figures_add_up(tmp_path):
     histogram = result["loss_layer_histogram"]
     assert sum(histogram.values()) == loss["images"] and histogram.get("3", 0) > 0  # the planted block gives losses
     assert loss["time_s"] > 0
-    assert result["images_per_s"] > 0 and result["loader_wait_s"] > 0  # no workers: decoding happens in next()
-    assert loss["time_s"] + clear["time_s"] + result["loader_wait_s"] <= result["loop_s"]
-    assert result["build_s"] > 0 and result["directions_s"] > 0
-    assert result["build_s"] + result["directions_s"] < result["setup_s"] < result["total_s"]
-    assert result["peak_memory_gib"] > 0.1
+    timings = result["timings"]  # the run's own, from its report
+    assert result["images_per_s"] > 0 and timings["loader_wait_s"] > 0  # no workers: decoding happens in next()
+    assert loss["time_s"] + clear["time_s"] + timings["loader_wait_s"] <= timings["loop_s"]
+    assert result["build_and_save_s"] > 0 and timings["setup_s"] > 0 and timings["directions_s"] > 0
+    parts = ("setup_s", "directions_s", "held_out_s", "loop_s", "merge_s", "write_s")
+    assert sum(timings[part] for part in parts) < result["total_s"]
+    assert timings["peak_memory_gib"] > 0.1 and timings["peak_memory_kind"] == "process RSS"
     held = result["held_out"]
     assert held["defects_before"] > 0 and held["defects_after"] >= 0
     assert 0.9 < held["normal_token_cosine"] <= 1.0 + 1e-6 and 0.9 < held["class_token_cosine"] <= 1.0 + 1e-6

@@ -12,10 +12,10 @@ import torch
 from test_backbones import assert_same_weights, random_dinov2
 from timm.models import save_for_hf
 
-import sinder_hub.hub
+import sinder_hub.cards
 from sinder_hub import BackboneError
-from sinder_hub.convert import export, save_timm, to_transformers, transformers_config
-from sinder_hub.dinov2 import from_transformers, timm_architecture
+from sinder_hub.convert import export, save_timm, to_transformers
+from sinder_hub.families.dinov2 import from_transformers, timm_architecture, transformers_config
 
 MODEL_TYPES = {
     "gelu": "vit_small_patch14_dinov2",
@@ -155,9 +155,11 @@ def test_exported_folders_load_in_stock_timm_and_transformers(tmp_path):
 def test_export_single_format_and_card_hook(tmp_path, monkeypatch):
     cards = []
     monkeypatch.setattr(
-        sinder_hub.hub,
+        sinder_hub.cards,
         "write_model_card",
-        lambda folder, kind: cards.append((folder.parent, kind, sorted(path.name for path in folder.iterdir()))),
+        lambda folder, kind, **kwargs: cards.append(
+            (folder.parent, kind, sorted(path.name for path in folder.iterdir()))
+        ),
     )
     model = random_dinov2("vit_small_patch14_dinov2")
     assert export(model, tmp_path, format="transformers", card=True) == {"transformers": tmp_path}

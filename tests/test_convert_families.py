@@ -14,9 +14,10 @@ from test_backbones import assert_same_weights
 
 import sinder_hub
 from sinder_hub import BackboneError
+from sinder_hub.cards import build_model_card
 from sinder_hub.convert import export, save_timm, to_transformers
-from sinder_hub.hf_families import clip_from_transformers, dinov3_from_transformers
-from sinder_hub.hub import build_model_card
+from sinder_hub.families.clip import from_transformers as clip_from_transformers
+from sinder_hub.families.dinov3 import from_transformers as dinov3_from_transformers
 
 # name -> (transformers class, timm model args); depth 2 keeps them fast, 224 px is their native size
 FAMILIES = {

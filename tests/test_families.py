@@ -12,7 +12,7 @@ from torch import nn
 
 from sinder_hub import BackboneError
 from sinder_hub.analysis import _expected_mlp_map, block_linear_maps, singular_defect_directions
-from sinder_hub.families import describe_block, describe_model, get_path, has_class_token
+from sinder_hub.anatomy import describe_block, describe_model, get_path, has_class_token
 from sinder_hub.singular_values import merge_singular_values, parametrize_singular_values
 from sinder_hub.tokens import block_outputs, patch_grid, prepare_blocks
 

@@ -32,10 +32,10 @@ import timm
 import torch
 
 from sinder_hub.analysis import singular_defect_directions
+from sinder_hub.anatomy import describe_model
 from sinder_hub.data import sample_images, sinder_transform
 from sinder_hub.defects import defect_mask
 from sinder_hub.diagnostics import angle_to_direction, mean_pairwise_angle
-from sinder_hub.families import describe_model
 from sinder_hub.planted import PLANTED_BLOCK, PLANTED_VARIANTS, planted_backbone
 from sinder_hub.tokens import block_outputs, patch_grid
 

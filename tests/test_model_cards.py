@@ -9,7 +9,7 @@ import re
 import pytest
 from huggingface_hub import ModelCard
 
-from sinder_hub.hub import base_model_of, build_model_card, detect_kind, write_model_card
+from sinder_hub.cards import base_model_of, build_model_card, detect_kind, write_model_card
 
 REPO_ID = "alice/vit-small-dinov2-sinder"
 REPORT = {
@@ -211,8 +211,9 @@ def test_picture_is_linked_only_when_present(tmp_path):
 
 @pytest.mark.parametrize("kind", ["timm", "transformers"])
 def test_card_without_report_says_why(tmp_path, kind):
+    """Weights repaired elsewhere (the SINDER authors' checkpoint exported): no figure, and why."""
     folder = FOLDERS[kind](tmp_path / kind, report=None)
-    card = ModelCard.load(write_model_card(folder, kind, repo_id=REPO_ID))
+    card = ModelCard.load(write_model_card(folder, kind, repo_id=REPO_ID, repaired_elsewhere=True))
     assert "No figures are available for this checkpoint" in card.text
     assert "repair_report.json" in section(card.text, "Repair report")
     assert "|" not in section(card.text, "Repair report")
@@ -298,8 +299,8 @@ def test_a_built_wheel_carries_the_card_templates(tmp_path):
     )
     folder = timm_folder(tmp_path / "repaired")
     code = (
-        "import sinder_hub.hub as hub, sys; print(hub.__file__); "
-        f"print('## Repair report' in hub.build_model_card({str(folder)!r}, 'timm', repo_id={REPO_ID!r}).text)"
+        "import sinder_hub.cards as cards, sys; print(cards.__file__); "
+        f"print('## Repair report' in cards.build_model_card({str(folder)!r}, 'timm', repo_id={REPO_ID!r}).text)"
     )
     found = subprocess.run(
         [sys.executable, "-c", code],
@@ -310,6 +311,43 @@ def test_a_built_wheel_carries_the_card_templates(tmp_path):
     )
     assert found.returncode == 0, found.stderr[-2000:]
     assert found.stdout.split() == [
-        str(target / "sinder_hub" / "hub.py"),
+        str(target / "sinder_hub" / "cards.py"),
         "True",
     ]  # the installed copy, with its templates
+
+
+def test_a_vit_of_no_known_family_gets_a_truthful_card(tmp_path):
+    """A supervised AugReg ViT is neither DINOv2 nor repaired: its card names it and borrows nothing."""
+    from sinder_hub import load_backbone
+    from sinder_hub.convert import export
+
+    model = load_backbone("vit_small_patch16_224.augreg_in21k", pretrained=False, depth=1)
+    card = ModelCard.load(export(model, tmp_path, format="timm", card=True)["timm"] / "README.md")
+    assert "vit_small_patch16_224" in card.text.splitlines()[1]  # the title
+    assert "DINOv2" not in card.text.replace("such as DINOv2", "") and "oquab" not in card.text
+    assert "It has not been repaired" in card.text and "wang2024sinder" not in card.text
+    assert card.data.tags == ["vision", "image-feature-extraction", "timm"] and card.data.license == "other"
+
+
+def test_an_export_without_a_report_is_described_as_exported_not_repaired(tmp_path):
+    from sinder_hub.convert import export
+    from sinder_hub.planted import planted_backbone
+
+    folders = export(planted_backbone("planted-gelu"), tmp_path, format="both", card=True)
+    for kind, folder in folders.items():
+        card = ModelCard.load(folder / "README.md")
+        assert card.text.splitlines()[1] == "# DINOv2 exported with sinder-hub (not repaired)"
+        assert "It has not been repaired" in card.text and "## Repair report" not in card.text
+        assert "oquab2024dinov2" in card.text and "wang2024sinder" not in card.text  # the family's citation only
+        assert "sinder" not in card.data.tags and card.data.tags[0] == "dinov2" and card.data.tags[-1] == kind
+
+
+def test_the_authors_repaired_checkpoint_is_described_as_repaired_elsewhere(tmp_path):
+    import timm
+
+    from sinder_hub.convert import export
+
+    model = timm.create_model("vit_small_patch14_dinov2_sinder", pretrained=False, depth=1)  # an authors'-style name
+    card = ModelCard.load(export(model, tmp_path, format="timm", card=True)["timm"] / "README.md")
+    assert card.text.splitlines()[1] == "# DINOv2 repaired with SINDER"
+    assert "No figures are available for this checkpoint" in card.text and "wang2024sinder" in card.text

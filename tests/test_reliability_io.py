@@ -21,10 +21,11 @@ from timm.models import save_for_hf
 
 import sinder_hub.backbones
 from sinder_hub import BackboneError, load_backbone
+from sinder_hub.cards import build_model_card
 from sinder_hub.cli import main as cli_main
 from sinder_hub.convert import export
 from sinder_hub.errors import RunFolderError
-from sinder_hub.hub import build_model_card, push_folder
+from sinder_hub.hub import push_folder
 from sinder_hub.synthetic import make_shapes_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -221,7 +222,8 @@ def test_export_of_a_bare_model_over_a_run_export_drops_its_report(tmp_path):
     export(run_folder(tmp_path / "run", 1, {"steps": 1}, ("astronaut",)), out, format="transformers")
     export(small_vit(3), out, format="transformers", overwrite=True, card=True)
     assert sorted(listing(out)) == ["README.md", "config.json", "model.safetensors", "preprocessor_config.json"]
-    assert "No figures are available" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "It has not been repaired" in card and "repair_report" not in card  # the bare model was never repaired
 
 
 def test_export_into_its_own_source_is_refused_up_front(tmp_path, capsys, no_model):
@@ -339,7 +341,7 @@ def shapes(tmp_path_factory):
 
 
 def evaluate(*args) -> int:
-    return cli(["evaluate", "--model", "planted-gelu", *map(str, args)])
+    return cli(["evaluate", "--model", "planted-gelu", "--workers", "0", *map(str, args)])
 
 
 def test_evaluate_checks_the_layout_before_loading(shapes, tmp_path, capsys, no_model):
@@ -383,7 +385,7 @@ def test_evaluate_checks_the_layout_before_loading(shapes, tmp_path, capsys, no_
         2,
         f"{seg / 'val'}: 1 of 2 images have no mask in {seg / 'val' / 'masks'} (b.png)",
     )
-    for flag in ("--batch-size", "--resolution", "--steps", "--max-pixels"):
+    for flag in ("--batch-size", "--resolution", "--iterations", "--max-pixels"):
         one_error_line(capsys, evaluate("--task", "knn", "--data", classification, flag, "0"), 2, f"{flag} 0")
     one_error_line(capsys, evaluate("--task", "onnx", "--data", classification), 2, "--task", "onnx")
     assert not Path("evaluate-knn.json").exists()
@@ -404,7 +406,7 @@ def tiny_backbone(spec: str):
 
 def test_evaluate_max_pixels_names_the_image(shapes, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sinder_hub.backbones, "load_backbone", tiny_backbone)
-    out = tmp_path / "r.json"
+    out = tmp_path / "r"
     one_error_line(
         capsys,
         evaluate(
@@ -424,7 +426,7 @@ def test_evaluate_max_pixels_names_the_image(shapes, tmp_path, capsys, monkeypat
     )
     assert not out.exists()
     assert evaluate("--task", "knn", "--data", shapes / "classification", "--resolution", "28", "--out", out) == 0
-    assert json.loads(out.read_text())["task"] == "knn"
+    assert json.loads((out / "results.json").read_text())["settings"]["tasks"] == ["knn"]
 
 
 # --- diagnose ---------------------------------------------------------------------------------------
@@ -539,7 +541,7 @@ def test_a_bad_compare_fails_before_any_work(shapes, tmp_path, capsys, monkeypat
         raise AssertionError("work started before the second model loaded")
 
     monkeypatch.setattr(sinder_hub.backbones, "load_backbone", load)
-    monkeypatch.setattr("sinder_hub.evaluation.knn_evaluate", refuse)
+    monkeypatch.setattr("sinder_hub.evaluation.run.run_cell", refuse)
     monkeypatch.setattr("sinder_hub.commands.diagnose.singular_defect_directions", refuse)
     one_error_line(
         capsys,

@@ -13,11 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
+import sinder_hub.analysis
 import sinder_hub.backbones
-import sinder_hub.trainer
 from sinder_hub.cli import main as cli_main
 from sinder_hub.data import TRAIN_SAMPLES, sample_images
-from sinder_hub.trainer import RepairConfig, repair
+from sinder_hub.training import RepairConfig, repair
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(
@@ -123,7 +123,7 @@ def test_bad_paths_are_one_line_and_exit_2_before_any_model(photos, tmp_path, ca
 
 def test_resolution_not_a_multiple_of_the_patch_size_fails_before_the_directions(photos, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(
-        sinder_hub.trainer,
+        sinder_hub.analysis,
         "singular_defect_directions",
         lambda *a, **k: (_ for _ in ()).throw(AssertionError("directions computed")),
     )
@@ -200,9 +200,9 @@ class _Interrupted:
 
 
 def interrupted_run(photos, output, monkeypatch, **overrides):
-    with monkeypatch.context() as patch:
-        patch.setattr(sinder_hub.trainer, "_StopSignal", _Interrupted)
-        result = repair(RepairConfig(**TINY, data=str(photos), output=str(output), max_steps=6, **overrides))
+    result = repair(
+        RepairConfig(**TINY, data=str(photos), output=str(output), max_steps=6, **overrides), stop=_Interrupted()
+    )
     assert result.interrupted_by == "SIGTERM" and (output / "checkpoint/state.pt").exists()
     assert (output / "INCOMPLETE").exists() and not (output / "repair_report.json").exists()
 
@@ -280,7 +280,7 @@ def test_runs_that_change_nothing_or_ruin_the_model_exit_1(photos, tmp_path, cap
 KILLER = textwrap.dedent("""
     import os, signal, sys
     import timm.models._hub
-    import sinder_hub.trainer
+    import sinder_hub.files
     from sinder_hub.cli import main
 
     where, offset = sys.argv[1], int(sys.argv[2])
@@ -295,17 +295,19 @@ KILLER = textwrap.dedent("""
         save_for_hf(model, folder, **kwargs)
         die_writing(os.path.join(folder, "model.safetensors"))
 
-    write_json_atomic = sinder_hub.trainer.write_json_atomic
+    write_text_atomic = sinder_hub.files.write_text_atomic
 
-    def report_then_die(path, data):
-        with sinder_hub.trainer.atomic_path(path) as tmp:
-            tmp.write_text(__import__("json").dumps(data)[:offset])
+    def report_then_die(path, text):
+        if not str(path).endswith("repair_report.json"):  # INCOMPLETE and the others: written as usual
+            return write_text_atomic(path, text)
+        with sinder_hub.files.atomic_path(path) as tmp:
+            tmp.write_text(text[:offset])
             os.kill(os.getpid(), signal.SIGKILL)
 
     if where == "model":
         timm.models._hub.save_for_hf = model_then_die
     else:
-        sinder_hub.trainer.write_json_atomic = report_then_die
+        sinder_hub.files.write_text_atomic = report_then_die
     sys.exit(main(sys.argv[3:]))
 """)
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from sinder_hub import load_backbone, parametrize_singular_values, singular_defect_directions
 from sinder_hub.data import TRAIN_SAMPLES, sample_images, sinder_transform
 from sinder_hub.errors import DataError
-from sinder_hub.trainer import RepairConfig, fast_image_loss, naive_image_loss, repair, set_precision
+from sinder_hub.training import RepairConfig, fast_image_loss, naive_image_loss, repair, set_precision
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(
@@ -148,7 +148,7 @@ def test_repair_writes_a_run_folder_that_stock_timm_loads(train_folder, tmp_path
     output = tmp_path / "run"
     result = repair(RepairConfig(**SMALL, data=str(train_folder), output=str(output), max_steps=8))
     report = json.loads((output / "repair_report.json").read_text())
-    assert report == json.loads(json.dumps(result.report))
+    assert report == json.loads(json.dumps(result.report.to_json()))
     assert report["steps"] == 8 and report["stopped_because"] == "max_steps"
     assert report["images"]["seen"] == 8 == report["images"]["clear"] + report["images"]["with_loss"]
     assert sum(report["loss_layer_histogram"].values()) == report["images"]["with_loss"]
@@ -210,7 +210,7 @@ def test_bad_files_are_skipped_logged_and_counted(train_folder, tmp_path):
     jpeg.write_bytes(jpeg.read_bytes()[:400])
     Image.fromarray(np.zeros((5, 5, 3), np.uint8)).save(data / "g_tiny.png")
     result = repair(RepairConfig(**SMALL, data=str(data), output=str(tmp_path / "run"), max_steps=14))
-    report = result.report
+    report = result.report.to_json()
     bad = {Path(entry["path"]).name for entry in report["bad_files"]}
     assert bad == {"e_text.png", "f_truncated.jpg", "g_tiny.png"}
     assert len(report["bad_files"]) == 3  # two passes over the 7 files: each bad file counted once
@@ -335,7 +335,7 @@ def test_two_processes_equal_one_process_with_two_images_per_step(train_folder, 
 
 def test_data_plan_cycles_through_the_images_like_the_authors_loop():
     """Step t takes images (t·K·P … t·K·P + K·P − 1) mod N; process r the slots r·K … r·K + K − 1."""
-    from sinder_hub.trainer import DataPlan
+    from sinder_hub.training import DataPlan
 
     one = DataPlan(num_images=7, images_per_step=1, processes=1)
     assert one.sequence(0, 0, 16) == [t % 7 for t in range(16)]  # the authors' image t mod N
@@ -350,7 +350,7 @@ def test_data_plan_cycles_through_the_images_like_the_authors_loop():
 
 
 def test_skip_less_than_zero_needs_one_defect_as_in_the_authors_code():
-    from sinder_hub.trainer import gives_loss
+    from sinder_hub.training import gives_loss
 
     for skip in (0, 1):
         config = RepairConfig(skip_less_than=skip)
@@ -389,7 +389,7 @@ def test_kernel_5_fast_step_equals_naive_step(planted_state):
 def test_fast_step_equals_naive_step_on_other_families(variant):
     """Layer scale or none, QuickGELU, Eva with RoPE and split SwiGLU: the same loss and ε gradients from
     the fast, the compiled and the naive step for a loss at the planted block 4 with a 3-block window (float64)."""
-    from sinder_hub.trainer import compiled_image_loss
+    from sinder_hub.training import compiled_image_loss
 
     original = load_backbone(variant)
     directions = singular_defect_directions(original, method="expected")
@@ -412,7 +412,7 @@ def test_compiled_scan_gives_the_naive_gradients(planted_state):
     the same loss block and defects as the naive step, gradients equal up to the compiled
     kernels' rounding (measured ≤ 1e-9 relative), SVDs only in the window."""
     from sinder_hub.singular_values import SingularValueLinear
-    from sinder_hub.trainer import compiled_image_loss
+    from sinder_hub.training import compiled_image_loss
 
     state_dict, directions = planted_state
     for force_block in (6, None):
@@ -439,7 +439,7 @@ def test_compiled_scan_gives_the_naive_gradients(planted_state):
 def test_count_batch_changes_when_counts_are_read_not_the_loss_block(planted_state, count_batch):
     """Reading the counts every 1, 5 or 12 (all) blocks finds the same first loss block as the
     eager scan, with ``limit_layers = 0`` (the window is every block up to it), and the same gradients."""
-    from sinder_hub.trainer import compiled_image_loss
+    from sinder_hub.training import compiled_image_loss
 
     state_dict, directions = planted_state
     config = RepairConfig(limit_layers=0, compile=True, count_batch=count_batch)
@@ -453,8 +453,8 @@ def test_compiled_repair_follows_the_eager_repair(train_folder, tmp_path):
     """A whole run with ``--compile`` (float32, TF32 setting on a CPU = float32): the same images give
     a loss at the same blocks as the eager run for 12 steps, and ε ends within 1e-4 relative."""
     config = dict(SMALL, data=str(train_folder), max_steps=12, held_out=("astronaut",), precision="fp32")
-    eager = repair(RepairConfig(**config, output=str(tmp_path / "eager"))).report
-    compiled = repair(RepairConfig(**config, output=str(tmp_path / "compiled"), compile=True)).report
+    eager = repair(RepairConfig(**config, output=str(tmp_path / "eager"))).report.to_json()
+    compiled = repair(RepairConfig(**config, output=str(tmp_path / "compiled"), compile=True)).report.to_json()
     assert compiled["loss_layer_histogram"] == eager["loss_layer_histogram"]
     assert compiled["images"] == eager["images"] and eager["updates"] >= 6
     assert compiled["hyperparameters"]["compile"] is True

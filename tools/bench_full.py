@@ -12,35 +12,33 @@ planted at ``--planted-block``, its block weights drawn with a width-scaled std
 (``weight_std``: without it the analysis misses the defect of a ViT-g-sized fixture). The
 training images are random resized crops and flips of the ``skimage.data`` training photos,
 written once as JPEG (quality 90) to ``--cache`` and reused, so the data loader decodes
-real files. The repair is ``sinder_hub.trainer.repair`` with ``tools/repair.py``'s
-defaults, except that the clear-rate stop is off and each image is processed exactly once
-(``max_steps = num_images / images_per_step``).
+real files. The backbone is saved as a timm folder and repaired with
+``sinder_hub.training.repair`` and ``tools/repair.py``'s defaults, except that the clear-rate
+stop is off and each image is processed exactly once (``max_steps = num_images / images_per_step``).
 
-Measured by wrapping the trainer's own functions (nothing in the trainer changes): the
-time of every ``fast_image_loss`` (``compiled_image_loss`` with ``--compile``; split into images with a loss and clear images), the
-time spent waiting in ``next()`` on its DataLoader, the model build and the directions;
-peak memory is CUDA's max allocated on a GPU, this process's peak RSS on a CPU (the loader
-workers not included).
+The figures are the run's own (``RepairReport.timings``: set-up, directions, held-out
+evaluation, loader waits, images with a loss and clear images, merge, writes, peak memory,
+CUDA's max allocated on a GPU or this process's peak RSS on a CPU, the loader workers not
+included); this script adds only the time to build and save the backbone and the total.
 """
 
 import argparse
 import contextlib
-import functools
 import json
 import math
 import os
 import random
-import resource
+import shutil
 import sys
 import tempfile
 import time
 from multiprocessing import Pool
 from pathlib import Path
-from unittest import mock
 
 import torch
 
-from sinder_hub import backbones, planted, trainer
+from sinder_hub import planted, training
+from sinder_hub.convert import save_timm
 from sinder_hub.data import TRAIN_SAMPLES, sample_images
 
 VARIANT = "planted-swiglu"
@@ -49,6 +47,8 @@ JPEG_QUALITY = 90
 CROP_SCALE = (0.25, 1.0)  # fraction of the photo's area
 CROP_RATIO = (3 / 4, 4 / 3)
 MANIFEST = "manifest.json"
+SETTINGS = ("resolution", "precision", "images_per_step", "num_workers", "compile", "count_batch", "limit_layers",
+            "directions_method", "num_images")  # fmt: skip
 
 # ----------------------------------------------------------------------------------------
 # The training images
@@ -132,107 +132,11 @@ def planted_giant(model_args: dict, planted_block: int):
 
 
 # ----------------------------------------------------------------------------------------
-# Timing the trainer from outside
-
-
-class Timings:
-    """What the wrappers below measure during one ``repair`` call (seconds, counts)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.build_s = self.directions_s = self.loader_wait_s = 0.0
-        self.loss_s = self.clear_s = 0.0
-        self.loss_images = self.clear_images = 0
-        self.loop_started = self.loop_ended = None
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def patches(self, model_args: dict, planted_block: int) -> list:
-        """``mock.patch`` objects that time the build, directions, image losses, loader waits and the loop."""
-        timings = self
-        image_losses = {"fast_image_loss": trainer.fast_image_loss, "compiled_image_loss": trainer.compiled_image_loss}
-        directions = trainer.singular_defect_directions
-        merge = trainer.merge_singular_values
-
-        def build(spec, *args, **kwargs):
-            started = time.perf_counter()
-            model = planted_giant(model_args, planted_block)
-            timings.build_s += time.perf_counter() - started
-            return model
-
-        def timed_directions(*args, **kwargs):
-            started = time.perf_counter()
-            result = directions(*args, **kwargs)
-            timings.sync()
-            timings.directions_s += time.perf_counter() - started
-            return result
-
-        def timed_loss(image_loss, *args, **kwargs):
-            timings.sync()
-            started = time.perf_counter()
-            result = image_loss(*args, **kwargs)
-            timings.sync()
-            elapsed = time.perf_counter() - started
-            if result.block is None:
-                timings.clear_s += elapsed
-                timings.clear_images += 1
-            else:
-                timings.loss_s += elapsed
-                timings.loss_images += 1
-            return result
-
-        def timed_merge(*args, **kwargs):
-            timings.sync()
-            timings.loop_ended = time.perf_counter()
-            return merge(*args, **kwargs)
-
-        class TimedIterator:
-            def __init__(self, inner):
-                self.inner = inner
-
-            def __iter__(self):
-                return self
-
-            def __next__(self):
-                started = time.perf_counter()
-                try:
-                    return next(self.inner)
-                finally:
-                    timings.loader_wait_s += time.perf_counter() - started
-
-        class TimedLoader(trainer.DataLoader):
-            def __iter__(self):
-                timings.loop_started = timings.loop_started or time.perf_counter()
-                return TimedIterator(super().__iter__())
-
-        return [
-            mock.patch.object(backbones, "load_backbone", build),
-            mock.patch.object(trainer, "singular_defect_directions", timed_directions),
-            *[
-                mock.patch.object(trainer, name, functools.partial(timed_loss, loss))
-                for name, loss in image_losses.items()
-            ],
-            mock.patch.object(trainer, "merge_singular_values", timed_merge),
-            mock.patch.object(trainer, "DataLoader", TimedLoader),
-        ]
-
-
-def peak_memory(device: torch.device) -> tuple[float, str]:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30, "CUDA max allocated"
-    return resource.getrusage(
-        resource.RUSAGE_SELF
-    ).ru_maxrss / 2**20, "peak RSS of this process (not the loader workers)"
-
-
-# ----------------------------------------------------------------------------------------
 
 
 def run(args) -> dict:
+    """Build and save the planted backbone, repair it, and read the run's own timings from its report."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
     paths, generate_s = training_images(Path(args.cache), args.num_images)
     model_args = {
         "depth": args.depth,
@@ -240,15 +144,19 @@ def run(args) -> dict:
         "num_heads": args.width // 64,
         "img_size": args.resolution,
     }
-    timings = Timings(device)
     with contextlib.ExitStack() as stack:
         temporary = None if args.output else stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-full-"))
         work = Path(args.output or temporary)
         work.mkdir(parents=True, exist_ok=True)
         listing = work / "images.txt"
         listing.write_text("".join(f"{path.resolve()}\n" for path in paths))
-        config = trainer.RepairConfig(
-            model=VARIANT,
+        started = time.perf_counter()
+        model_folder = work / "model"
+        shutil.rmtree(model_folder, ignore_errors=True)
+        save_timm(planted_giant(model_args, args.planted_block), model_folder)
+        build_s = time.perf_counter() - started
+        config = training.RepairConfig(
+            model=str(model_folder),
             data=str(listing),
             output=str(work / "run"),
             overwrite=True,
@@ -266,68 +174,53 @@ def run(args) -> dict:
             count_batch=args.count_batch,
             quiet=args.quiet,
         )
-        for patch in timings.patches(model_args, args.planted_block):
-            stack.enter_context(patch)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         started = time.perf_counter()
-        report = trainer.repair(config).report
-        timings.sync()
-        finished = time.perf_counter()
-    memory_gib, memory_kind = peak_memory(device)
-    loop_s = timings.loop_ended - timings.loop_started
-    images = report["images"]
-    held = report["held_out"]
+        report = training.repair(config).report
+        total_s = time.perf_counter() - started
+    return summarise(args, report, model_args, generate_s, build_s, total_s)
+
+
+def summarise(args, report, model_args: dict, generate_s: float, build_s: float, total_s: float) -> dict:
+    """The figures of one run: the report's own timings, counts and held-out results."""
+    timings, images, held = report.timings, report.images, report.held_out
     return {
-        "device": device_name,
+        "device": report.hardware.device,
         "torch": torch.__version__,
         "model": {
-            "architecture": report["architecture"],
+            "architecture": report.architecture,
             **model_args,
             "planted_block": args.planted_block,
             "weight_std": planted.scaled_weight_std(args.width),
         },
-        "resolution": args.resolution,
-        "precision": args.precision,
-        "images_per_step": args.images_per_step,
-        "num_workers": args.num_workers,
-        "compile": args.compile,
-        "count_batch": args.count_batch,
-        "limit_layers": args.limit_layers,
-        "directions_method": args.directions_method,
-        "num_images": args.num_images,
+        **{key: getattr(args, key) for key in SETTINGS},
         "images_generated_s": round(generate_s, 2),
-        "steps": report["steps"],
-        "updates": report["updates"],
-        "images_processed": images["seen"] + images["skipped_bad"],
-        "images_per_s": images["seen"] / loop_s,
-        "loop_s": loop_s,
-        "loss": {"images": timings.loss_images, "time_s": timings.loss_s},
-        "clear": {"images": timings.clear_images, "time_s": timings.clear_s},
-        "loader_wait_s": timings.loader_wait_s,
-        "other_loop_s": loop_s - timings.loss_s - timings.clear_s - timings.loader_wait_s,
-        "setup_s": timings.loop_started - started,
-        "build_s": timings.build_s,
-        "directions_s": timings.directions_s,
-        "finish_s": finished - timings.loop_ended,
-        "total_s": finished - started,
-        "peak_memory_gib": memory_gib,
-        "peak_memory_kind": memory_kind,
-        "report_images": images,
-        "loss_layer_histogram": report["loss_layer_histogram"],
-        "outcome": report["outcome"]["status"],
+        "build_and_save_s": round(build_s, 2),
+        "steps": report.steps,
+        "updates": report.updates,
+        "images_processed": images.seen + images.skipped_bad,
+        "images_per_s": images.seen / timings.loop_s,
+        "loss": {"images": images.with_loss, "time_s": timings.loss_images_s},
+        "clear": {"images": images.clear, "time_s": timings.clear_images_s},
+        "timings": timings.to_json(),
+        "other_loop_s": timings.loop_s - timings.loss_images_s - timings.clear_images_s - timings.loader_wait_s,
+        "total_s": total_s,
+        "report_images": images.to_json(),
+        "loss_layer_histogram": report.loss_layer_histogram,
+        "outcome": report.outcome.status,
         "held_out": {
-            "defects_before": held["before"]["total"],
-            "defects_after": held["after"]["total"],
-            "defect_reduction": held["defect_reduction"],
-            "normal_token_cosine": held["normal_token_cosine"],
-            "class_token_cosine": held["class_token_cosine"],
+            "defects_before": held.before.total,
+            "defects_after": held.after.total,
+            "defect_reduction": held.defect_reduction,
+            "normal_token_cosine": held.normal_token_cosine,
+            "class_token_cosine": held.class_token_cosine,
         },
     }
 
 
 def describe(result: dict) -> str:
-    model, loss, clear, held = result["model"], result["loss"], result["clear"], result["held_out"]
+    model, loss, clear, held, timings = (result[key] for key in ("model", "loss", "clear", "held_out", "timings"))
 
     def per(part):
         return f"{part['time_s'] / part['images'] * 1000:.1f} ms/image" if part["images"] else "-"
@@ -338,17 +231,18 @@ def describe(result: dict) -> str:
             f"defect at block {model['planted_block']}; {result['resolution']} px, {result['precision']}, "
             f"{result['images_per_step']} image(s)/step, {result['num_workers']} loader workers"
             f"{', --compile' if result['compile'] else ''}, on {result['device']}",
-            f"  images      {result['images_processed']} processed in {result['loop_s']:.2f} s: {result['images_per_s']:.3f} images/s "
-            f"({result['steps']} steps, {result['updates']} updates)",
+            f"  images      {result['images_processed']} processed in {timings['loop_s']:.2f} s: "
+            f"{result['images_per_s']:.3f} images/s ({result['steps']} steps, {result['updates']} updates)",
             f"  with a loss {loss['images']:6d} images  {loss['time_s']:9.2f} s  ({per(loss)}; loss block: images "
             f"{result['loss_layer_histogram']})",
             f"  clear       {clear['images']:6d} images  {clear['time_s']:9.2f} s  ({per(clear)})",
-            f"  loader wait {result['loader_wait_s']:9.2f} s; rest of the loop (updates, bookkeeping, checkpoints) "
+            f"  loader wait {timings['loader_wait_s']:9.2f} s; rest of the loop (updates, bookkeeping, checkpoints) "
             f"{result['other_loop_s']:.2f} s",
-            f"  set-up      {result['setup_s']:9.2f} s (model build {result['build_s']:.2f} s, directions "
-            f"{result['directions_s']:.2f} s); finish (merge, held-out, files) {result['finish_s']:.2f} s; total "
-            f"{result['total_s']:.2f} s; images made {result['images_generated_s']:.2f} s",
-            f"  peak memory {result['peak_memory_gib']:.2f} GiB ({result['peak_memory_kind']})",
+            f"  set-up      {timings['setup_s']:9.2f} s (model load), directions {timings['directions_s']:.2f} s, "
+            f"held-out {timings['held_out_s']:.2f} s, merge {timings['merge_s']:.2f} s, writes {timings['write_s']:.2f} s; "
+            f"total {result['total_s']:.2f} s; build and save {result['build_and_save_s']:.2f} s; "
+            f"images made {result['images_generated_s']:.2f} s",
+            f"  peak memory {timings['peak_memory_gib']:.2f} GiB ({timings['peak_memory_kind']})",
             f"  held out    defects {held['defects_before']} -> {held['defects_after']}, cosine normal "
             f"{held['normal_token_cosine']:.4f} / class {held['class_token_cosine']:.4f}; outcome {result['outcome']}",
         ]
@@ -362,13 +256,13 @@ def main(argv=None) -> int:
     parser.add_argument("--depth", type=int, default=40)
     parser.add_argument("--width", type=int, default=1536, help="a multiple of 64 (heads of 64 channels)")
     parser.add_argument("--planted-block", type=int, default=17)
-    parser.add_argument("--precision", choices=trainer.PRECISIONS, default="tf32")
+    parser.add_argument("--precision", choices=training.PRECISIONS, default="tf32")
     parser.add_argument("--images-per-step", type=int, default=1)
-    parser.add_argument("--num-workers", type=int, default=trainer.RepairConfig.num_workers)
+    parser.add_argument("--num-workers", type=int, default=training.RepairConfig.num_workers)
     parser.add_argument("--compile", action="store_true", help="repair.py --compile (compiled detection scan)")
-    parser.add_argument("--count-batch", type=int, default=trainer.RepairConfig.count_batch)
+    parser.add_argument("--count-batch", type=int, default=training.RepairConfig.count_batch)
     parser.add_argument("--limit-layers", type=int, default=10)
-    parser.add_argument("--directions-method", choices=trainer.DIRECTIONS_METHODS, default="sampled")
+    parser.add_argument("--directions-method", choices=training.DIRECTIONS_METHODS, default="sampled")
     parser.add_argument(
         "--cache",
         default=str(Path.home() / ".cache" / "sinder-hub" / "bench-images"),

@@ -22,13 +22,14 @@ import statistics
 import sys
 import threading
 import time
+from dataclasses import dataclass
 
 import torch
 
 from sinder_hub import load_backbone, parametrize_singular_values, singular_defect_directions
 from sinder_hub.analysis import block_linear_maps
 from sinder_hub.singular_values import SingularValueLinear, factorize_blocks
-from sinder_hub.trainer import RepairConfig, compiled_image_loss, fast_image_loss, naive_image_loss, set_precision
+from sinder_hub.training import RepairConfig, compiled_image_loss, fast_image_loss, naive_image_loss, set_precision
 
 
 class PeakMemory:
@@ -136,7 +137,7 @@ def epsilon_gradients(eps: list, model, image_loss, image, directions, config, a
     return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float() for p in eps])
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="vit_small_patch14_dinov2")
     parser.add_argument("--no-pretrained", action="store_true", help="random init (no download)")
@@ -144,13 +145,8 @@ def main(argv=None) -> int:
     parser.add_argument("--loss-block", type=int, default=25, help="forced loss block (clamped to depth - 1)")
     parser.add_argument("--limit-layers", type=int, default=10)
     parser.add_argument("--mask-thr", type=float, default=1.0, help="low, so the forced block has defects")
-    parser.add_argument(
-        "--precision",
-        choices=("fp32", "tf32", "bf16"),
-        nargs="+",
-        default=["tf32"],
-        help="one or more; the model, directions and set-up are shared",
-    )
+    parser.add_argument("--precision", choices=("fp32", "tf32", "bf16"), nargs="+", default=["tf32"],
+                        help="one or more; the model, directions and set-up are shared")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--count-batch", type=int, default=4, help="--compile: defect counts read every K blocks")
     parser.add_argument(
@@ -161,202 +157,193 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--profile", action="store_true", help="also print where one fast step spends its time (torch.profiler)"
     )
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def timed_once(function, device) -> tuple[object, float]:
+    start = time.perf_counter()
+    result = function()
+    synchronize(device)
+    return result, time.perf_counter() - start
+
+
+@dataclass
+class Bench:
+    """The shared set-up: the model, its directions, the forced loss block, one image, ε and the optimiser."""
+
+    args: argparse.Namespace
+    device: torch.device
+    model: torch.nn.Module
+    block: int
+    config: RepairConfig
+    image: torch.Tensor
+    directions: torch.Tensor
+    eps: dict
+    optimizer: torch.optim.Optimizer
+    figures: dict
+
+    def step(self, image_loss, force_block, autocast):
+        def run():
+            self.optimizer.zero_grad(set_to_none=True)
+            result = image_loss(self.model, self.image, self.directions, self.config, autocast, force_block=force_block)
+            assert force_block is None or result.block == force_block, "the forced block had no defect"
+            self.optimizer.step()
+
+        return run
+
+
+def set_up(args) -> Bench:
+    """Model, directions (timed three ways) and the singular-value set-up (timed against a general SVD)."""
     device = torch.device(args.device)
     set_precision(args.precision[0])
     torch.manual_seed(0)  # the random initialisation of --no-pretrained: the same model every run
     model = load_backbone(args.model, pretrained=not args.no_pretrained).to(device)
-    depth = len(model.blocks)
-    block = min(args.loss_block, depth - 1)
+    block = min(args.loss_block, len(model.blocks) - 1)
     window = range(max(0, block - args.limit_layers + 1), block + 1)
-    config = RepairConfig(
-        mask_thr=args.mask_thr, limit_layers=args.limit_layers, skip_less_than=10**9, count_batch=args.count_batch
-    )
+    config = RepairConfig(mask_thr=args.mask_thr, limit_layers=args.limit_layers, skip_less_than=10**9,
+                          count_batch=args.count_batch)  # fmt: skip
     image = torch.randn(1, 3, args.resolution, args.resolution, generator=torch.Generator().manual_seed(0)).to(device)
     warm_up(device)
-
-    start = time.perf_counter()
-    directions = singular_defect_directions(model, samples=args.samples).to(device)
-    synchronize(device)
-    directions_s = time.perf_counter() - start
-    start = time.perf_counter()
-    block_linear_maps(model, samples=args.samples)  # the linearisation alone; the rest is the singular vectors
-    synchronize(device)
-    directions_maps_s = time.perf_counter() - start
-    start = time.perf_counter()
-    singular_defect_directions(model, method="expected")
-    synchronize(device)
-    directions_expected_s = time.perf_counter() - start
-
-    # set-up: parametrise every block and factorise the window the step trains
-    start = time.perf_counter()
+    figures = {}
+    directions, figures["directions_s"] = timed_once(
+        lambda: singular_defect_directions(model, samples=args.samples), device
+    )
+    # the linearisation alone; the rest is the singular vectors
+    _, figures["directions_maps_s"] = timed_once(lambda: block_linear_maps(model, samples=args.samples), device)
+    _, figures["directions_expected_s"] = timed_once(
+        lambda: singular_defect_directions(model, method="expected"), device
+    )
+    start = time.perf_counter()  # parametrise every block and factorise the window the step trains
     eps = parametrize_singular_values(model)
     optimizer = torch.optim.SGD(eps.values(), lr=0.005, momentum=0.9)
     window_layers = factorize_blocks(model, window)
     synchronize(device)
-    setup_s = time.perf_counter() - start
+    figures["setup_s"] = time.perf_counter() - start
+
     # the straightforward set-up for comparison: a general SVD of the same layers, float64
-    start = time.perf_counter()
-    for layer in window_layers:
-        torch.linalg.svd(layer.weight[layer.rows[0] : layer.rows[1]].double(), full_matrices=False)
-    synchronize(device)
-    setup_svd_s = time.perf_counter() - start
+    def svd():
+        return [torch.linalg.svd(layer.weight[layer.rows[0] : layer.rows[1]].double(), full_matrices=False)
+                for layer in window_layers]  # fmt: skip
 
-    def step(image_loss, force_block, autocast):
-        def run():
-            optimizer.zero_grad(set_to_none=True)
-            result = image_loss(model, image, directions, config, autocast, force_block=force_block)
-            assert force_block is None or result.block == force_block, "the forced block had no defect"
-            optimizer.step()
+    _, figures["setup_svd_s"] = timed_once(svd, device)
+    return Bench(args, device, model, block, config, image, directions.to(device), eps, optimizer, figures)
 
-        return run
 
-    # every fast measurement before any naive one: the naive step factorises all blocks it
-    # runs through, and those factors would otherwise count in the fast step's peak memory
-    results = {}
-    for precision in args.precision:
-        autocast = set_precision(precision)
-        clear_image_s = timed(step(fast_image_loss, None, autocast), args.repeats, device)
-        with torch.no_grad(), autocast():
-            forward_s = timed(lambda: model.forward_features(image), args.repeats, device)
-        with PeakMemory(device) as fast_memory:
-            fast_step_s = timed(step(fast_image_loss, block, autocast), args.repeats, device)
-        config.checkpoint_blocks = True
-        with PeakMemory(device) as checkpointed_memory:
-            checkpointed_step_s = timed(step(fast_image_loss, block, autocast), args.repeats, device)
-        config.checkpoint_blocks = False
-        attention = attention_kernel(step(fast_image_loss, block, autocast), device)
-        compile_start = time.perf_counter()
-        step(compiled_image_loss, None, autocast)()  # the first call compiles
-        synchronize(device)
-        compile_s = time.perf_counter() - compile_start
-        compiled_clear_image_s = timed(step(compiled_image_loss, None, autocast), args.repeats, device)
-        with PeakMemory(device) as compiled_memory:
-            compiled_step_s = timed(step(compiled_image_loss, block, autocast), args.repeats, device)
-        results[precision] = {
-            "clear_image_s": clear_image_s,
-            "forward_s": forward_s,
-            "fast_step_s": fast_step_s,
-            "fast_peak_gib": fast_memory.gib,
-            "checkpointed_step_s": checkpointed_step_s,
-            "checkpointed_peak_gib": checkpointed_memory.gib,
-            "compile_s": compile_s,
-            "compiled_clear_image_s": compiled_clear_image_s,
-            "compiled_step_s": compiled_step_s,
-            "compiled_peak_gib": compiled_memory.gib,
-            "attention": attention,
-            **memory_ledger(model),
-        }
-    for precision in args.precision:
-        autocast = set_precision(precision)
-        with PeakMemory(device) as naive_memory:
-            naive_step_s = timed(step(naive_image_loss, block, autocast), args.repeats, device)
-        fast_grad = epsilon_gradients(
-            list(eps.values()), model, fast_image_loss, image, directions, config, autocast, block
-        )
-        compiled_grad = epsilon_gradients(
-            list(eps.values()), model, compiled_image_loss, image, directions, config, autocast, block
-        )
-        naive_grad = epsilon_gradients(
-            list(eps.values()), model, naive_image_loss, image, directions, config, autocast, block
-        )
-        results[precision].update(
-            naive_step_s=naive_step_s,
-            naive_peak_gib=naive_memory.gib,
-            grad_rel_diff=float((fast_grad - naive_grad).norm() / naive_grad.norm()),
-            compiled_grad_rel_diff=float((compiled_grad - naive_grad).norm() / naive_grad.norm()),
-        )
+def measure_fast(bench: Bench, precision: str) -> dict:
+    """Fast, --checkpoint-blocks and --compile steps, clear images and a plain forward at one precision."""
+    args, device = bench.args, bench.device
+    autocast = set_precision(precision)
+    figures = {"clear_image_s": timed(bench.step(fast_image_loss, None, autocast), args.repeats, device)}
+    with torch.no_grad(), autocast():
+        figures["forward_s"] = timed(lambda: bench.model.forward_features(bench.image), args.repeats, device)
+    with PeakMemory(device) as fast_memory:
+        figures["fast_step_s"] = timed(bench.step(fast_image_loss, bench.block, autocast), args.repeats, device)
+    bench.config.checkpoint_blocks = True
+    with PeakMemory(device) as checkpointed_memory:
+        figures["checkpointed_step_s"] = timed(bench.step(fast_image_loss, bench.block, autocast), args.repeats, device)
+    bench.config.checkpoint_blocks = False
+    figures["attention"] = attention_kernel(bench.step(fast_image_loss, bench.block, autocast), device)
+    _, figures["compile_s"] = timed_once(bench.step(compiled_image_loss, None, autocast), device)  # compiles
+    figures["compiled_clear_image_s"] = timed(bench.step(compiled_image_loss, None, autocast), args.repeats, device)
+    with PeakMemory(device) as compiled_memory:
+        figures["compiled_step_s"] = timed(bench.step(compiled_image_loss, bench.block, autocast), args.repeats, device)
+    figures.update(fast_peak_gib=fast_memory.gib, checkpointed_peak_gib=checkpointed_memory.gib,
+                   compiled_peak_gib=compiled_memory.gib, **memory_ledger(bench.model))  # fmt: skip
+    return figures
 
-    if args.profile:
-        for precision in args.precision:
-            autocast = set_precision(precision)
-            run = step(fast_image_loss, block, autocast)
-            run()
-            activities = [torch.profiler.ProfilerActivity.CPU] + (
-                [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []
-            )
-            with torch.profiler.profile(activities=activities) as profile:
-                run()
-                synchronize(device)
-            sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-            print(f"-- one fast step, {precision}: top operators by device time", file=sys.stderr)
-            print(profile.key_averages().table(sort_by=sort, row_limit=14, max_name_column_width=40), file=sys.stderr)
 
+def measure_naive(bench: Bench, precision: str) -> dict:
+    """The authors' naive step, and the fast and compiled ε gradients relative to its."""
+    autocast = set_precision(precision)
+    with PeakMemory(bench.device) as naive_memory:
+        naive_step_s = timed(bench.step(naive_image_loss, bench.block, autocast), bench.args.repeats, bench.device)
+    parameters = list(bench.eps.values())
+    grads = {
+        loss.__name__: epsilon_gradients(
+            parameters, bench.model, loss, bench.image, bench.directions, bench.config, autocast, bench.block
+        )  # fmt: skip
+        for loss in (fast_image_loss, compiled_image_loss, naive_image_loss)
+    }
+    naive = grads["naive_image_loss"]
+    return {
+        "naive_step_s": naive_step_s,
+        "naive_peak_gib": naive_memory.gib,
+        "grad_rel_diff": float((grads["fast_image_loss"] - naive).norm() / naive.norm()),
+        "compiled_grad_rel_diff": float((grads["compiled_image_loss"] - naive).norm() / naive.norm()),
+    }
+
+
+def profile_fast_step(bench: Bench, precision: str) -> None:
+    autocast = set_precision(precision)
+    run = bench.step(fast_image_loss, bench.block, autocast)
+    run()
+    cuda = bench.device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=activities) as profile:
+        run()
+        synchronize(bench.device)
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    print(f"-- one fast step, {precision}: top operators by device time", file=sys.stderr)
+    print(profile.key_averages().table(sort_by=sort, row_limit=14, max_name_column_width=40), file=sys.stderr)
+
+
+def result_of(bench: Bench, precision: str, figures: dict) -> dict:
+    device = bench.device
     device_name = (
         torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     )
+    return {
+        "model": bench.args.model,
+        "resolution": bench.args.resolution,
+        "loss_block": bench.block,
+        "precision": precision,
+        **bench.figures,
+        **figures,
+        "speedup": figures["naive_step_s"] / figures["fast_step_s"],
+        "compiled_speedup": figures["naive_step_s"] / figures["compiled_step_s"],
+        "device": device_name,
+        "count_batch": bench.args.count_batch,
+    }
+
+
+def describe(bench: Bench, r: dict) -> str:
+    args = bench.args
+    return "\n".join([
+        f"{args.model} at {args.resolution}px, loss at block {bench.block}/{len(bench.model.blocks)}, window "
+        f"{args.limit_layers}, {r['precision']} on {r['device']}, attention: {r['attention']}",
+        f"  fast step    {r['fast_step_s']:8.3f} s   peak {r['fast_peak_gib']:6.2f} GiB",
+        f"  fast step, --checkpoint-blocks {r['checkpointed_step_s']:8.3f} s   peak {r['checkpointed_peak_gib']:6.2f} GiB",
+        f"  compiled step (--compile, counts every {args.count_batch}) {r['compiled_step_s']:8.3f} s   "
+        f"peak {r['compiled_peak_gib']:6.2f} GiB   (compiling: {r['compile_s']:.1f} s)",
+        f"  naive step   {r['naive_step_s']:8.3f} s   peak {r['naive_peak_gib']:6.2f} GiB",
+        f"  clear image  {r['clear_image_s']:8.3f} s   (a plain no-grad forward: {r['forward_s']:.3f} s)",
+        f"  clear image, --compile {r['compiled_clear_image_s']:8.3f} s   "
+        f"({r['compiled_clear_image_s'] / r['forward_s']:.2f} x the plain forward)",
+        f"  naive / fast {r['speedup']:8.2f} x   (clear image vs naive: {r['naive_step_s'] / r['clear_image_s']:.2f} x)",
+        f"  naive / compiled {r['compiled_speedup']:8.2f} x",
+        f"  ε gradient vs naive: fast {r['grad_rel_diff']:.2e}, compiled {r['compiled_grad_rel_diff']:.2e} (relative)",
+        f"  memory ledger after the steps: weights {r['weights_gib']:.2f} GiB, window factors {r['factors_gib']:.2f} GiB "
+        f"(the rest of the fast peak: graphs and temporaries)",
+        f"  directions   {r['directions_s']:8.3f} s (sampled, {args.samples}; of which linearising the blocks "
+        f"{r['directions_maps_s']:.3f} s)   {r['directions_expected_s']:.3f} s (expected)",
+        f"  set-up       {r['setup_s']:8.3f} s   (general float64 SVD of the same layers: {r['setup_svd_s']:.3f} s)",
+    ])  # fmt: skip
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    bench = set_up(args)
+    # every fast measurement before any naive one: the naive step factorises all blocks it
+    # runs through, and those factors would otherwise count in the fast step's peak memory
+    figures = {precision: measure_fast(bench, precision) for precision in args.precision}
     for precision in args.precision:
-        r = results[precision]
-        result = {
-            "model": args.model,
-            "resolution": args.resolution,
-            "loss_block": block,
-            "precision": precision,
-            "fast_step_s": r["fast_step_s"],
-            "naive_step_s": r["naive_step_s"],
-            "clear_image_s": r["clear_image_s"],
-            "forward_s": r["forward_s"],
-            "directions_s": directions_s,
-            "directions_expected_s": directions_expected_s,
-            "directions_maps_s": directions_maps_s,
-            "setup_s": setup_s,
-            "setup_svd_s": setup_svd_s,
-            "fast_peak_gib": r["fast_peak_gib"],
-            "naive_peak_gib": r["naive_peak_gib"],
-            "checkpointed_step_s": r["checkpointed_step_s"],
-            "checkpointed_peak_gib": r["checkpointed_peak_gib"],
-            "speedup": r["naive_step_s"] / r["fast_step_s"],
-            "grad_rel_diff": r["grad_rel_diff"],
-            "device": device_name,
-            "compile_s": r["compile_s"],
-            "compiled_step_s": r["compiled_step_s"],
-            "compiled_clear_image_s": r["compiled_clear_image_s"],
-            "compiled_peak_gib": r["compiled_peak_gib"],
-            "compiled_speedup": r["naive_step_s"] / r["compiled_step_s"],
-            "compiled_grad_rel_diff": r["compiled_grad_rel_diff"],
-            "count_batch": args.count_batch,
-            "weights_gib": r["weights_gib"],
-            "factors_gib": r["factors_gib"],
-            "attention": r["attention"],
-        }
-        if args.json:
-            print(json.dumps(result))
-            continue
-        print(
-            f"{args.model} at {args.resolution}px, loss at block {block}/{depth}, window {args.limit_layers}, "
-            f"{precision} on {device_name}, attention: {r['attention']}"
-        )
-        print(f"  fast step    {r['fast_step_s']:8.3f} s   peak {r['fast_peak_gib']:6.2f} GiB")
-        print(
-            f"  fast step, --checkpoint-blocks {r['checkpointed_step_s']:8.3f} s   peak {r['checkpointed_peak_gib']:6.2f} GiB"
-        )
-        print(
-            f"  compiled step (--compile, counts every {args.count_batch}) {r['compiled_step_s']:8.3f} s   "
-            f"peak {r['compiled_peak_gib']:6.2f} GiB   (compiling: {r['compile_s']:.1f} s)"
-        )
-        print(f"  naive step   {r['naive_step_s']:8.3f} s   peak {r['naive_peak_gib']:6.2f} GiB")
-        print(f"  clear image  {r['clear_image_s']:8.3f} s   (a plain no-grad forward: {r['forward_s']:.3f} s)")
-        print(
-            f"  clear image, --compile {r['compiled_clear_image_s']:8.3f} s   "
-            f"({r['compiled_clear_image_s'] / r['forward_s']:.2f} x the plain forward)"
-        )
-        print(
-            f"  naive / fast {result['speedup']:8.2f} x   (clear image vs naive: {r['naive_step_s'] / r['clear_image_s']:.2f} x)"
-        )
-        print(f"  naive / compiled {result['compiled_speedup']:8.2f} x")
-        print(
-            f"  ε gradient vs naive: fast {r['grad_rel_diff']:.2e}, compiled {r['compiled_grad_rel_diff']:.2e} (relative)"
-        )
-        print(
-            f"  memory ledger after the steps: weights {r['weights_gib']:.2f} GiB, window factors {r['factors_gib']:.2f} GiB "
-            f"(the rest of the fast peak: graphs and temporaries)"
-        )
-        print(
-            f"  directions   {directions_s:8.3f} s (sampled, {args.samples}; of which linearising the blocks "
-            f"{directions_maps_s:.3f} s)   {directions_expected_s:.3f} s (expected)"
-        )
-        print(f"  set-up       {setup_s:8.3f} s   (general float64 SVD of the same layers: {setup_svd_s:.3f} s)")
+        figures[precision].update(measure_naive(bench, precision))
+    if args.profile:
+        for precision in args.precision:
+            profile_fast_step(bench, precision)
+    for precision in args.precision:
+        result = result_of(bench, precision, figures[precision])
+        print(json.dumps(result) if args.json else describe(bench, result))
     return 0
 
 

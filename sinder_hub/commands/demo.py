@@ -18,7 +18,7 @@ from sinder_hub.data import HELD_OUT_SAMPLES, TRAIN_SAMPLES, sample_images
 from sinder_hub.errors import InputError, RunFolderError
 from sinder_hub.files import atomic_path
 from sinder_hub.runs import RunFolder
-from sinder_hub.trainer import RepairConfig, repair
+from sinder_hub.training import RepairConfig, repair
 
 
 def write_training_crops(folder: Path, crops_per_image: int, seed: int = 0) -> int:
@@ -89,26 +89,27 @@ def main(argv=None) -> int:
         precision=args.precision,
         overwrite=args.overwrite,
     )
-    report = repair(config).report
-    held_out = report["held_out"]
-    print(
-        f"\nrepaired {args.model} in {report['steps']} steps ({report['updates']} updates), "
-        f"stopped by {report['stopped_because']}; loss blocks {report['loss_layer_histogram']}"
-    )
-    print(f"{'held-out image':>20}  defects before  after")
-    for name in held_out["images"]:
-        print(f"{name:>20}  {held_out['before']['defects'][name]:>14}  {held_out['after']['defects'][name]:>5}")
-    print(
-        f"{'total':>20}  {held_out['before']['total']:>14}  {held_out['after']['total']:>5}"
-        f"   (reduction {100 * (held_out['defect_reduction'] or 0):.1f}%)"
-    )
-    print(
-        f"cosine to the original: normal tokens {held_out['normal_token_cosine']:.4f}, "
-        f"class token {held_out['class_token_cosine']:.4f}"
-    )
-    print(
-        f"outputs in {config.output}: model.safetensors, config.json, repair_report.json, "
-        f"{', '.join(report['pictures'])}"
-    )
+    print_summary(args.model, repair(config).report, config.output)
     print(f"total wall time {time.perf_counter() - started:.1f} s")
     return 0
+
+
+def print_summary(model: str, report, output: str) -> None:
+    """The held-out defects before and after, per image, and the cosines to the original."""
+    held_out = report.held_out
+    print(
+        f"\nrepaired {model} in {report.steps} steps ({report.updates} updates), "
+        f"stopped by {report.stopped_because}; loss blocks {report.loss_layer_histogram}"
+    )
+    print(f"{'held-out image':>20}  defects before  after")
+    for name in held_out.images:
+        print(f"{name:>20}  {held_out.before.defects[name]:>14}  {held_out.after.defects[name]:>5}")
+    print(
+        f"{'total':>20}  {held_out.before.total:>14}  {held_out.after.total:>5}"
+        f"   (reduction {100 * (held_out.defect_reduction or 0):.1f}%)"
+    )
+    print(
+        f"cosine to the original: normal tokens {held_out.normal_token_cosine:.4f}, "
+        f"class token {held_out.class_token_cosine:.4f}"
+    )
+    print(f"outputs in {output}: model.safetensors, config.json, repair_report.json, {', '.join(report.pictures)}")

@@ -1,11 +1,13 @@
-"""Defect statistics and pictures of a backbone (paper §2, Fig. 1 and Fig. 2d), optionally beside a second one.
+"""Defect statistics and pictures of a backbone (paper §2, Fig. 1 and Fig. 2d), beside up to three variants.
 
     python tools/diagnose.py --model planted-swiglu
-    python tools/diagnose.py --model vit_giant_patch14_dinov2 --compare RUN_DIR --images photos/
+    python tools/diagnose.py --model vit_giant_patch14_dinov2 --compare sinder=RUN_DIR registers=TTR_DIR --images photos/
 
-Writes OUT/report.json ({"original": defect_report, "repaired"?: defect_report}),
-OUT/norm_pca.png (last-block token norms and PCA per image) and OUT/angles.png, and
-prints one table per model.
+Writes OUT/report.json ({label: defect_report, with each variant's cosines to the first}), OUT/norm_pca.png
+(last-block token norms and PCA per image, every variant on one colour scale), OUT/angles.png and
+OUT/variants.png (defects per block and image, defect/normal norm ratio and cosines to the first, per
+variant), and prints one table per model and one comparison table. OUT's earlier outputs are replaced
+only with --overwrite.
 """
 
 from __future__ import annotations
@@ -19,30 +21,27 @@ import torch
 from sinder_hub.analysis import METHODS, singular_defect_directions
 from sinder_hub.cli import ArgumentParser
 from sinder_hub.data import MAX_PIXELS, list_images, load_rgb, sample_images, sinder_transform
-from sinder_hub.diagnostics import defect_report, last_block_grids
-from sinder_hub.errors import DataError, InputError
-from sinder_hub.files import atomic_path, write_text_atomic
-from sinder_hub.plots import angle_violin_figure, norm_pca_figure
+from sinder_hub.diagnostics import defect_report, json_safe, last_block_grids
+from sinder_hub.errors import DataError, InputError, RunFolderError
+from sinder_hub.files import atomic_path, check_writable, write_text_atomic
+from sinder_hub.plots import angle_violin_figure, norm_pca_figure, variants_figure
+from sinder_hub.report import compare_held_out, held_out_outputs
+from sinder_hub.variants import parse_variants
 
-PLANTED_RESOLUTION, DINOV2_RESOLUTION = 224, 518
+OUTPUTS = ("report.json", "norm_pca.png", "angles.png", "variants.png")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = ArgumentParser(prog="diagnose", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--model", required=True, help="backbone spec for load_backbone (timm name, planted-swiglu, folder, file)"
-    )
-    parser.add_argument("--compare", help="a second backbone (e.g. the repaired one), shown beside the first")
+    parser.add_argument("--model", required=True, help="backbone spec for load_backbone (LABEL=SPEC allowed)")
+    parser.add_argument("--compare", nargs="+", metavar="SPEC", help="up to three more variants (LABEL=SPEC allowed)")
     parser.add_argument("--images", nargs="+", help="image folders or files (default: the skimage.data sample images)")
-    parser.add_argument(
-        "--resolution",
-        type=int,
-        help=f"square input size (default {PLANTED_RESOLUTION} for planted-* models, "
-        f"for which the fixture is calibrated, else {DINOV2_RESOLUTION}, DINOv2's training resolution)",
-    )
+    parser.add_argument("--resolution", type=int, help="square input size (default: the first model's own, e.g. "
+                        "224 for planted-* models and CLIP, 518 for DINOv2)")  # fmt: skip
     parser.add_argument(
         "--out", type=Path, default=Path("diagnose-output"), help="output folder (default: diagnose-output)"
     )
+    parser.add_argument("--overwrite", action="store_true", help=f"replace an earlier diagnose's {', '.join(OUTPUTS)}")
     parser.add_argument(
         "--method", choices=METHODS, default="sampled", help="MLP linearisation for the singular directions"
     )
@@ -52,20 +51,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--kernel", type=int, default=3, choices=(3, 5), help="neighbourhood size; its border is never defective"
     )
-    parser.add_argument(
-        "--max-pixels",
-        type=int,
-        default=MAX_PIXELS,
-        help=f"refuse images with more pixels than this (default {MAX_PIXELS:,}, PIL's decompression-bomb limit)",
-    )
+    parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                        help=f"refuse images with more pixels than this (default {MAX_PIXELS:,}, PIL's decompression-bomb limit)")  # fmt: skip
     args = parser.parse_args(argv)
     for flag in ("resolution", "samples", "max_pixels"):
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise InputError(f"--{flag.replace('_', '-')} {value}: expected a positive integer")
-    if args.out.exists() and not args.out.is_dir():
-        raise InputError(f"--out {args.out} is a file; expected a folder for report.json and the pictures")
+    args.out = args.out.expanduser()
+    args.variants = parse_variants(args.model, args.compare)
     return args
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """Before any slow work: ``--out`` is a folder we may write, and holds no earlier outputs unless ``--overwrite``."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; expected a folder for report.json and the pictures")
+    earlier = [name for name in OUTPUTS if (out / name).exists()]
+    if earlier and not overwrite:
+        raise RunFolderError(
+            f"--out {out} already holds {', '.join(earlier)}; pass --overwrite to replace them or choose another folder"
+        )
+    check_writable(out, "--out")
 
 
 def load_images(sources: list[str] | None, max_pixels: int | None = MAX_PIXELS):
@@ -96,10 +103,22 @@ def check_resolution(model, spec: str, resolution: int) -> None:
         )
 
 
-def format_table(label: str, spec: str, report: dict) -> str:
-    def cell(value, digits=1):
-        return "-" if value is None else f"{value:.{digits}f}"
+def check_alike(model, spec: str, other, other_spec: str) -> None:
+    """``InputError`` unless two variants share patch size and depth (their tokens are compared block by block)."""
+    shape = (model.patch_embed.patch_size[0], len(model.blocks))
+    other_shape = (other.patch_embed.patch_size[0], len(other.blocks))
+    if shape != other_shape:
+        raise InputError(
+            f"--compare {other_spec}: {other_shape[0]}-px patches and {other_shape[1]} blocks, but {spec} has "
+            f"{shape[0]}-px patches and {shape[1]} blocks; variants are compared token by token and block by block"
+        )
 
+
+def _cell(value, digits=1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def format_table(label: str, spec: str, report: dict) -> str:
     lines = [
         f"{label}: {spec}",
         f"{'block':>5} {'defects/img':>11} {'norm def':>9} {'norm normal':>11} {'within °':>9} {'between °':>9} "
@@ -107,46 +126,92 @@ def format_table(label: str, spec: str, report: dict) -> str:
     ]
     for block in report["blocks"]:
         lines.append(
-            f"{block['block']:>5} {block['defects_per_image']:>11.2f} {cell(block['norm_defective']):>9} "
-            f"{cell(block['norm_normal']):>11} {cell(block['within_angle']):>9} {cell(block['between_angle']):>9} "
-            f"{cell(block['all_tokens_angle']):>12} {cell(block['angle_singular_empirical']):>13}"
+            f"{block['block']:>5} {block['defects_per_image']:>11.2f} {_cell(block['norm_defective']):>9} "
+            f"{_cell(block['norm_normal']):>11} {_cell(block['within_angle']):>9} {_cell(block['between_angle']):>9} "
+            f"{_cell(block['all_tokens_angle']):>12} {_cell(block['angle_singular_empirical']):>13}"
         )
     return "\n".join(lines)
 
 
+def comparison_row(report: dict) -> dict:
+    """One variant's figures at the last block: defects per image, defect/normal norm ratio, cosines to the first."""
+    last = report["blocks"][-1]
+    ratio = last["norm_defective"] / last["norm_normal"] if last["norm_defective"] and last["norm_normal"] else None
+    return {
+        "defects_per_image": last["defects_per_image"],
+        "defects_per_block": [block["defects_per_image"] for block in report["blocks"]],
+        "norm_ratio": ratio,
+        **report["to_first"],
+    }
+
+
+def format_comparison(reports: dict) -> str:
+    first = next(iter(reports))
+    lines = [
+        f"variants at the last block (cosines of the final features to {first}'s, over its normal patch tokens)",
+        f"{'variant':<16} {'defects/img':>11} {'norm def/normal':>15} {'normal cos':>10} {'class cos':>9}",
+    ]
+    for label, report in reports.items():
+        row = comparison_row(report)
+        lines.append(
+            f"{label:<16} {row['defects_per_image']:>11.2f} {_cell(row['norm_ratio'], 2):>15} "
+            f"{_cell(row['normal_token_cosine'], 4):>10} {_cell(row['class_token_cosine'], 4):>9}"
+        )
+    return "\n".join(lines)
+
+
+def diagnose_variant(model, tensors: dict, args, first: tuple | None) -> tuple[dict, dict, tuple]:
+    """One variant's ``defect_report``, its last-block grids and its held-out outputs, with its cosines
+    to ``first`` (``(model, outputs)`` of the first variant; ``None`` for the first itself)."""
+    generator = torch.Generator().manual_seed(args.seed)
+    directions = singular_defect_directions(model, samples=args.samples, generator=generator, method=args.method)
+    report = defect_report(model, tensors, directions, mask_thr=args.mask_thr, kernel=args.kernel)
+    batches = {name: tensor[None] for name, tensor in tensors.items()}
+    outputs = held_out_outputs(model, batches, directions, args.mask_thr, args.kernel)
+    reference_model, reference = first if first is not None else (model, outputs)
+    compared = compare_held_out(reference_model, reference, outputs, args.resolution)
+    report["to_first"] = json_safe(
+        {
+            "normal_token_cosine": compared.normal_token_cosine,
+            "class_token_cosine": compared.class_token_cosine,
+            "class_token": compared.class_token,
+        }
+    )
+    return report, last_block_grids(model, tensors), (reference_model, reference)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    check_output(args.out, args.overwrite)
     pictures = load_images(args.images, args.max_pixels)
-    from sinder_hub.backbones import load_backbone
+    from sinder_hub.backbones import load_backbone, native_resolution
 
-    specs = {"original": args.model, **({"repaired": args.compare} if args.compare else {})}
-    resolution = args.resolution or (PLANTED_RESOLUTION if args.model.startswith("planted") else DINOV2_RESOLUTION)
-    transform = sinder_transform(resolution)
+    models = {v.label: load_backbone(v.spec) for v in args.variants}  # a bad --compare fails before the work
+    first = args.variants[0]
+    args.resolution = args.resolution or native_resolution(first.spec, models[first.label])
+    for variant in args.variants:
+        check_resolution(models[variant.label], variant.spec, args.resolution)
+        check_alike(models[first.label], first.spec, models[variant.label], variant.spec)
+    transform = sinder_transform(args.resolution)
     tensors = {name: transform(image) for name, image in pictures.items()}
-    models = {label: load_backbone(spec) for label, spec in specs.items()}  # a bad --compare fails before the work
-    for label, model in models.items():
-        check_resolution(model, specs[label], resolution)
-    reports, grids = {}, {}
-    for label, spec in specs.items():
-        model = models.pop(label)
-        generator = torch.Generator().manual_seed(args.seed)
-        directions = singular_defect_directions(model, samples=args.samples, generator=generator, method=args.method)
-        report = defect_report(model, tensors, directions, mask_thr=args.mask_thr, kernel=args.kernel)
-        reports[label] = {
-            "model": spec,
-            "resolution": resolution,
-            "method": args.method,
-            "samples": args.samples,
-            "seed": args.seed,
-            **report,
-        }
-        grids[label] = last_block_grids(model, tensors)
-        print(format_table(label, spec, report), end="\n\n")
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(args.out / "report.json", json.dumps(reports, allow_nan=False))  # defect_report: no NaN
-    with atomic_path(args.out / "norm_pca.png") as tmp:
-        norm_pca_figure(pictures, grids, tmp)
-    with atomic_path(args.out / "angles.png") as tmp:
-        angle_violin_figure(reports["original"], tmp, compare=reports.get("repaired"))
-    print(f"wrote {args.out / 'report.json'}, {args.out / 'norm_pca.png'}, {args.out / 'angles.png'}")
+    reports, grids, reference = {}, {}, None
+    for variant in args.variants:
+        report, grids[variant.label], reference = diagnose_variant(models.pop(variant.label), tensors, args, reference)
+        reports[variant.label] = {"model": variant.spec, "resolution": args.resolution, "method": args.method,
+                                  "samples": args.samples, "seed": args.seed, **report}  # fmt: skip
+        print(format_table(variant.label, variant.spec, report), end="\n\n")
+    print(format_comparison(reports))
+    write_outputs(args.out, reports, pictures, grids)
+    print(f"wrote {', '.join(str(args.out / name) for name in OUTPUTS)}")
     return 0
+
+
+def write_outputs(out: Path, reports: dict, pictures: dict, grids: dict) -> None:
+    labels = list(reports)
+    write_text_atomic(out / "report.json", json.dumps(reports, allow_nan=False))  # defect_report: no NaN
+    with atomic_path(out / "norm_pca.png") as tmp:
+        norm_pca_figure(pictures, grids, tmp)
+    with atomic_path(out / "angles.png") as tmp:
+        angle_violin_figure(reports[labels[0]], tmp, compare=[reports[label] for label in labels[1:]], labels=labels)
+    with atomic_path(out / "variants.png") as tmp:
+        variants_figure({label: comparison_row(report) for label, report in reports.items()}, tmp)

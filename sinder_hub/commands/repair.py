@@ -15,7 +15,7 @@ import sys
 from dataclasses import fields
 
 from sinder_hub.cli import ArgumentParser
-from sinder_hub.trainer import DIRECTIONS_METHODS, PRECISIONS, RepairConfig, repair
+from sinder_hub.training import DIRECTIONS_METHODS, PRECISIONS, RepairConfig, repair
 
 HELP = {
     "model": "any spec load_backbone takes: timm name, hf-hub:id, folder, .safetensors, authors' .pth, planted-swiglu",
@@ -82,20 +82,33 @@ def main(argv=None) -> int:
         return 130
     if result.report is None:  # not the main process
         return 0
-    report, held_out = result.report, result.report["held_out"]
+    report, held_out = result.report, result.report.held_out
     print(
-        f"wrote {result.output}: {report['steps']} steps ({report['data_passes']:.2f} passes over "
-        f"{report['images']['selected']} images), {report['updates']} updates, stopped by "
-        f"{report['stopped_because']}, {report['wall_time_s']:.1f} s on {report['hardware']['device']}"
+        f"wrote {result.output}: {report.steps} steps ({report.data_passes:.2f} passes over "
+        f"{report.images.selected} images), {report.updates} updates, stopped by "
+        f"{report.stopped_because}, {report.wall_time_s:.1f} s on {report.hardware.device}"
     )
     print(
-        f"held-out defects at the last block ({held_out['resolution']} px): "
-        f"{held_out['before']['total']} -> {held_out['after']['total']}; cosine to the original: "
-        f"normal tokens {held_out['normal_token_cosine']:.4f}, {held_out['class_token']} "
-        f"{held_out['class_token_cosine']:.4f}"
+        f"held-out defects at the last block ({held_out.resolution} px): "
+        f"{held_out.before.total} -> {held_out.after.total}; cosine to the original: "
+        f"normal tokens {held_out.normal_token_cosine:.4f}, {held_out.class_token} "
+        f"{held_out.class_token_cosine:.4f}"
     )
-    for reason in report["outcome"]["reasons"]:
-        print(f"warning: {report['outcome']['status']}: {reason} (kept by --allow-degraded)", file=sys.stderr)
+    for reason in report.outcome.reasons:
+        print(f"warning: {report.outcome.status}: {reason} (kept by --allow-degraded)", file=sys.stderr)
     if not config.quiet:
-        print(json.dumps({"loss_layer_histogram": report["loss_layer_histogram"], "images": report["images"]}))
+        summary = {"loss_layer_histogram": report.loss_layer_histogram, "images": report.images.to_json()}
+        print(json.dumps(summary))
+        print(format_timings(report.timings))
     return 0
+
+
+def format_timings(timings) -> str:
+    """One line: where the run's time went and its peak memory."""
+    return (
+        f"time: set-up {timings.setup_s:.1f} s, directions {timings.directions_s:.1f} s, held-out "
+        f"{timings.held_out_s:.1f} s, loop {timings.loop_s:.1f} s (loader waits {timings.loader_wait_s:.1f} s, "
+        f"images with a loss {timings.loss_images_s:.1f} s, clear images {timings.clear_images_s:.1f} s), "
+        f"merge and writes {timings.merge_s + timings.write_s:.1f} s; peak memory {timings.peak_memory_gib:.2f} GiB "
+        f"({timings.peak_memory_kind})"
+    )

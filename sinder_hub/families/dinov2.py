@@ -1,7 +1,7 @@
-"""What a DINOv2 checkpoint looks like: architectures, checkpoint layouts and key maps.
+"""The DINOv2 family: its record, what its checkpoints look like, and its transformers counterpart.
 
 One module owns it, and ``backbones`` (loading), ``convert`` (exporting) and ``models``
-(the ``*_sinder`` registry names) import it:
+(the ``*_sinder`` registry names) read it through the record ``DINOV2`` or import it:
 
 - ``DINOV2_SIZES`` / ``dinov2_architecture`` / ``infer_architecture``: the stock timm
   ``vit_*_patch14[_reg4]_dinov2`` names and how to recognise them from checkpoint shapes;
@@ -15,8 +15,10 @@ One module owns it, and ``backbones`` (loading), ``convert`` (exporting) and ``m
   ``pos_embed [1, H*W, D]``; transformers adds ``position_embeddings[:, 0]`` to the class token and
   has ``[1, 1 + H*W, D]``: the conversion writes a zero class position) and transformers'
   ``mask_token`` (written as zeros, dropped on the way back);
-- ``timm_architecture`` / ``from_transformers``: a transformers Dinov2 model as a timm ViT.
-  (The other direction, which builds transformers classes, is ``convert.to_transformers``.)
+- ``timm_architecture`` / ``from_transformers``: a transformers Dinov2 model as a timm ViT, and
+  ``transformers_config`` / ``to_transformers`` / ``image_processor`` the other way. timm's packed SwiGLU
+  ``mlp.fc1`` is sized with ``mlp_ratio = 2H / D``, transformers' with ``H = ceil8(int(D * mlp_ratio) * 2 / 3)``;
+  transformers >= 5 saves folders with the legacy key names and renames them on load.
 """
 
 from __future__ import annotations
@@ -27,10 +29,13 @@ from typing import TYPE_CHECKING
 
 import timm
 import torch
-from timm.layers import LayerScale
+from timm.layers import GluMlp, LayerScale
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from torch import nn
 
-from .errors import BackboneError
+from ..data import IMAGENET_MEAN, IMAGENET_STD
+from ..errors import BackboneError
+from .base import Family, PublishedRegisters, TransformersCounterpart, remap
 
 if TYPE_CHECKING:
     from transformers import Dinov2Config, Dinov2WithRegistersConfig, PreTrainedModel
@@ -152,34 +157,6 @@ SWIGLU_MLP_MAP = (
 MASK_TOKEN = "embeddings.mask_token"
 
 
-def _pattern(template: str) -> re.Pattern:
-    return re.compile(re.escape(template).replace(r"\{\}", r"(\d+)") + "(.*)")
-
-
-def _remap(state_dict: dict[str, torch.Tensor], key_map, reverse: bool) -> dict[str, torch.Tensor]:
-    """Rename ``state_dict`` along ``key_map`` (timm -> transformers, or back when ``reverse``)."""
-    out, used = {}, set()
-    for timm_key, hf_keys in key_map:
-        pattern = _pattern(hf_keys[0] if reverse else timm_key)
-        for key in list(state_dict):
-            match = pattern.fullmatch(key)
-            if not match:
-                continue
-            *index, rest = match.groups()
-            if reverse:
-                parts = [hf.format(*index) + rest for hf in hf_keys]
-                out[timm_key.format(*index) + rest] = torch.cat([state_dict[p] for p in parts])  # a copy
-                used.update(parts)
-            else:
-                for target, chunk in zip(hf_keys, state_dict[key].chunk(len(hf_keys))):
-                    out[target.format(*index) + rest] = chunk.clone()
-                used.add(key)
-    left = [k for k in state_dict if k not in used]
-    if left:
-        raise ValueError(f"keys with no {'timm' if reverse else 'transformers'} counterpart: {left}")
-    return out
-
-
 def timm_architecture(config: Dinov2Config | Dinov2WithRegistersConfig) -> tuple[str, dict]:
     """``(timm architecture, model_args)`` of a transformers Dinov2 config: the stock name when the
     shape is stock (model_args then only set the image size), else the family's name with full args."""
@@ -218,7 +195,7 @@ def timm_to_transformers_state_dict(state_dict: dict[str, torch.Tensor], swiglu:
         state_dict["pos_embed"] = torch.cat(
             [torch.zeros_like(state_dict["pos_embed"][:, :1]), state_dict["pos_embed"]], 1
         )
-    out = _remap(state_dict, KEY_MAP + (SWIGLU_MLP_MAP if swiglu else GELU_MLP_MAP), reverse=False)
+    out = remap(state_dict, KEY_MAP + (SWIGLU_MLP_MAP if swiglu else GELU_MLP_MAP), reverse=False)
     out[MASK_TOKEN] = torch.zeros_like(state_dict["cls_token"][0])
     return out
 
@@ -226,7 +203,7 @@ def timm_to_transformers_state_dict(state_dict: dict[str, torch.Tensor], swiglu:
 def transformers_to_timm_state_dict(state_dict: dict[str, torch.Tensor], swiglu: bool) -> dict[str, torch.Tensor]:
     """transformers Dinov2 state dict -> timm state dict (the reverse of ``timm_to_transformers_state_dict``)."""
     state_dict = {k: v for k, v in state_dict.items() if k != MASK_TOKEN}
-    out = _remap(state_dict, KEY_MAP + (SWIGLU_MLP_MAP if swiglu else GELU_MLP_MAP), reverse=True)
+    out = remap(state_dict, KEY_MAP + (SWIGLU_MLP_MAP if swiglu else GELU_MLP_MAP), reverse=True)
     if "reg_token" in out:
         out["cls_token"] = out["cls_token"] + out["pos_embed"][:, :1]
         out["pos_embed"] = out["pos_embed"][:, 1:]
@@ -244,3 +221,121 @@ def from_transformers(hf_model: PreTrainedModel, **model_kwargs) -> VisionTransf
     state_dict = transformers_to_timm_state_dict(hf_model.state_dict(), hf_model.config.use_swiglu_ffn)
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model.eval()
+
+
+# ---------------------------------------------------------------- timm -> transformers
+
+# DINOv2's own preprocessing (facebook/dinov2-*): resize short side to 256, centre-crop 224, bicubic
+IMAGE_PROCESSOR = dict(
+    do_resize=True,
+    size={"shortest_edge": 256},
+    resample=3,
+    do_center_crop=True,
+    crop_size={"height": 224, "width": 224},
+    do_rescale=True,
+    rescale_factor=1 / 255,
+    do_normalize=True,
+    image_mean=list(IMAGENET_MEAN),
+    image_std=list(IMAGENET_STD),
+    do_convert_rgb=True,
+)
+
+
+def _swiglu_ratio(embed_dim: int, hidden: int) -> int:
+    """Integer transformers ``mlp_ratio`` whose SwiGLU hidden size is ``hidden``."""
+    for ratio in range(1, 17):
+        if (int(int(embed_dim * ratio) * 2 / 3) + 7) // 8 * 8 == hidden:
+            return ratio
+    raise ValueError(f"no integer transformers mlp_ratio gives a SwiGLU hidden size of {hidden} at width {embed_dim}")
+
+
+def transformers_config(model: nn.Module):
+    """transformers config of a DINOv2-like timm ViT (no classifier head, square image size)."""
+    from transformers import Dinov2Config, Dinov2WithRegistersConfig
+
+    check_dinov2_like(model, "the model (transformers export of a DINOv2 ViT)")
+    block = model.blocks[0]
+    swiglu = isinstance(block.mlp, GluMlp)
+    if swiglu and (not isinstance(block.mlp.act, nn.SiLU) or block.mlp.gate_last):
+        raise ValueError("transformers' SwiGLU is silu(gate) * up; the model's GLU MLP is not")
+    if swiglu:
+        mlp_ratio = _swiglu_ratio(model.embed_dim, block.mlp.fc2.in_features)
+    elif block.mlp.fc1.out_features % model.embed_dim == 0 and isinstance(block.mlp.act, nn.GELU):
+        mlp_ratio = block.mlp.fc1.out_features // model.embed_dim
+    else:
+        raise ValueError("transformers' Dinov2 MLP needs exact GELU and an integer mlp_ratio")
+    height, width = model.patch_embed.img_size
+    if height != width:
+        raise ValueError(f"transformers' Dinov2 needs a square image size, the model has {height}x{width}")
+    kwargs = dict(
+        hidden_size=model.embed_dim,
+        num_hidden_layers=len(model.blocks),
+        num_attention_heads=block.attn.num_heads,
+        mlp_ratio=mlp_ratio,
+        use_swiglu_ffn=swiglu,
+        layerscale_value=1.0,
+        layer_norm_eps=model.norm.eps,
+        image_size=height,
+        patch_size=model.patch_embed.patch_size[0],
+        qkv_bias=block.attn.qkv.bias is not None,
+    )
+    if model.num_reg_tokens:
+        return Dinov2WithRegistersConfig(num_register_tokens=model.num_reg_tokens, **kwargs)
+    return Dinov2Config(**kwargs)
+
+
+def to_transformers(model: nn.Module) -> nn.Module:
+    """timm DINOv2 ViT -> transformers ``Dinov2Model`` (``Dinov2WithRegistersModel``), same weights, eval mode."""
+    from transformers import Dinov2Model, Dinov2WithRegistersModel
+
+    config = transformers_config(model)
+    with torch.device("meta"):  # no random init: every weight is assigned below
+        hf_model = (Dinov2WithRegistersModel if config.model_type == "dinov2_with_registers" else Dinov2Model)(config)
+    state_dict = timm_to_transformers_state_dict(model.state_dict(), config.use_swiglu_ffn)
+    hf_model.load_state_dict(state_dict, strict=True, assign=True)
+    return hf_model.eval()
+
+
+def image_processor(model: nn.Module, config):
+    """DINOv2's own preprocessing (``IMAGE_PROCESSOR``), whatever the model's size."""
+    from transformers import BitImageProcessor
+
+    return BitImageProcessor(**IMAGE_PROCESSOR)
+
+
+# ---------------------------------------------------------------- the record
+
+BIBTEX = """@article{oquab2024dinov2,
+  title         = {{DINOv2}: Learning Robust Visual Features without Supervision},
+  author        = {Oquab, Maxime and Darcet, Timoth{\\'e}e and Moutakanni, Th{\\'e}o and Vo, Huy V. and Szafraniec, Marc and Khalidov, Vasil and Fernandez, Pierre and Haziza, Daniel and Massa, Francisco and El-Nouby, Alaaeldin and Howes, Russell and Huang, Po-Yao and Xu, Hu and Sharma, Vasu and Li, Shang-Wen and Galuba, Wojciech and Rabbat, Mike and Assran, Mido and Ballas, Nicolas and Synnaeve, Gabriel and Misra, Ishan and Jegou, Herv{\\'e} and Mairal, Julien and Labatut, Patrick and Joulin, Armand and Bojanowski, Piotr},
+  journal       = {Transactions on Machine Learning Research},
+  year          = {2024},
+  eprint        = {2304.07193},
+  archivePrefix = {arXiv}
+}"""
+
+DINOV2 = Family(
+    key="dinov2",
+    name="DINOv2",
+    tag="dinov2",
+    architectures=("vit_*_patch14_dinov2", "vit_*_patch14_reg4_dinov2", "vit_*_dinov2_sinder", "vit_giant_sinder"),
+    license="apache-2.0",
+    license_note="DINOv2's license (Apache-2.0)",
+    bibtex=BIBTEX,
+    interpolation_note=(
+        "Below that size transformers' plain `Dinov2Model` resamples them without antialiasing, while timm "
+        "(and `Dinov2WithRegistersModel`) antialias, so the two libraries give slightly different features there."
+    ),
+    default_resolution=518,
+    transformers=TransformersCounterpart(
+        model_types=TRANSFORMERS_MODEL_TYPES,
+        model_class="Dinov2Model",
+        to_transformers=to_transformers,
+        from_transformers=from_transformers,
+        image_processor=image_processor,
+    ),
+    check=check_dinov2_like,
+    planted=("planted-gelu", "planted-swiglu"),
+    registers_detection_block=-2,
+    published_registers=(PublishedRegisters("vit_large_patch14_dinov2", 24, 1024, -2, 150.0, 17, 50),),
+)
