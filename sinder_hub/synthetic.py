@@ -2,6 +2,8 @@
 
 ``make_shapes_dataset`` writes coloured shapes on grey textures in the project's simple layouts
 (classification: ``ROOT/{train,val}/<class>/``; segmentation: ``ROOT/<split>/images`` + ``masks``).
+``make_standard_datasets`` writes the same kind of pictures in the layouts of ImageNet, VOC2012,
+ADE20k, Cityscapes and NYU Depth v2 as they are distributed (see ``sinder_hub.evaluation.layouts``).
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ SHAPE_COLOURS = {  # one hue per class, so hand-crafted colour features are an o
 }
 
 
-def _shape_mask(kind: str, size: int, centre: tuple[float, float], radius: float, angle: float) -> np.ndarray:
-    """Boolean ``[size, size]`` mask of one shape."""
-    rows, cols = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
+def _shape_mask(
+    kind: str, shape: tuple[int, int], centre: tuple[float, float], radius: float, angle: float
+) -> np.ndarray:
+    """Boolean ``[height, width]`` mask of one shape."""
+    rows, cols = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float64) + 0.5
     dy, dx = rows - centre[0], cols - centre[1]
     u = np.cos(angle) * dx + np.sin(angle) * dy
     v = -np.sin(angle) * dx + np.cos(angle) * dy
@@ -48,14 +52,14 @@ def _shape_mask(kind: str, size: int, centre: tuple[float, float], radius: float
     raise ValueError(f"unknown shape {kind!r}; known: {', '.join(SHAPE_CLASSES)}")
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Grey texture: random gratings plus noise, ``[size, size, 3]`` in ``[0.2, 0.8]``."""
-    rows, cols = np.mgrid[0:size, 0:size] / size
-    texture = np.zeros((size, size))
+def _background(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+    """Grey texture: random gratings plus noise, ``[height, width, 3]`` in ``[0.2, 0.8]``."""
+    rows, cols = np.mgrid[0 : shape[0], 0 : shape[1]] / max(shape)
+    texture = np.zeros(shape)
     for _ in range(3):
         angle, frequency, phase = rng.uniform(0, math.pi), rng.uniform(2, 12), rng.uniform(0, 2 * math.pi)
         texture += np.sin(2 * math.pi * frequency * (np.cos(angle) * cols + np.sin(angle) * rows) + phase)
-    texture = 0.5 + 0.08 * texture + 0.05 * rng.standard_normal((size, size))
+    texture = 0.5 + 0.08 * texture + 0.05 * rng.standard_normal(shape)
     return np.repeat(texture.clip(0.2, 0.8)[..., None], 3, axis=2)
 
 
@@ -65,16 +69,51 @@ def _paint(rng: np.random.Generator, canvas: np.ndarray, kind: str, mask: np.nda
     canvas[mask] = colour[None, :] * shading[:, None]
 
 
-def _random_shape(rng: np.random.Generator, size: int, kind: str, radius_range: tuple[float, float]) -> np.ndarray:
-    radius = rng.uniform(*radius_range) * size
-    centre = tuple(rng.uniform(radius, size - radius, 2))
-    return _shape_mask(kind, size, centre, radius, rng.uniform(0, 2 * math.pi))
+def _random_shape(
+    rng: np.random.Generator, shape: tuple[int, int], kind: str, radius_range: tuple[float, float]
+) -> np.ndarray:
+    radius = rng.uniform(*radius_range) * min(shape)
+    centre = tuple(rng.uniform(radius, np.asarray(shape) - radius))
+    return _shape_mask(kind, shape, centre, radius, rng.uniform(0, 2 * math.pi))
+
+
+def _scene(rng: np.random.Generator, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """1-3 random shapes on a texture: ``(image [H, W, 3], labels [H, W] uint8)``, labels 0 = background,
+    ``1 + SHAPE_CLASSES.index(class)`` = shape, ``IGNORE_INDEX`` = the one-pixel boundary between regions."""
+    canvas, labels = _background(rng, shape), np.zeros(shape, dtype=np.uint8)
+    for label in rng.integers(0, len(SHAPE_CLASSES), rng.integers(1, 4)):
+        kind = SHAPE_CLASSES[label]
+        mask = _random_shape(rng, shape, kind, (0.12, 0.25))
+        _paint(rng, canvas, kind, mask)
+        labels[mask] = label + 1
+    padded = np.pad(labels, 1, mode="edge")
+    boundary = np.zeros_like(labels, dtype=bool)
+    for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
+        boundary |= padded[dy : dy + shape[0], dx : dx + shape[1]] != labels
+    labels[boundary] = IGNORE_INDEX
+    return canvas, labels
 
 
 def _save_rgb(array: np.ndarray, path: Path) -> None:
+    """An RGB image in ``[0, 1]``, as PNG or (by the suffix) JPEG."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        Image.fromarray((array * 255).round().astype(np.uint8)).save(tmp, format="PNG")
+        image = Image.fromarray((array * 255).round().astype(np.uint8))
+        image.save(tmp, format="JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG", quality=95)
+
+
+def _save_index(labels: np.ndarray, path: Path, palette: list[int] | None = None) -> None:
+    """A single-channel PNG: mode ``I;16`` for uint16 values, ``P`` with ``palette``, else ``L``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if labels.dtype == np.uint16:
+        image = Image.fromarray(labels)
+    elif palette is None:
+        image = Image.fromarray(labels.astype(np.uint8))
+    else:
+        image = Image.frombytes("P", labels.shape[::-1], labels.astype(np.uint8).tobytes())
+        image.putpalette(palette)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
 
 
 def make_shapes_dataset(root: str | Path, n_per_class: int = 8, size: int = 112, seed: int = 0) -> Path:
@@ -95,24 +134,135 @@ def make_shapes_dataset(root: str | Path, n_per_class: int = 8, size: int = 112,
     for split in ("train", "val"):
         for kind in SHAPE_CLASSES:
             for index in range(n_per_class):
-                canvas = _background(rng, size)
-                _paint(rng, canvas, kind, _random_shape(rng, size, kind, (0.2, 0.35)))
+                canvas = _background(rng, (size, size))
+                _paint(rng, canvas, kind, _random_shape(rng, (size, size), kind, (0.2, 0.35)))
                 _save_rgb(canvas, root / "classification" / split / kind / f"{kind}_{index:04d}.png")
         for index in range(n_per_class * len(SHAPE_CLASSES)):
-            canvas, labels = _background(rng, size), np.zeros((size, size), dtype=np.uint8)
-            for label in rng.integers(0, len(SHAPE_CLASSES), rng.integers(1, 4)):
-                kind = SHAPE_CLASSES[label]
-                mask = _random_shape(rng, size, kind, (0.12, 0.25))
-                _paint(rng, canvas, kind, mask)
-                labels[mask] = label + 1
-            padded = np.pad(labels, 1, mode="edge")
-            boundary = np.zeros_like(labels, dtype=bool)
-            for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
-                boundary |= padded[dy : dy + size, dx : dx + size] != labels
-            labels[boundary] = IGNORE_INDEX
+            canvas, labels = _scene(rng, (size, size))
             folder = root / "segmentation" / split
             _save_rgb(canvas, folder / "images" / f"{index:04d}.png")
-            (folder / "masks").mkdir(parents=True, exist_ok=True)
-            with atomic_path(folder / "masks" / f"{index:04d}.png") as tmp:
-                Image.fromarray(labels).save(tmp, format="PNG")
+            _save_index(labels, folder / "masks" / f"{index:04d}.png")
     return root
+
+
+# --- the standard layouts, in miniature --------------------------------------------------------------
+
+
+def voc_palette() -> list[int]:
+    """VOC's colour map: 256 RGB triples, class ``i``'s colour from the bits of ``i``."""
+    palette = []
+    for index in range(256):
+        r = g = b = 0
+        value = index
+        for shift in range(7, -1, -1):
+            r |= ((value >> 0) & 1) << shift
+            g |= ((value >> 1) & 1) << shift
+            b |= ((value >> 2) & 1) << shift
+            value >>= 3
+        palette += [r, g, b]
+    return palette
+
+
+def make_imagenet(root: str | Path, n_train: int = 6, n_val: int = 4, size: int = 64, seed: int = 0) -> Path:
+    """``ROOT/{train,val}/<wnid>/*.JPEG``: one shape class per synset (``n00000001`` ...)."""
+    root, rng = Path(root), np.random.default_rng(seed)
+    for number, kind in enumerate(SHAPE_CLASSES, start=1):
+        wnid = f"n{number:08d}"
+        for split, count in (("train", n_train), ("val", n_val)):
+            for index in range(count):
+                canvas = _background(rng, (size, size))
+                _paint(rng, canvas, kind, _random_shape(rng, (size, size), kind, (0.2, 0.35)))
+                name = f"{wnid}_{index}.JPEG" if split == "train" else f"ILSVRC2012_val_{number:03d}{index:05d}.JPEG"
+                _save_rgb(canvas, root / split / wnid / name)
+    return root
+
+
+def _segmentation_scenes(rng, count: int, shape: tuple[int, int]):
+    for index in range(count):
+        yield (index, *_scene(rng, shape))
+
+
+def make_voc2012(root: str | Path, n_train: int = 8, n_val: int = 6, shape=(48, 64), seed: int = 0) -> Path:
+    """``ROOT/VOCdevkit/VOC2012/``: JPEGs, palette masks (shapes as VOC classes 1-5, 255 boundaries), split lists."""
+    voc, rng = Path(root) / "VOCdevkit" / "VOC2012", np.random.default_rng(seed)
+    for split, count, year in (("train", n_train, 2007), ("val", n_val, 2008)):
+        ids = []
+        for index, canvas, labels in _segmentation_scenes(rng, count, shape):
+            ids.append(f"{year}_{index:06d}")
+            _save_rgb(canvas, voc / "JPEGImages" / f"{ids[-1]}.jpg")
+            _save_index(labels, voc / "SegmentationClass" / f"{ids[-1]}.png", voc_palette())
+        (voc / "ImageSets" / "Segmentation").mkdir(parents=True, exist_ok=True)
+        (voc / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    return Path(root) / "VOCdevkit"
+
+
+def make_ade20k(root: str | Path, n_train: int = 8, n_val: int = 6, shape=(56, 72), seed: int = 0) -> Path:
+    """``ROOT/ADEChallengeData2016/{images,annotations}/{training,validation}/``: annotations 0 = ignore (the
+    boundaries), 1 = background, 2-6 = the shapes (classes 0, 1-5 after ADE's shift)."""
+    ade, rng = Path(root) / "ADEChallengeData2016", np.random.default_rng(seed)
+    for split, count, tag in (("training", n_train, "train"), ("validation", n_val, "val")):
+        for index, canvas, labels in _segmentation_scenes(rng, count, shape):
+            stem = f"ADE_{tag}_{index + 1:08d}"
+            _save_rgb(canvas, ade / "images" / split / f"{stem}.jpg")
+            _save_index(np.where(labels == IGNORE_INDEX, 0, labels + 1), ade / "annotations" / split / f"{stem}.png")
+    return ade
+
+
+def make_cityscapes(root: str | Path, n_train: int = 8, n_val: int = 6, shape=(48, 96), seed: int = 0) -> Path:
+    """``ROOT/leftImg8bit`` + ``ROOT/gtFine`` (``*_labelTrainIds.png``: 0 = background, 1-5 = shapes, 255 ignore)."""
+    root, rng = Path(root), np.random.default_rng(seed)
+    for split, count, city in (("train", n_train, "aachen"), ("val", n_val, "frankfurt")):
+        for index, canvas, labels in _segmentation_scenes(rng, count, shape):
+            stem = f"{city}_{index:06d}_000019"
+            _save_rgb(canvas, root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png")
+            _save_index(labels, root / "gtFine" / split / city / f"{stem}_gtFine_labelTrainIds.png")
+    return root
+
+
+def _depth_scene(rng: np.random.Generator, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """A room-like scene: ``(image [H, W, 3], depth [H, W] uint16 millimetres)``: a floor receding to the
+    top (2-8 m, darker when further), shapes standing nearer (1-3 m), a few pixels without depth."""
+    height, width = shape
+    rows = np.linspace(1.0, 0.0, height)[:, None] * np.ones((1, width))
+    depth = 2.0 + 6.0 * (1.0 - rows)
+    canvas = _background(rng, shape) * (1.2 - 0.1 * depth)[..., None]
+    for _ in range(rng.integers(1, 3)):
+        kind = SHAPE_CLASSES[rng.integers(len(SHAPE_CLASSES))]
+        mask = _random_shape(rng, shape, kind, (0.15, 0.3))
+        _paint(rng, canvas, kind, mask)
+        depth[mask] = rng.uniform(1.0, 3.0)
+    millimetres = np.round(depth * 1000).astype(np.uint16)
+    millimetres[rng.random(shape) < 0.02] = 0
+    return canvas.clip(0, 1), millimetres
+
+
+def make_nyu(root: str | Path, n_train: int = 8, n_test: int = 6, shape=(48, 64), seed: int = 0) -> Path:
+    """NYU Depth v2 as BTS distributes it: ``ROOT/sync/<scene>/`` (training), ``ROOT/official_splits/test/<scene>/``,
+    ``rgb_<n>.jpg`` + ``sync_depth_<n>.png`` (uint16 mm), and the split files ``nyudepthv2_{train,test}_files_with_gt.txt``."""
+    root, rng = Path(root), np.random.default_rng(seed)
+    for folder, count, scenes, listing in (
+        (root / "sync", n_train, ("bedroom_0001", "kitchen_0002"), "nyudepthv2_train_files_with_gt.txt"),
+        (root / "official_splits" / "test", n_test, ("bathroom", "office"), "nyudepthv2_test_files_with_gt.txt"),
+    ):
+        lines = []
+        for index in range(count):
+            scene = scenes[index % len(scenes)]
+            canvas, depth = _depth_scene(rng, shape)
+            _save_rgb(canvas, folder / scene / f"rgb_{index:05d}.jpg")
+            _save_index(depth, folder / scene / f"sync_depth_{index:05d}.png")
+            prefix = "/" if folder.name == "sync" else ""
+            lines.append(f"{prefix}{scene}/rgb_{index:05d}.jpg {prefix}{scene}/sync_depth_{index:05d}.png 518.8579")
+        (root / listing).write_text("\n".join(lines) + "\n")
+    return root
+
+
+def make_standard_datasets(root: str | Path, seed: int = 0) -> dict[str, Path]:
+    """Tiny datasets in every standard layout under ``root``: ``{layout name: the folder to give --data}``."""
+    root = Path(root)
+    return {
+        "imagenet": make_imagenet(root / "imagenet", seed=seed),
+        "voc2012": make_voc2012(root / "voc", seed=seed),
+        "ade20k": make_ade20k(root / "ade", seed=seed),
+        "cityscapes": make_cityscapes(root / "cityscapes", seed=seed),
+        "nyu": make_nyu(root / "nyu", seed=seed),
+    }

@@ -13,10 +13,12 @@ from sinder_hub.errors import DataError
 from sinder_hub.evaluation import (
     class_token_encoder,
     confusion_matrix,
+    depth_errors,
     kmeans,
     kmeans_segmentation,
     knn_evaluate,
     knn_votes,
+    linear_classification,
     linear_probe_segmentation,
     load_mask,
     match_clusters,
@@ -24,6 +26,7 @@ from sinder_hub.evaluation import (
     segmentation_split,
     topk_accuracy,
 )
+from sinder_hub.evaluation.streaming import Streaming
 from sinder_hub.synthetic import SHAPE_CLASSES, make_shapes_dataset
 
 SIZE = 112  # 8x8 patch grid
@@ -82,6 +85,31 @@ def test_scores_skip_absent_classes_and_count_unmatched_predictions():
     assert scores["iou"] == pytest.approx([75.0, None, 100.0])
     assert scores["miou"] == pytest.approx(87.5)
     assert scores["pixel_accuracy"] == pytest.approx(500 / 6)
+
+
+def test_miou_agrees_with_torchmetrics_jaccard_index():
+    """segmentation_scores' mIoU skips the classes neither present nor predicted, as torchmetrics' macro average does."""
+    from torchmetrics.classification import MulticlassJaccardIndex
+
+    generator = torch.Generator().manual_seed(0)
+    targets = torch.randint(0, 4, (500,), generator=generator)  # classes 4 and 5 never present
+    targets[:40] = 255
+    predictions = torch.randint(0, 5, (500,), generator=generator)  # class 4 predicted, never present
+    jaccard = MulticlassJaccardIndex(6, ignore_index=255, average="macro")
+    scores = segmentation_scores(confusion_matrix(predictions, targets, 6))
+    assert scores["iou"][5] is None and scores["iou"][4] == 0.0
+    assert scores["miou"] == pytest.approx(100 * float(jaccard(predictions, targets)), abs=1e-4)
+
+
+def test_depth_errors_by_hand():
+    prediction = torch.tensor([[1.0, 2.0], [4.0, 9.0]])
+    target = torch.tensor([[1.0, 2.5], [2.0, 0.0]])
+    valid = target > 0
+    errors = depth_errors(prediction, target, valid)
+    # errors 0, -0.5, 2: RMSE sqrt((0 + 0.25 + 4) / 3); ratios 1, 1.25, 2: only the first < 1.25
+    assert errors["rmse"] == pytest.approx(math.sqrt(4.25 / 3))
+    assert errors["delta1"] == pytest.approx(100 / 3)
+    assert errors["abs_rel"] == pytest.approx((0 + 0.2 + 1.0) / 3)
 
 
 def test_knn_votes_follow_the_dino_weighting():
@@ -149,15 +177,28 @@ def test_load_mask_resizes_like_the_image(tmp_path):
 
 
 def test_knn_oracle_versus_random(shapes):
-    good = knn_evaluate(colour_class_encoder, shapes / "classification", SIZE)
-    bad = knn_evaluate(random_encoder((16,)), shapes / "classification", SIZE)
+    good = knn_evaluate(colour_class_encoder, shapes / "classification", SIZE, k=10)
+    bad = knn_evaluate(random_encoder((16,)), shapes / "classification", SIZE, k=10)
     assert good["top1"] == 100.0 and good["classes"] == sorted(SHAPE_CLASSES) and good["val_images"] == 20
+    assert bad["top1"] <= 50.0
+    # 5 classes: every class is in the top 5; 20 training images <= k = 20: every one of them votes
+    assert good["trivial"] == ["top5"] and "top5 is trivial: 5 classes" in good["notes"][0]
+    every = knn_evaluate(colour_class_encoder, shapes / "classification", SIZE, max_images=10)
+    assert every["train_images"] == 10 and every["trivial"] == ["top5", "top1"]
+    assert "k = 20 but only 10 training images" in every["notes"][1]
+
+
+def test_linear_classification_oracle_versus_random(shapes):
+    good = linear_classification(colour_class_encoder, shapes / "classification", SIZE, iterations=100)
+    bad = linear_classification(random_encoder((16,)), shapes / "classification", SIZE, iterations=100)
+    assert good["top1"] == 100.0 and good["batch_size"] == 20 and good["learning_rate"] in (1e-1, 5e-2, 2e-2)
     assert bad["top1"] <= 50.0
 
 
 def test_linear_probe_oracle_versus_random(shapes):
-    good = linear_probe_segmentation(colour_patch_encoder, shapes / "segmentation", SIZE)
-    bad = linear_probe_segmentation(random_encoder((8, 8, 8)), shapes / "segmentation", SIZE)
+    probe = dict(iterations=25, learning_rate=0.1, streaming=Streaming(batch_size=8))
+    good = linear_probe_segmentation(colour_patch_encoder, shapes / "segmentation", SIZE, **probe)
+    bad = linear_probe_segmentation(random_encoder((8, 8, 8)), shapes / "segmentation", SIZE, **probe)
     assert good["classes"] == len(SHAPE_CLASSES) + 1
     assert good["miou"] > 60 and good["pixel_accuracy"] > 90
     assert bad["miou"] < 30 and good["miou"] > bad["miou"] + 30
@@ -191,14 +232,14 @@ def test_evaluate_tool_prints_two_columns(shapes, tmp_path, capsys, monkeypatch,
     monkeypatch.setattr(backbones, "load_backbone", tiny_backbone)
     from sinder_hub.commands import evaluate
 
-    out = tmp_path / "result.json"
+    out = tmp_path / "result"
     data = shapes / ("classification" if task == "knn" else "segmentation")
     evaluate.main(
         [
             "--model",
             "a",
             "--compare",
-            "bb",
+            "repaired=bb",
             "--task",
             task,
             "--data",
@@ -207,14 +248,20 @@ def test_evaluate_tool_prints_two_columns(shapes, tmp_path, capsys, monkeypatch,
             str(SIZE),
             "--out",
             str(out),
+            "--workers",
+            "0",
         ]
     )
     printed = capsys.readouterr().out
     metric = "top1" if task == "knn" else "miou"
     assert "original" in printed and "repaired" in printed and metric in printed
-    results = json.loads(out.read_text())
-    assert results["task"] == task and results["original"]["model"] == "a" and results["repaired"]["model"] == "bb"
-    assert 0 <= results["repaired"][metric] <= 100
+    results = json.loads((out / "results.json").read_text())
+    variants = {variant["label"]: variant for variant in results["variants"]}
+    cell = f"{data.name}/{task}"
+    assert results["settings"]["tasks"] == [task] and results["settings"]["cells"] == [cell]
+    assert variants["original"]["model"] == "a" and variants["repaired"]["model"] == "bb"
+    assert 0 <= variants["repaired"]["cells"][cell]["result"][metric] <= 100
+    assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md", "results.png"]
 
 
 def test_the_image_feature_is_the_class_token_or_the_models_own_pooling():

@@ -1,48 +1,84 @@
-"""Feature quality of a frozen backbone, optionally beside a second one (original vs repaired).
+"""Feature quality of frozen backbones side by side: the paper's evaluations, one table.
 
-    python tools/evaluate.py --model planted-swiglu --compare runs/demo --task knn --data shapes/classification
-    python tools/evaluate.py --model vit_small_patch14_dinov2 --task linseg --data voc_small
-    python tools/evaluate.py --model vit_small_patch14_dinov2 --task kmeans --data voc_small
+    sinder-hub evaluate --model vit_small_patch14_dinov2.lvd142m --compare sinder=runs/small \\
+        --task linseg kmeans --layers 1 4 --data data/VOCdevkit data/ADEChallengeData2016 --out eval/seg
+    accelerate launch -m sinder_hub.cli evaluate ...      # the same, shared over GPUs
 
-Tasks (layouts in sinder_hub.evaluation):
-  knn     DATA/train/<class>/*, DATA/val/<class>/*: class-token k-NN (k=20, T=0.07), top-1 / top-5 %
-  linseg  DATA/{train,val}/images/* + masks/*.png: linear probe on patch tokens, mIoU / pixel accuracy %
-  kmeans  DATA/val/images/* + masks/*.png: k-means on patch tokens + Hungarian matching, mIoU / pixel accuracy %
+Tasks (settings and sources: docs/evaluation.md):
+  knn     ImageNet or DATA/{train,val}/<class>/: class-token weighted k-NN (k=20, T=0.07), top-1 / top-5 %
+  linear  the same layouts: linear probe on the class token (+ mean patch token), best of DINOv2's lr grid
+  linseg  VOC2012, ADE20k, Cityscapes or DATA/{train,val}/images + masks: BN + 1x1 linear head on the
+          patch tokens of the last block (--layers 1) or last four (--layers 4), mIoU at full label resolution
+  depth   NYU Depth v2 (BTS layout): linear head over 256 depth bins, RMSE (m) and delta1 %
+  kmeans  the segmentation layouts' val split: k-means of the patch tokens, Hungarian-matched, mIoU %
 
-Every image with more than --max-pixels pixels is refused (one line naming the file). A small synthetic
-dataset for trying it out:
-    python -c "from sinder_hub.synthetic import make_shapes_dataset; make_shapes_dataset('shapes')"
+Each task runs on every --data it applies to; layouts are recognised (or named with --layout, one per
+--data) and every mask is checked before any model loads. Writes OUT/results.json, results.md (rows:
+variants, columns: metrics) and results.png; a later command with one more --compare reuses the
+finished variants. A small synthetic dataset in each layout:
+    python -c "from sinder_hub.synthetic import make_standard_datasets; make_standard_datasets('tiny-data')"
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 from pathlib import Path
 
-from sinder_hub import evaluation
 from sinder_hub.cli import ArgumentParser
 from sinder_hub.data import MAX_PIXELS
 from sinder_hub.errors import InputError
-from sinder_hub.files import write_json_atomic
+from sinder_hub.evaluation import LAYOUTS, TASKS, Processes, Streaming
+from sinder_hub.evaluation.features import PRECISIONS
+from sinder_hub.evaluation.run import (
+    LINEAR_INPUTS,
+    EvaluationSettings,
+    check_datasets,
+    evaluate_variants,
+    plan_cells,
+    settings_record,
+)
+from sinder_hub.evaluation.table import FILES, OutputFolder, markdown_table
+from sinder_hub.files import check_writable
+from sinder_hub.variants import parse_variants
 
-TASKS = evaluation.TASKS
-METRICS = {"knn": ("top1", "top5"), "linseg": ("miou", "pixel_accuracy"), "kmeans": ("miou", "pixel_accuracy")}
+POSITIVE = ("resolution", "batch_size", "iterations", "clusters", "max_pixels", "max_images", "num_classes")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = ArgumentParser(prog="evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="the reference backbone, a load_backbone spec ([LABEL=]SPEC)")
+    parser.add_argument("--compare", nargs="+", help="up to three more backbones ([LABEL=]SPEC), one row each")
+    parser.add_argument("--task", nargs="+", required=True, choices=TASKS, metavar="TASK", help=", ".join(TASKS))
+    parser.add_argument("--data", nargs="+", required=True, type=Path, help="dataset folders (layouts above)")
     parser.add_argument(
-        "--model", required=True, help="backbone spec for load_backbone (timm name, planted-swiglu, folder, file)"
+        "--layout",
+        nargs="+",
+        choices=tuple(LAYOUTS),
+        metavar="LAYOUT",
+        help=f"the layout of each --data (default: recognised): {', '.join(LAYOUTS)}",
     )
-    parser.add_argument("--compare", help="a second backbone (e.g. the repaired one), scored in a second column")
-    parser.add_argument("--task", required=True, choices=TASKS)
-    parser.add_argument("--data", required=True, type=Path, help="dataset folder (layout per task, see above)")
-    parser.add_argument("--resolution", type=int, default=224, help="square input size (default 224)")
-    parser.add_argument("--out", type=Path, help="JSON results (default: evaluate-<task>.json)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0, help="kmeans: seed of the k-means++ seeding")
-    parser.add_argument("--steps", type=int, default=100, help="linseg: L-BFGS iterations of the linear layer")
-    parser.add_argument("--clusters", type=int, help="kmeans: number of clusters (default: number of classes)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("evaluate-output"), help="output folder (default evaluate-output)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace the results an --out folder holds")
+    parser.add_argument("--resolution", type=int, default=224, help="input size: crop side, whole images' short side")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per step over all processes (default 16)")
+    parser.add_argument(
+        "--layers", nargs="+", type=int, choices=(1, 4), default=[1], help="linseg, depth: Linear 1 / 4"
+    )
+    parser.add_argument("--linear-input", choices=LINEAR_INPUTS, default="class+mean", help="linear probe input")
+    parser.add_argument("--iterations", type=int, help="steps of the heads (default: linear 12500, linseg/depth 4000)")
+    parser.add_argument("--learning-rate", type=float, help="linseg, depth: AdamW learning rate (default 1e-3)")
+    parser.add_argument("--clusters", type=int, help="kmeans: clusters (default: the number of classes)")
+    parser.add_argument(
+        "--num-classes", type=int, help="classes of DATA/<split>/masks (default: the largest label + 1)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="data order, head initialisation, k-means seeding")
+    parser.add_argument("--max-images", type=int, help="at most this many images per split, evenly spread")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="backbone precision (bf16: autocast)")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image-loading processes")
     parser.add_argument(
         "--max-pixels",
         type=int,
@@ -50,46 +86,77 @@ def parse_args(argv=None) -> argparse.Namespace:
         help=f"refuse images with more pixels than this (default {MAX_PIXELS:,}, PIL's decompression-bomb limit)",
     )
     args = parser.parse_args(argv)
-    for flag in ("resolution", "batch_size", "steps", "clusters", "max_pixels"):
+    for flag in POSITIVE:
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise InputError(f"--{flag.replace('_', '-')} {value}: expected a positive integer")
     if args.resolution < 14:
         raise InputError(f"--resolution {args.resolution}: expected at least 14 px, one patch (e.g. 224)")
-    out = args.out or Path(f"evaluate-{args.task}.json")
-    if out.is_dir():
-        raise InputError(f"--out {out} is a folder; expected a JSON file path")
+    if args.workers < 0:
+        raise InputError(f"--workers {args.workers}: expected 0 (load images in the main process) or more")
+    if args.learning_rate is not None and not args.learning_rate > 0:
+        raise InputError(f"--learning-rate {args.learning_rate}: expected a positive number")
+    if args.layout and len(args.layout) != len(args.data):
+        raise InputError(f"--layout: {len(args.layout)} layouts for {len(args.data)} --data folders; expected one each")
     return args
 
 
-def evaluate(model, args: argparse.Namespace) -> dict:
-    common = dict(batch_size=args.batch_size, max_pixels=args.max_pixels)
-    if args.task == "knn":
-        return evaluation.knn_evaluate(evaluation.class_token_encoder(model), args.data, args.resolution, **common)
-    encoder = evaluation.patch_token_encoder(model)
-    if args.task == "linseg":
-        return evaluation.linear_probe_segmentation(encoder, args.data, args.resolution, steps=args.steps, **common)
-    return evaluation.kmeans_segmentation(
-        encoder, args.data, args.resolution, clusters=args.clusters, seed=args.seed, **common
+def settings_of(args: argparse.Namespace) -> EvaluationSettings:
+    return EvaluationSettings(
+        resolution=args.resolution,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        max_images=args.max_images,
+        layers=tuple(sorted(set(args.layers))),
+        linear_input=args.linear_input,
+        iterations=args.iterations,
+        learning_rate=args.learning_rate,
+        clusters=args.clusters,
+        num_classes=args.num_classes,
+        precision=args.precision,
     )
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    evaluation.check_dataset(args.data, args.task)  # before any model loads
-    from sinder_hub.backbones import load_backbone
+    variants = parse_variants(args.model, args.compare)
+    settings = settings_of(args)
+    tasks = list(dict.fromkeys(args.task))
+    cells = plan_cells(tasks, args.data, args.layout or [None] * len(args.data), settings)
+    output = OutputFolder(args.out, args.overwrite)
+    previous = output.previous(settings_record(cells, settings), variants)
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
 
-    specs = {"original": args.model, **({"repaired": args.compare} if args.compare else {})}
-    results = {"task": args.task, "data": str(args.data), "resolution": args.resolution}
-    models = {label: load_backbone(spec) for label, spec in specs.items()}  # a bad --compare fails before the work
-    for label, spec in specs.items():
-        results[label] = {"model": spec, **evaluate(models.pop(label), args)}
-    print(f"{args.task} on {args.data} at {args.resolution} px")
-    print(f"{'metric':<16}" + "".join(f"{label:>12}" for label in specs))
-    for metric in METRICS[args.task]:
-        print(f"{metric:<16}" + "".join(f"{results[label][metric]:>12.2f}" for label in specs))
-    out = args.out or Path(f"evaluate-{args.task}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out, results)
-    print(f"wrote {out}")
+    processes = Processes(Accelerator())
+
+    def progress(items, total, desc):
+        return tqdm(items, total=total, desc=desc, unit="file", disable=None)
+
+    summaries = processes.on_main(lambda: check_datasets(cells, settings, max(1, args.workers), progress))
+    created = not args.out.exists()
+    processes.on_main(lambda: check_writable(args.out, "--out"))
+    streaming = Streaming(args.batch_size, args.workers, args.max_pixels, processes, args.out / ".scratch")
+    from sinder_hub import backbones
+
+    try:
+        document = evaluate_variants(
+            variants,
+            cells,
+            settings,
+            summaries,
+            streaming,
+            backbones.load_backbone,
+            output,
+            previous,
+            report=print if processes.is_main else lambda text: None,
+        )
+    finally:
+        if processes.is_main:
+            shutil.rmtree(args.out / ".scratch", ignore_errors=True)
+            if created and args.out.is_dir() and not any(args.out.iterdir()):
+                args.out.rmdir()  # a command that wrote nothing leaves no folder
+    if processes.is_main:
+        print(markdown_table(document))
+        print(f"wrote {', '.join(str(args.out / name) for name in FILES)}")
     return 0

@@ -1,0 +1,275 @@
+"""One ``sinder-hub evaluate``: variants x datasets x protocols, checked up front, run in a fixed order, tabled.
+
+``plan_cells`` reads the layouts (names only), ``check_datasets`` reads every mask and depth map
+(main process), ``evaluate_variants`` loads the variants that have no finished results (a bad
+spec fails before any work), runs every cell with the same data order and seeds for each, and
+writes the output folder after each variant.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+from .. import __version__
+from ..errors import DataError, InputError
+from .depth import DEPTH_ITERATIONS, DEPTH_LR, linear_depth
+from .features import (
+    class_and_mean_encoder,
+    class_token_encoder,
+    depth_token_encoder,
+    patch_token_encoder,
+)
+from .kmeans import kmeans_segmentation
+from .knn import knn_evaluate
+from .layouts import LAYOUTS, TASK_KINDS, TASK_SPLITS, EvalDataset, dataset_for, detect_layout, open_dataset, subset
+from .linear import LINEAR_ITERATIONS, linear_classification
+from .linseg import SEGMENTATION_ITERATIONS, SEGMENTATION_LR, linear_probe_segmentation
+from .streaming import Streaming
+from .table import FORMAT, GENERATOR, OutputFolder, key_of, weights_sha256
+from .targets import TargetSummary, check_targets
+
+LAYERED = ("linseg", "depth")
+LINEAR_INPUTS = ("class", "class+mean")
+TABLE_METRICS = {
+    "knn": ("top1",),
+    "linear": ("top1",),
+    "linseg": ("miou",),
+    "kmeans": ("miou",),
+    "depth": ("rmse", "delta1"),
+}
+DEFAULT_ITERATIONS = {"linear": LINEAR_ITERATIONS, "linseg": SEGMENTATION_ITERATIONS, "depth": DEPTH_ITERATIONS}
+DEFAULT_LR = {"linseg": SEGMENTATION_LR, "depth": DEPTH_LR}
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """Every setting that changes a figure (workers, ``--max-pixels`` and the process count do not)."""
+
+    resolution: int = 224
+    batch_size: int = 16
+    seed: int = 0
+    max_images: int | None = None
+    layers: tuple[int, ...] = (1,)
+    linear_input: str = "class+mean"
+    iterations: int | None = None
+    learning_rate: float | None = None
+    clusters: int | None = None
+    num_classes: int | None = None
+    precision: str = "fp32"
+    k: int = 20
+    temperature: float = 0.07
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One protocol on one dataset: a group of table columns."""
+
+    name: str  # the dataset's name in the table
+    dataset: EvalDataset = field(compare=False)
+    task: str
+    layers: int | None = None
+
+    @property
+    def id(self) -> str:
+        return f"{self.name}/{self.task}" + (f"-L{self.layers}" if self.layers else "")
+
+    def settings(self, settings: EvaluationSettings) -> dict:
+        """The settings this cell's figures depend on."""
+        record = {
+            "task": self.task,
+            "resolution": settings.resolution,
+            "seed": settings.seed,
+            "precision": settings.precision,
+        }
+        if self.task == "knn":
+            record.update(k=settings.k, temperature=settings.temperature)
+        if self.task in DEFAULT_ITERATIONS:
+            record.update(iterations=settings.iterations or DEFAULT_ITERATIONS[self.task])
+        if self.task in LAYERED:
+            record.update(
+                layers=self.layers,
+                batch_size=settings.batch_size,
+                learning_rate=settings.learning_rate or DEFAULT_LR[self.task],
+            )
+        if self.task == "linear":
+            record.update(linear_input=settings.linear_input)
+        if self.task == "kmeans":
+            record.update(clusters=settings.clusters)
+        if self.dataset.layout.name == "image-mask-folders":
+            record.update(num_classes=settings.num_classes)
+        return record
+
+
+def _kind(root, layout: str | None, task: str) -> str | None:
+    if not root.is_dir():
+        dataset_for(root, task, layout)  # raises: not a folder
+    name = layout or detect_layout(root)
+    if name is not None and name not in LAYOUTS:
+        raise InputError(f"--layout {name}: unknown layout; expected one of {', '.join(LAYOUTS)}")
+    return LAYOUTS[name].kind if name else None
+
+
+def plan_cells(tasks: list[str], data: list, layouts: list[str | None], settings: EvaluationSettings) -> list[Cell]:
+    """The cells of ``tasks`` on the datasets ``data`` (each task on every dataset it applies to).
+
+    Reads names only (layouts, splits, target files); raises ``DataError`` / ``InputError`` in one
+    line for a dataset no task applies to, a task no dataset fits, or a missing part of a layout.
+    """
+    kinds = [_kind(root, layout, tasks[0]) for root, layout in zip(data, layouts)]
+    for task in tasks:
+        if not any(kind == TASK_KINDS[task] for kind in kinds):
+            if len(data) == 1:
+                dataset_for(data[0], task, layouts[0])  # raises the message naming what was found
+            raise DataError(f"--task {task}: none of --data is a {TASK_KINDS[task]} dataset")
+    cells, names = [], set()
+    for root, layout, kind in zip(data, layouts, kinds):
+        mine = [task for task in tasks if TASK_KINDS[task] == kind]
+        if kind is None:
+            open_dataset(root, layout)  # raises: no known layout, naming what was found
+        if not mine:
+            raise DataError(f"--data {root}: a {kind} dataset, which none of --task {' '.join(tasks)} uses")
+        splits = tuple(sorted({split for task in mine for split in TASK_SPLITS.get(task, ("train", "val"))}))
+        dataset = subset(open_dataset(root, layout, splits), settings.max_images)
+        name, count = dataset.title, 1
+        while name in names:
+            count += 1
+            name = f"{dataset.title}-{count}"
+        names.add(name)
+        for task in mine:
+            cells += [Cell(name, dataset, task, layers) for layers in (settings.layers if task in LAYERED else (None,))]
+    return cells
+
+
+def settings_record(cells: list[Cell], settings: EvaluationSettings) -> dict:
+    """The settings of a results.json: compared with a previous one before any work."""
+    data = {}
+    for cell in cells:
+        data[cell.name] = {
+            "root": str(cell.dataset.root.resolve()),
+            "layout": cell.dataset.layout.name,
+            "images": {split: len(samples) for split, samples in cell.dataset.splits.items()},
+        }
+    tasks = list(dict.fromkeys(cell.task for cell in cells))
+    return {
+        **asdict(settings),
+        "layers": list(settings.layers),
+        "tasks": tasks,
+        "cells": [cell.id for cell in cells],
+        "data": data,
+    }
+
+
+def check_datasets(
+    cells: list[Cell], settings: EvaluationSettings, workers: int, progress=None
+) -> dict[str, TargetSummary]:
+    """Every mask and depth map of every dataset, checked once: ``{dataset name: TargetSummary}``."""
+    summaries = {}
+    for cell in cells:
+        if cell.name not in summaries:
+            splits = tuple(cell.dataset.splits)
+            summaries[cell.name] = check_targets(cell.dataset, splits, settings.num_classes, workers, progress)
+    return summaries
+
+
+def run_cell(model, cell: Cell, settings: EvaluationSettings, summary: TargetSummary, streaming: Streaming) -> dict:
+    """One protocol on one dataset with one backbone."""
+    precision, resolution, seed = settings.precision, settings.resolution, settings.seed
+    iterations = settings.iterations or DEFAULT_ITERATIONS.get(cell.task)
+    learning_rate = settings.learning_rate or DEFAULT_LR.get(cell.task)
+    if cell.task == "knn":
+        encoder = class_token_encoder(model, precision)
+        return knn_evaluate(encoder, cell.dataset, resolution, settings.k, settings.temperature, streaming)
+    if cell.task == "linear":
+        make = class_token_encoder if settings.linear_input == "class" else class_and_mean_encoder
+        return {
+            **linear_classification(
+                make(model, precision), cell.dataset, resolution, iterations, seed=seed, streaming=streaming
+            ),
+            "input": settings.linear_input,
+        }
+    if cell.task == "kmeans":
+        encoder = patch_token_encoder(model, 1, precision)
+        return kmeans_segmentation(
+            encoder, cell.dataset, resolution, settings.clusters, seed, streaming=streaming, summary=summary
+        )
+    common = dict(iterations=iterations, learning_rate=learning_rate, seed=seed, streaming=streaming, summary=summary)
+    if cell.task == "linseg":
+        encoder = patch_token_encoder(model, cell.layers, precision)
+        return {**linear_probe_segmentation(encoder, cell.dataset, resolution, **common), "layers": cell.layers}
+    encoder = depth_token_encoder(model, cell.layers, precision)
+    return {**linear_depth(encoder, cell.dataset, resolution, **common), "layers": cell.layers}
+
+
+def _variant_record(variant, cells: list[Cell], settings: EvaluationSettings, data: dict) -> dict:
+    sha256 = weights_sha256(variant.spec)
+    key = key_of({"model": variant.spec, "weights_sha256": sha256})
+    cell_keys = {cell.id: key_of([key, data[cell.name], cell.settings(settings)]) for cell in cells}
+    return {"label": variant.label, "model": variant.spec, "weights_sha256": sha256, "key": key, "cell_keys": cell_keys}
+
+
+def new_document(cells: list[Cell], settings: EvaluationSettings) -> dict:
+    """A results.json without variants yet: the settings and the table's columns."""
+    return {
+        "generator": GENERATOR,
+        "format": FORMAT,
+        "sinder_hub_version": __version__,
+        "settings": settings_record(cells, settings),
+        "columns": [
+            {"cell": cell.id, "metric": metric, "title": f"{cell.id.replace('/', ' ')} {metric}"}
+            for cell in cells
+            for metric in TABLE_METRICS[cell.task]
+        ],
+        "variants": [],
+    }
+
+
+def evaluate_variants(
+    variants,
+    cells: list[Cell],
+    settings: EvaluationSettings,
+    summaries: dict[str, TargetSummary],
+    streaming: Streaming,
+    load: Callable,
+    output: OutputFolder | None = None,
+    previous: dict | None = None,
+    report: Callable[[str], None] = print,
+) -> dict:
+    """Results of every cell for every variant, reusing the cells of ``previous`` results with the same key."""
+    document = new_document(cells, settings)
+    records = [_variant_record(variant, cells, settings, document["settings"]["data"]) for variant in variants]
+    finished = {}
+    for old in (previous or {}).get("variants", []):
+        finished.update({entry["key"]: entry for entry in old["cells"].values()})
+    todo = [r for r in records if any(key not in finished for key in r["cell_keys"].values())]
+    models = {r["label"]: load(r["model"]) for r in todo}  # a bad spec fails before any work
+    _check_layers(models, cells)
+    for variant in records:
+        entry = {key: value for key, value in variant.items() if key != "cell_keys"}
+        entry["cells"] = {}
+        if variant["label"] not in models:
+            report(
+                f"{variant['label']}: reusing its finished results in {output.path if output else 'the previous results'}"
+            )
+        model = models.pop(variant["label"], None)
+        model = model.to(streaming.processes.device) if model is not None else None
+        for cell in cells:
+            key = variant["cell_keys"][cell.id]
+            if key in finished:
+                entry["cells"][cell.id] = finished[key]
+                continue
+            streaming.label = variant["label"]
+            result = run_cell(model, cell, settings, summaries[cell.name], streaming)
+            entry["cells"][cell.id] = {"key": key, "result": result}
+        document["variants"].append(entry)
+        del model
+        if output is not None:
+            streaming.processes.on_main(lambda: output.write(document))
+    return document
+
+
+def _check_layers(models: dict, cells: list[Cell]) -> None:
+    layers = max((cell.layers for cell in cells if cell.layers), default=1)
+    for label, model in models.items():
+        if layers > len(model.blocks):
+            raise InputError(f"--layers {layers}: the variant {label} has only {len(model.blocks)} blocks")
