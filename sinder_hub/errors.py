@@ -38,3 +38,14 @@ class OutputError(SinderError):
 
 class RepairError(SinderError):
     """A repair that ran but produced nothing usable (no update, every loss NaN, a degraded model)."""
+
+
+def check_flags(config, checks) -> None:
+    """Raise ``InputError`` for the first ``(flag name, ok, expected)`` of ``checks`` that is not ok:
+    ``--flag VALUE: expected ...`` (``--flag is required: ...`` when the value is empty)."""
+    for name, ok, expected in checks:
+        if not ok:
+            value = getattr(config, name)
+            shown = " ".join(value) if isinstance(value, tuple) else str(value)
+            given = f" {shown}:" if shown else " is required:"
+            raise InputError(f"--{name.replace('_', '-')}{given} expected {expected}")

@@ -88,6 +88,7 @@ DEFAULT_SEEDS = {"planted-gelu": 2, "planted-swiglu": 2, "planted-deit3": 6, "pl
 
 CALIBRATION_RESOLUTION = 224
 WEIGHT_STD = 0.04  # block weights large enough that blocks matter
+CACHED_PARAMETERS = 50_000_000  # fixtures up to this size are kept (a process then builds each once)
 FIXTURE_WIDTH = 384  # the width the constants here are tuned at
 NORM_WEIGHT_STD = 0.1  # layer-norm weights are 1 ± this
 POS_EMBED_STD = 0.1
@@ -111,6 +112,9 @@ def scaled_weight_std(width: int) -> float:
     block 17, none after), and 1.5° with this scaling (224 px, 20 blocks; see docs/benchmarks.md).
     """
     return WEIGHT_STD * (FIXTURE_WIDTH / width) ** 0.5
+
+
+_BUILT: dict[tuple, dict[str, torch.Tensor]] = {}
 
 
 @functools.lru_cache(maxsize=1)
@@ -249,9 +253,9 @@ def _plant_trigger(
     fc2.weight[:, on], fc2.weight[:, off] = column, -column
 
 
-def _random_model(architecture: str, model_args: dict, k: int, generator, weight_std: float) -> nn.Module:
-    """The stock timm architecture with random DINOv2-like weights (``_draw_weights``), in eval mode."""
-    with torch.device("meta"):  # skip timm's initialisation: every weight is drawn below
+def _empty_model(architecture: str, model_args: dict, k: int) -> nn.Module:
+    """The stock timm architecture in eval mode, weights uninitialised (its non-persistent buffers set)."""
+    with torch.device("meta"):  # skip timm's initialisation: every weight is drawn or loaded after
         model = timm.create_model(architecture, pretrained=False, **model_args)
     if not 0 <= k < len(model.blocks):
         raise ValueError(f"planted_block {k}: expected a block of the model (0 to {len(model.blocks) - 1})")
@@ -259,7 +263,6 @@ def _random_model(architecture: str, model_args: dict, k: int, generator, weight
     for module in model.modules():  # Eva's RoPE frequencies and zero k_bias are buffers, not drawn below
         if hasattr(module, "init_non_persistent_buffers"):
             module.init_non_persistent_buffers()
-    _draw_weights(model, generator, weight_std)
     return model
 
 
@@ -294,7 +297,6 @@ def _carry_defect(model: nn.Module, layouts, k: int, direction: torch.Tensor) ->
             _blind_inputs(get_path(later, path).weight, later.norm2.weight, direction)
 
 
-@torch.no_grad()
 def planted_backbone(
     variant: str = "planted-swiglu",
     seed: int | None = None,
@@ -306,14 +308,30 @@ def planted_backbone(
     (default ``PLANTED_BLOCK``); ``model_args`` override the variant's timm arguments (e.g. ``depth``, ``embed_dim``).
 
     ``weight_std``: std of the random block weights (default ``WEIGHT_STD``, tuned at width 384; a much wider
-    fixture needs it scaled, see ``scaled_weight_std``)."""
+    fixture needs it scaled, see ``scaled_weight_std``). The build is a deterministic function of these
+    arguments: a process builds each small fixture once and loads its weights into a new model afterwards."""
     if variant not in PLANTED_VARIANTS:
         raise ValueError(f"unknown planted variant {variant!r}; known: {', '.join(PLANTED_VARIANTS)}")
     architecture, variant_args = PLANTED_VARIANTS[variant]
     model_args = {**variant_args, **(model_args or {})}
     k = PLANTED_BLOCK if planted_block is None else planted_block
-    generator = torch.Generator().manual_seed(DEFAULT_SEEDS[variant] if seed is None else seed)
-    model = _random_model(architecture, model_args, k, generator, WEIGHT_STD if weight_std is None else weight_std)
+    seed = DEFAULT_SEEDS[variant] if seed is None else seed
+    weight_std = WEIGHT_STD if weight_std is None else weight_std
+    key = (variant, seed, repr(sorted(model_args.items())), k, weight_std)
+    model = _empty_model(architecture, model_args, k)
+    if key in _BUILT:
+        model.load_state_dict(_BUILT[key])
+        return model
+    _plant(variant, model, k, torch.Generator().manual_seed(seed), weight_std)
+    if sum(p.numel() for p in model.parameters()) <= CACHED_PARAMETERS:
+        _BUILT[key] = {name: value.clone() for name, value in model.state_dict().items()}
+    return model
+
+
+@torch.no_grad()
+def _plant(variant: str, model: nn.Module, k: int, generator: torch.Generator, weight_std: float) -> None:
+    """Draw ``model``'s weights and plant the defect at block ``k`` (steps 1-4 of the module docstring)."""
+    _draw_weights(model, generator, weight_std)
     layouts = describe_model(model, variant).blocks
     tokens, output = _mlp_inputs(model, _calibration_images(), k)
     block, layout = model.blocks[k], layouts[k]
@@ -351,4 +369,3 @@ def planted_backbone(
 
     # step 4: later blocks carry the defect unchanged
     _carry_defect(model, layouts, k, defect_direction)
-    return model

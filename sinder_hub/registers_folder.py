@@ -29,7 +29,7 @@ from .data import (
     sample_images,
     sinder_transform,
 )
-from .errors import BackboneError, InputError
+from .errors import BackboneError, InputError, check_flags
 from .files import write_text_atomic
 from .registers_search import NUM_IMAGES, find_register_neurons
 from .runs import INCOMPLETE, RunFiles, RunFolder
@@ -76,12 +76,7 @@ class RegistersConfig:
             ("held_out", bool(self.held_out) and all(n in SAMPLE_IMAGE_NAMES for n in self.held_out),
              f"names among {', '.join(SAMPLE_IMAGE_NAMES)}"),
         ]  # fmt: skip
-        for name, ok, expected in checks:
-            if not ok:
-                value = getattr(self, name)
-                shown = " ".join(value) if isinstance(value, tuple) else str(value)
-                given = f" {shown}:" if shown else " is required:"
-                raise InputError(f"--{name.replace('_', '-')}{given} expected {expected}")
+        check_flags(self, checks)
 
 
 @dataclass

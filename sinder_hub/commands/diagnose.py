@@ -23,7 +23,7 @@ from sinder_hub.cli import ArgumentParser
 from sinder_hub.data import MAX_PIXELS, list_images, load_rgb, sample_images, sinder_transform
 from sinder_hub.diagnostics import defect_report, json_safe, last_block_grids
 from sinder_hub.errors import DataError, InputError, RunFolderError
-from sinder_hub.files import atomic_path, check_writable, write_text_atomic
+from sinder_hub.files import atomic_path, check_writable, write_text_atomic, writing
 from sinder_hub.plots import angle_violin_figure, norm_pca_figure, variants_figure
 from sinder_hub.report import compare_held_out, held_out_outputs
 from sinder_hub.variants import parse_variants
@@ -208,6 +208,8 @@ def main(argv=None) -> int:
 
 def write_outputs(out: Path, reports: dict, pictures: dict, grids: dict) -> None:
     labels = list(reports)
+    with writing(out, "create --out"):
+        out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "report.json", json.dumps(reports, allow_nan=False))  # defect_report: no NaN
     with atomic_path(out / "norm_pca.png") as tmp:
         norm_pca_figure(pictures, grids, tmp)

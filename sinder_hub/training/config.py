@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ..data import HELD_OUT_SAMPLES, MAX_PIXELS, SAMPLE_IMAGE_NAMES
 from ..defects import GAUSSIAN_KERNELS
-from ..errors import InputError
+from ..errors import check_flags
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 DIRECTIONS_METHODS = ("sampled", "expected")
@@ -135,9 +135,4 @@ class RepairConfig:
                 f"names among {', '.join(SAMPLE_IMAGE_NAMES)}",
             ),
         ]
-        for name, ok, expected in checks:
-            if not ok:
-                value = getattr(self, name)
-                shown = " ".join(value) if isinstance(value, tuple) else str(value)
-                given = f" {shown}:" if shown else " is required:"
-                raise InputError(f"--{name.replace('_', '-')}{given} expected {expected}")
+        check_flags(self, checks)
