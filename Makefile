@@ -28,13 +28,13 @@ demo: $(CORE)
 view: $(FULL)
 	$(PY) tools/view.py
 
-# the full suite, what CI runs
+# the full suite, what CI runs: one pytest-xdist worker per core (whole files each), one torch thread each
 test: $(FULL)
-	$(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto --dist loadfile tests
 
 # daily work: no subprocess-heavy, multi-process or browser tests
 test-fast: $(FULL)
-	$(PY) -m pytest -q -m "not slow" tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto --dist loadfile -m "not slow" tests
 
 lint: $(FULL)
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .

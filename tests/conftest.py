@@ -1,8 +1,14 @@
 """Fixtures shared by the test modules."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 import sinder_hub.backbones
+from sinder_hub.data import TRAIN_SAMPLES, sample_images
 
 
 @pytest.fixture
@@ -13,3 +19,54 @@ def no_model(monkeypatch):
         raise AssertionError("a model was loaded")
 
     monkeypatch.setattr(sinder_hub.backbones, "load_backbone", refuse)
+
+
+@pytest.fixture(scope="module")
+def train_folder(tmp_path_factory):
+    """The training sample images, each also flipped: 24 PNGs at 256 px."""
+    folder = tmp_path_factory.mktemp("train")
+    for name, image in sample_images(TRAIN_SAMPLES).items():
+        image = image.resize((256, 256))
+        image.save(folder / f"{name}_a.png")
+        image.transpose(0).save(folder / f"{name}_b.png")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def built_wheel(tmp_path_factory) -> Path:
+    """The package built as a wheel once per test run (``pip wheel --no-deps``), shared by the xdist workers."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # this run's folder, above each worker's
+    dist = shared / "built-wheel"
+    with FileLock(str(shared / "built-wheel.lock")):
+        if not list(dist.glob("sinder_hub-*.whl")):
+            repo = Path(__file__).resolve().parents[1]
+            build = subprocess.run(
+                [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist), str(repo)],
+                capture_output=True,
+                text=True,
+            )
+            assert build.returncode == 0, build.stderr[-2000:]
+    (wheel,) = dist.glob("sinder_hub-*.whl")
+    return wheel
+
+
+# The longest modules (measured with --durations=0 under `make test`), run first: pytest-xdist hands out
+# whole files (--dist loadfile), and a long file taken last keeps one worker busy while the other idles.
+LONGEST_FIRST = (
+    "test_trainer.py",
+    "test_repair_runs.py",
+    "test_trainer_runs.py",
+    "test_fixture.py",
+    "test_registers.py",
+    "test_run_safety.py",
+    "test_evaluation_distributed.py",
+    "test_registers_folder.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: position for position, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

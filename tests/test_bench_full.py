@@ -2,10 +2,10 @@
 
 import importlib.util
 import json
-import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,11 +20,19 @@ def load_tool():
     return module
 
 
-def test_tiny_run_figures_add_up(tmp_path):
+def run_tool(arguments: list[str], capsys) -> str:
+    """The benchmark's ``main`` in this process (the trainer it times reads nothing of the test's): its stdout."""
+    matmul_precision = torch.get_float32_matmul_precision()
+    try:
+        assert load_tool().main(arguments) == 0
+    finally:
+        torch.set_float32_matmul_precision(matmul_precision)
+    return capsys.readouterr().out
+
+
+def test_tiny_run_figures_add_up(tmp_path, capsys):
     output = tmp_path / "figures.json"
-    command = [
-        sys.executable,
-        str(REPO / "tools" / "bench_full.py"),
+    arguments = [
         "--depth",
         "6",
         "--width",
@@ -49,9 +57,8 @@ def test_tiny_run_figures_add_up(tmp_path):
         "--json",
         str(output),
     ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "images/s" in done.stdout and "held out" in done.stdout
+    printed = run_tool(arguments, capsys)
+    assert "images/s" in printed and "held out" in printed
     result = json.loads(output.read_text())
 
     assert result["device"].startswith("cpu (")
@@ -98,12 +105,10 @@ def test_image_cache_is_deterministic_and_reused(tmp_path):
     assert tool.training_images(other, 1, seed=1, processes=1)[0][0].read_bytes() != first[0]
 
 
-def test_tiny_run_with_compile_times_the_compiled_scan(tmp_path):
-    """``--compile``: the wrapped ``compiled_image_loss`` is what the loop timed (every image is counted)."""
+def test_tiny_run_with_compile_times_the_compiled_scan(tmp_path, capsys):
+    """``--compile``: the compiled scan is what the loop timed (every image is counted)."""
     output = tmp_path / "figures.json"
-    command = [
-        sys.executable,
-        str(REPO / "tools" / "bench_full.py"),
+    arguments = [
         "--depth",
         "6",
         "--width",
@@ -131,9 +136,7 @@ def test_tiny_run_with_compile_times_the_compiled_scan(tmp_path):
         "--json",
         str(output),
     ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "--compile" in done.stdout
+    assert "--compile" in run_tool(arguments, capsys)
     result = json.loads(output.read_text())
     assert result["compile"] is True and result["count_batch"] == 2 and result["num_workers"] == 1
     assert result["loss"]["images"] + result["clear"]["images"] == result["steps"] == 8

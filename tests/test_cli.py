@@ -16,16 +16,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def fresh_venv(tmp_path_factory):
+def fresh_venv(tmp_path_factory, built_wheel):
     """A new venv with the built wheel installed (its dependencies borrowed from this environment)."""
     root = tmp_path_factory.mktemp("cli")
-    build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(root / "dist"), str(REPO)],
-        capture_output=True,
-        text=True,
-    )
-    assert build.returncode == 0, build.stderr[-2000:]
-    (wheel,) = (root / "dist").glob("sinder_hub-*.whl")
+    wheel = built_wheel
     venv = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
@@ -51,79 +45,39 @@ def run(venv, *args, cwd):
     return subprocess.run([str(a) for a in args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
 
 
+# runs argv lists with the installed copy's main() in one interpreter (each start imports torch and timm)
+RUN_ARGVS = """
+import contextlib, io, json, sys
+import sinder_hub
+from sinder_hub.cli import main
+results = []
+for argv in json.loads(sys.argv[1]):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as exit:
+            code = exit.code
+    results.append({"code": code or 0, "stdout": out.getvalue(), "stderr": err.getvalue()})
+print(json.dumps({"file": sinder_hub.__file__, "results": results}))
+"""
+
+
 def test_the_console_command_lists_and_runs_every_sub_command(fresh_venv, tmp_path):
     done = run(fresh_venv, fresh_venv / "bin" / "sinder-hub", "--help", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     for name in COMMANDS:
         assert name in done.stdout
-    located = run(
-        fresh_venv, fresh_venv / "bin" / "python", "-c", "import sinder_hub; print(sinder_hub.__file__)", cwd=tmp_path
-    )
-    assert located.stdout.strip().startswith(str(fresh_venv)), located  # the installed copy, not the checkout
-    for name in ("repair", "export", "push", "diagnose", "evaluate", "demo"):
-        helped = run(fresh_venv, fresh_venv / "bin" / "sinder-hub", name, "--help", cwd=tmp_path)
-        assert helped.returncode == 0 and "usage:" in helped.stdout, (name, helped.stderr[-1000:])
-    unknown = run(fresh_venv, fresh_venv / "bin" / "sinder-hub", "repiar", cwd=tmp_path)
-    assert unknown.returncode == 2 and "unknown command 'repiar'" in unknown.stderr
-    bad = run(
-        fresh_venv,
-        fresh_venv / "bin" / "sinder-hub",
-        "repair",
-        "--data",
-        tmp_path / "nope",
-        "--output",
-        tmp_path / "run",
-        cwd=tmp_path,
-    )
-    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "nope" in bad.stderr, bad.stderr
-    assert not (tmp_path / "run").exists()
-
-
-def test_accelerate_launch_runs_the_module(fresh_venv, tmp_path):
-    from sinder_hub.data import TRAIN_SAMPLES, sample_images
-
-    data = tmp_path / "photos"
-    data.mkdir()
-    for name, image in list(sample_images(TRAIN_SAMPLES).items())[:2]:
-        image.resize((224, 224)).save(data / f"{name}.png")
-    done = run(
-        fresh_venv,
-        fresh_venv / "bin" / "python",
-        "-m",
-        "accelerate.commands.launch",
-        "--cpu",
-        "--num_processes",
-        "1",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "sinder_hub.cli",
-        "repair",
-        "--model",
-        "planted-swiglu",
-        "--data",
-        data,
-        "--output",
-        tmp_path / "run",
-        "--resolution",
-        "224",
-        "--limit-layers",
-        "3",
-        "--directions-method",
-        "expected",
-        "--held-out",
-        "astronaut",
-        "--num-workers",
-        "0",
-        "--quiet",
-        "--max-steps",
-        "2",
-        cwd=tmp_path,
-    )
+    helps = [[name, "--help"] for name in COMMANDS if name != "view"]
+    bad_data = ["repair", "--data", str(tmp_path / "nope"), "--output", str(tmp_path / "run")]
+    argvs = [*helps, ["repiar"], bad_data]
+    done = run(fresh_venv, fresh_venv / "bin" / "python", "-c", RUN_ARGVS, json.dumps(argvs), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads((tmp_path / "run" / "repair_report.json").read_text())
-    assert report["steps"] == 2 and report["data_passes"] == 1.0
+    answer = json.loads(done.stdout.splitlines()[-1])
+    assert answer["file"].startswith(str(fresh_venv)), answer["file"]  # the installed copy, not the checkout
+    *helped, unknown, bad = answer["results"]
+    for argv, result in zip(helps, helped):
+        assert result["code"] == 0 and "usage:" in result["stdout"], (argv, result)
+    assert unknown["code"] == 2 and "unknown command 'repiar'" in unknown["stderr"], unknown
+    assert bad["code"] == 2 and len(bad["stderr"].strip().splitlines()) == 1 and "nope" in bad["stderr"], bad
+    assert not (tmp_path / "run").exists()

@@ -275,22 +275,14 @@ def test_datasets_only_for_hub_data(tmp_path, data, expected):
     assert card.data.to_dict().get("datasets") == expected
 
 
-def test_a_built_wheel_carries_the_card_templates(tmp_path):
+def test_a_built_wheel_carries_the_card_templates(tmp_path, built_wheel):
     """model_cards/ sits at the repository root; an installed wheel must still find it."""
     import os
     import subprocess
     import sys
     import zipfile
-    from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[1]
-    build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path / "dist"), str(repo)],
-        capture_output=True,
-        text=True,
-    )
-    assert build.returncode == 0, build.stderr[-2000:]
-    (wheel,) = (tmp_path / "dist").glob("sinder_hub-*.whl")
+    wheel = built_wheel
     names = zipfile.ZipFile(wheel).namelist()
     assert {"sinder_hub/model_cards/timm.md", "sinder_hub/model_cards/transformers.md"} <= set(names)
     target = tmp_path / "site"

@@ -12,7 +12,7 @@ import torch
 from sinder_hub import load_backbone
 from sinder_hub.cli import main as cli
 from sinder_hub.convert import save_timm
-from sinder_hub.data import TRAIN_SAMPLES, sample_images
+from sinder_hub.data import HELD_OUT_SAMPLES, TRAIN_SAMPLES, sample_images
 from sinder_hub.planted import PLANTED_BLOCK, planted_backbone
 from sinder_hub.registers import registers_of
 
@@ -101,17 +101,19 @@ def test_what_cannot_hold_hooks_refuses_a_registers_folder(registers_folder, pho
     assert not (tmp_path / "run").exists()
 
 
-def test_diagnose_compares_three_variants(registers_folder, photos, tmp_path, capsys):
+def test_diagnose_compares_three_variants(registers_folder, tmp_path, capsys):
     model = planted_backbone("planted-swiglu")
     fc2 = model.blocks[PLANTED_BLOCK].mlp.fc2  # a hand repair: the trigger's top singular triplet removed
     with torch.no_grad():
         u, s, vh = torch.linalg.svd(fc2.weight, full_matrices=False)
         fc2.weight -= s[0] * torch.outer(u[:, 0], vh[0])
     save_timm(model, tmp_path / "repaired")
-    out = tmp_path / "out"
+    out, held_out = tmp_path / "out", tmp_path / "held-out"
+    held_out.mkdir()
+    for name, image in sample_images(HELD_OUT_SAMPLES[:3]).items():  # images the search never saw
+        image.resize((224, 224)).save(held_out / f"{name}.png")
     argv = ["diagnose", "--model", "planted-swiglu", "--compare", f"sinder={tmp_path / 'repaired'}",
-            f"registers={registers_folder}", "--method", "expected", "--out", str(out),
-            "--images", *map(str, sorted(photos.glob("*.png"))[:3])]  # fmt: skip
+            f"registers={registers_folder}", "--method", "expected", "--out", str(out), "--images", str(held_out)]  # fmt: skip
     assert cli(argv) == 0
     printed = capsys.readouterr().out
     table = printed[printed.index("variants at the last block") :].splitlines()

@@ -508,27 +508,43 @@ def test_demo_flags(tmp_path, capsys):
 # --- no traceback in a real process -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "args",
-    [
-        ["diagnose.py", "--model", "planted-gelu", "--resolution", "-5"],
-        ["export.py", "RUN", "--to", "RUN", "--format", "timm"],
-        ["evaluate.py", "--model", "planted-gelu", "--task", "knn", "--data", "SEG"],
-    ],
-)
-def test_tools_print_one_line_and_no_traceback(tmp_path, shapes, args):
+TOOL_RUNS = [
+    ["diagnose.py", "--model", "planted-gelu", "--resolution", "-5"],
+    ["export.py", "RUN", "--to", "RUN", "--format", "timm"],
+    ["evaluate.py", "--model", "planted-gelu", "--task", "knn", "--data", "SEG"],
+]
+# runs each tool as ``python tools/X.py`` would (runpy, a fresh sys.argv), in one interpreter so that torch is
+# imported once; any exception a tool lets through would end this interpreter with its traceback
+HARNESS = """
+import contextlib, io, json, runpy, sys
+results = []
+for args in json.loads(sys.argv[1]):
+    sys.argv, stderr = args, io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        try:
+            runpy.run_path(args[0], run_name="__main__")
+            code = 0
+        except SystemExit as done:
+            code = done.code
+    results.append([code, stderr.getvalue()])
+print(json.dumps(results))
+"""
+
+
+def test_tools_print_one_line_and_no_traceback(tmp_path, shapes):
     run = run_folder(tmp_path / "run", 1, {"steps": 1}, ())
-    args = [str(run) if a == "RUN" else str(shapes / "segmentation") if a == "SEG" else a for a in args]
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / args[0]), *args[1:]],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=120,
-    )
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
+    runs = [
+        [str(ROOT / "tools" / args[0])]
+        + [str(run) if a == "RUN" else str(shapes / "segmentation") if a == "SEG" else a for a in args[1:]]
+        for args in TOOL_RUNS
+    ]
+    done = subprocess.run([sys.executable, "-c", HARNESS, json.dumps(runs)], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)  # fmt: skip
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    for (code, stderr), args in zip(json.loads(done.stdout.strip().splitlines()[-1]), TOOL_RUNS):
+        lines = stderr.strip().splitlines()
+        assert code == 2, (args, stderr)
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in stderr, (args, stderr)
 
 
 def test_a_bad_compare_fails_before_any_work(shapes, tmp_path, capsys, monkeypatch):

@@ -11,6 +11,7 @@ import pytest
 import safetensors
 import timm.models._hub
 import torch
+from test_repair_runs import TINY as TINY_RUN
 
 from sinder_hub.cli import main as cli_main
 from sinder_hub.convert import save_timm
@@ -22,15 +23,7 @@ from sinder_hub.training.state import read_checkpoint
 
 ARGS = ["--resolution", "224", "--limit-layers", "3", "--directions-method", "expected", "--held-out", "astronaut",
         "--num-workers", "0", "--quiet", "--save-every", "0", "--max-steps", "3"]  # fmt: skip
-TINY = dict(
-    resolution=224,
-    limit_layers=3,
-    directions_method="expected",
-    held_out=("astronaut",),
-    num_workers=0,
-    quiet=True,
-    save_every=0,
-)
+TINY = {key: value for key, value in TINY_RUN.items() if key != "model"}
 
 
 @pytest.fixture(scope="module")
