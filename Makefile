@@ -30,7 +30,7 @@ view: $(FULL)
 
 # the full suite, what CI runs: one pytest-xdist worker per core (whole files each), one torch thread each
 test: $(FULL)
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto --dist loadfile tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto --dist loadfile --durations=15 tests
 
 # daily work: no subprocess-heavy, multi-process or browser tests
 test-fast: $(FULL)

@@ -6,11 +6,11 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from forked import fork_cli, wait_forked
 from PIL import Image
 
 import sinder_hub.analysis
@@ -175,9 +175,9 @@ def test_a_locked_folder_is_refused_at_once_and_a_stale_lock_is_taken_over(photo
 def test_two_runs_started_together_into_one_folder(photos, tmp_path):
     """Exactly one of two simultaneous runs writes the folder; the other stops at once with one line, exit 2."""
     output = tmp_path / "run"
-    command = [sys.executable, str(REPO / "tools" / "repair.py"), *tiny_args(photos, output)[1:]]
-    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    results = [(run.wait(timeout=300), run.stdout.read(), run.stderr.read()) for run in runs]
+    logs = [(tmp_path / f"out{k}.txt", tmp_path / f"err{k}.txt") for k in range(2)]
+    pids = [fork_cli(tiny_args(photos, output), out, err) for out, err in logs]
+    results = [(wait_forked(pid), out.read_text(), err.read_text()) for pid, (out, err) in zip(pids, logs)]
     codes = sorted(code for code, _, _ in results)
     assert codes == [0, 2], results
     loser = next(err for code, _, err in results if code == 2).strip().splitlines()
@@ -277,25 +277,21 @@ def test_runs_that_change_nothing_or_ruin_the_model_exit_1(photos, tmp_path, cap
     torch.set_float32_matmul_precision("highest")
 
 
-KILLER = textwrap.dedent("""
-    import os, signal, sys
+def die_during_final_writes(where: str, offset: int):
+    """For a forked run: kill -9 itself once the model (``where="model"``) or the report has ``offset`` bytes."""
     import timm.models._hub
-    import sinder_hub.files
-    from sinder_hub.cli import main
 
-    where, offset = sys.argv[1], int(sys.argv[2])
-    save_for_hf = timm.models._hub.save_for_hf
+    import sinder_hub.files
+
+    save_for_hf, write_text_atomic = timm.models._hub.save_for_hf, sinder_hub.files.write_text_atomic
 
     def die_writing(path):
-        data = open(path, "rb").read()
-        open(path, "wb").write(data[:offset])
+        Path(path).write_bytes(Path(path).read_bytes()[:offset])
         os.kill(os.getpid(), signal.SIGKILL)
 
     def model_then_die(model, folder, **kwargs):
         save_for_hf(model, folder, **kwargs)
         die_writing(os.path.join(folder, "model.safetensors"))
-
-    write_text_atomic = sinder_hub.files.write_text_atomic
 
     def report_then_die(path, text):
         if not str(path).endswith("repair_report.json"):  # INCOMPLETE and the others: written as usual
@@ -304,12 +300,13 @@ KILLER = textwrap.dedent("""
             tmp.write_text(text[:offset])
             os.kill(os.getpid(), signal.SIGKILL)
 
-    if where == "model":
-        timm.models._hub.save_for_hf = model_then_die
-    else:
-        sinder_hub.files.write_text_atomic = report_then_die
-    sys.exit(main(sys.argv[3:]))
-""")
+    def prepare():
+        if where == "model":
+            timm.models._hub.save_for_hf = model_then_die
+        else:
+            sinder_hub.files.write_text_atomic = report_then_die
+
+    return prepare
 
 
 @pytest.fixture(scope="module")
@@ -331,13 +328,10 @@ def test_a_kill_during_the_final_writes_leaves_a_folder_marked_incomplete(
 
     output = tmp_path / "run"
     shutil.copytree(finished_run, output)
-    done = subprocess.run(
-        [sys.executable, "-c", KILLER, where, str(offset), *tiny_args(photos, output, "--overwrite")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    err = tmp_path / "stderr.txt"
+    pid = fork_cli(tiny_args(photos, output, "--overwrite"), tmp_path / "stdout.txt", err,
+                   prepare=die_during_final_writes(where, offset))  # fmt: skip
+    assert wait_forked(pid) == -signal.SIGKILL, err.read_text()[-2000:]
     assert (output / "INCOMPLETE").exists()
     assert not (output / "repair_report.json").exists()
     if (output / "model.safetensors").exists():  # a model in place is a whole one

@@ -5,12 +5,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from forked import fork_cli, wait_for_file, wait_forked
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -151,23 +151,27 @@ def test_resume_after_a_real_signal_ends_with_the_same_eps(train_folder, tmp_pat
     for path in sorted(train_folder.glob("*_a.png"))[:3]:
         (photos / path.name).write_bytes(path.read_bytes())
     extra = ("--save-every", "1", "--max-steps", "8")
-    # the uninterrupted run and the resumed one in this process, the one that gets the signal in its own
-    assert cli_main(["repair", *repair_command(photos, tmp_path / "full", *extra)[2:]]) == 0
-    interrupted = tmp_path / "interrupted"
-    process = subprocess.Popen(repair_command(photos, interrupted, *extra), stderr=subprocess.PIPE, text=True)
-    checkpoint = interrupted / "checkpoint" / "state.pt"
-    deadline = time.monotonic() + 120
-    while not checkpoint.exists() and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr
-    assert "interrupted by SIGTERM" in stderr
-    stopped_at = torch.load(checkpoint, weights_only=True)["state"]["step"]
-    assert 0 < stopped_at < 8
-    assert not (interrupted / "model.safetensors").exists()
-    assert (interrupted / "INCOMPLETE").exists() and not (interrupted / ".lock").exists()
-    assert cli_main(["repair", *repair_command(photos, interrupted, *extra, "--resume")[2:]]) == 0
+    # the uninterrupted run and the resumed one in this process, the one that gets the signal in a forked
+    # copy of it; one thread in all three, as the fork has (the same kernels, the same sums)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cli_main(["repair", *repair_command(photos, tmp_path / "full", *extra)[2:]]) == 0
+        interrupted = tmp_path / "interrupted"
+        stderr = tmp_path / "stderr.txt"
+        pid = fork_cli(["repair", *repair_command(photos, interrupted, *extra)[2:]], tmp_path / "stdout.txt", stderr)
+        checkpoint = interrupted / "checkpoint" / "state.pt"
+        wait_for_file(pid, checkpoint)
+        os.kill(pid, signal.SIGTERM)
+        assert wait_forked(pid) == 130, stderr.read_text()
+        assert "interrupted by SIGTERM" in stderr.read_text()
+        stopped_at = torch.load(checkpoint, weights_only=True)["state"]["step"]
+        assert 0 < stopped_at < 8
+        assert not (interrupted / "model.safetensors").exists()
+        assert (interrupted / "INCOMPLETE").exists() and not (interrupted / ".lock").exists()
+        assert cli_main(["repair", *repair_command(photos, interrupted, *extra, "--resume")[2:]]) == 0
+    finally:
+        torch.set_num_threads(threads)
     assert not (interrupted / "INCOMPLETE").exists()
     full, resumed = final_eps(tmp_path / "full"), final_eps(interrupted)
     for name in full:
