@@ -42,6 +42,8 @@ from sinder_hub.planted import PLANTED_BLOCK, planted_backbone  # noqa: E402
 from sinder_hub.plots import token_norms  # noqa: E402
 from sinder_hub.variants import parse_variants  # noqa: E402
 
+pytestmark = pytest.mark.slow  # models end to end, subprocesses or a browser: make test-fast skips this file
+
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_RUN = ROOT / "demo-output" / "run"
 

@@ -172,6 +172,7 @@ def test_infer_architecture_needs_a_stock_shape():
         infer_architecture(random_dinov2("vit_small_patch14_dinov2").state_dict(), "ckpt.pth")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("architecture", ["vit_small_patch14_dinov2", "vit_giant_patch14_reg4_dinov2"])
 def test_transformers_folder(tmp_path, architecture):
     from sinder_hub.convert import to_transformers

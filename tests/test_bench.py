@@ -4,7 +4,10 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 import torch
+
+pytestmark = pytest.mark.slow  # models end to end, subprocesses or a browser: make test-fast skips this file
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = {

@@ -5,8 +5,11 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
+
+pytestmark = pytest.mark.slow  # models end to end, subprocesses or a browser: make test-fast skips this file
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_IMAGES = 24

@@ -12,6 +12,8 @@ import pytest
 
 from sinder_hub.cli import COMMANDS
 
+pytestmark = pytest.mark.slow  # models end to end, subprocesses or a browser: make test-fast skips this file
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -104,6 +104,7 @@ STOCK_LOADER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_exported_folders_load_in_stock_timm_and_transformers(tmp_path):
     """A repair run folder (with report) and a *_sinder model, exported as both; loaded in a subprocess
     that never imports sinder_hub, they give the features of the model they came from."""
@@ -224,6 +225,7 @@ OTHER_FAMILIES = (
 )
 
 
+@pytest.mark.slow
 def test_other_families_export_to_stock_timm_folders(tmp_path):
     """save_timm of DeiT-III, CLIP, SigLIP and DINOv3 (Eva) models: a subprocess that never imports sinder_hub
     loads each folder with timm's ``local-dir:`` and gets the same features; transformers export is refused

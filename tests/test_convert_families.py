@@ -68,6 +68,7 @@ def relative(ours: torch.Tensor, theirs: torch.Tensor) -> float:
     return ((ours - theirs).abs().max() / ours.abs().max()).item()
 
 
+@pytest.mark.slow
 def test_stock_transformers_loads_the_timm_features(tmp_path):
     """export(format="transformers") of CLIP (GELU, QuickGELU, the planted fixture) and DINOv3 (GELU, SwiGLU) models;
     a subprocess that never imports sinder_hub loads each folder with AutoModel and gets timm's forward_features."""
@@ -132,6 +133,7 @@ def test_round_trip_is_exact(name, args):
     assert_same_weights(back, model)
 
 
+@pytest.mark.slow
 def test_what_transformers_cannot_hold_is_refused():
     with pytest.raises(BackboneError, match="absolute position embedding.*use_abs_pos_emb=True"):
         to_transformers(sinder_hub.load_backbone("planted-dinov3"))

@@ -67,6 +67,7 @@ def random_encoder(shape_of_one: tuple[int, ...]):
 # --- metrics with known answers --------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_confusion_and_scores_by_hand():
     targets = torch.tensor([0, 0, 1, 1, 2, 255])
     predictions = torch.tensor([0, 1, 1, 1, 1, 0])

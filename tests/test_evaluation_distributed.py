@@ -15,6 +15,8 @@ from timm.models import save_for_hf
 from sinder_hub.cli import main as cli_main
 from sinder_hub.synthetic import make_imagenet, make_nyu, make_voc2012
 
+pytestmark = pytest.mark.slow  # models end to end, subprocesses or a browser: make test-fast skips this file
+
 TOLERANCE = 1e-3  # percent or metres: the processes sum in another order
 
 

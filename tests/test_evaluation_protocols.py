@@ -163,6 +163,7 @@ def brightness_and_height(images: torch.Tensor) -> torch.Tensor:
     return torch.cat([brightness, rows], dim=1).permute(0, 2, 3, 1)
 
 
+@pytest.mark.slow
 def test_the_depth_head_learns_depth_cues(standard):
     probe = dict(iterations=60, learning_rate=0.05, streaming=Streaming(batch_size=4))
     good = linear_depth(brightness_and_height, standard["nyu"], 56, **probe)

@@ -219,6 +219,7 @@ def test_expected_is_refused_for_an_mlp_with_an_inner_norm():
         "eva02_small_patch14_224",
     ],
 )
+@pytest.mark.slow
 def test_directions_on_stock_random_init_architectures(name):
     """timm's own random initialisation at full width, depth 2: one unit direction per block (sampled, the
     default); the expected linearisation is available for all of them too."""

@@ -42,6 +42,8 @@ from sinder_hub.diagnostics import angle_to_direction, mean_pairwise_angle
 from sinder_hub.planted import PLANTED_BLOCK, PLANTED_VARIANTS, planted_backbone
 from sinder_hub.tokens import block_outputs, patch_grid
 
+pytestmark = pytest.mark.slow  # models end to end, subprocesses or a browser: make test-fast skips this file
+
 HIGH_NORM = 4.0  # × the grid's median token norm
 TEST_SAMPLES = 20_000
 

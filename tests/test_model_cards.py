@@ -275,6 +275,7 @@ def test_datasets_only_for_hub_data(tmp_path, data, expected):
     assert card.data.to_dict().get("datasets") == expected
 
 
+@pytest.mark.slow
 def test_a_built_wheel_carries_the_card_templates(tmp_path, built_wheel):
     """model_cards/ sits at the repository root; an installed wheel must still find it."""
     import os
@@ -321,6 +322,7 @@ def test_a_vit_of_no_known_family_gets_a_truthful_card(tmp_path):
     assert card.data.tags == ["vision", "image-feature-extraction", "timm"] and card.data.license == "other"
 
 
+@pytest.mark.slow
 def test_an_export_without_a_report_is_described_as_exported_not_repaired(tmp_path):
     from sinder_hub.convert import export
     from sinder_hub.planted import planted_backbone

@@ -305,6 +305,7 @@ def failure_line(err: str) -> str:
     return lines[-1]
 
 
+@pytest.mark.slow
 def test_push_in_a_subprocess_sends_the_model_files_with_the_token(folder, tmp_path, token):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
     env.update(

@@ -110,6 +110,7 @@ def test_network_blocks_are_valid_python(blocks):
         ast.parse(block.code, filename=f"README.md:{block.line}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("blocks", [RUNNABLE], ids=[f"{len(RUNNABLE)}-blocks-ran"])
 def test_runnable_blocks_run_offline(blocks, tmp_path):
     for block in blocks:

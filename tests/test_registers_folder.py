@@ -16,6 +16,8 @@ from sinder_hub.data import HELD_OUT_SAMPLES, TRAIN_SAMPLES, sample_images
 from sinder_hub.planted import PLANTED_BLOCK, planted_backbone
 from sinder_hub.registers import registers_of
 
+pytestmark = pytest.mark.slow  # models end to end, subprocesses or a browser: make test-fast skips this file
+
 FOUR = ("astronaut", "camera")
 
 

@@ -531,6 +531,7 @@ print(json.dumps(results))
 """
 
 
+@pytest.mark.slow
 def test_tools_print_one_line_and_no_traceback(tmp_path, shapes):
     run = run_folder(tmp_path / "run", 1, {"steps": 1}, ())
     runs = [

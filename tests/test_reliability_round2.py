@@ -121,6 +121,7 @@ def test_version_and_no_command(capsys):
     assert capsys.readouterr().err.startswith("error: sinder-hub: no command given; expected one of repair, registers")
 
 
+@pytest.mark.slow
 def test_a_tilde_in_an_output_path_means_home(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     assert RunFolder("~/runs/x").path == tmp_path / "runs" / "x"

@@ -121,6 +121,7 @@ def test_bad_paths_are_one_line_and_exit_2_before_any_model(photos, tmp_path, ca
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_resolution_not_a_multiple_of_the_patch_size_fails_before_the_directions(photos, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(
         sinder_hub.analysis,
@@ -137,6 +138,7 @@ def snapshot(folder: Path) -> dict:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_an_existing_run_is_never_replaced_unless_asked(photos, tmp_path, capsys):
     output = tmp_path / "run"
     assert cli(tiny_args(photos, output)) == 0
@@ -155,6 +157,7 @@ def test_an_existing_run_is_never_replaced_unless_asked(photos, tmp_path, capsys
     assert report["held_out"]["images"] == ["camera"] and report["outcome"]["status"] == "ok"
 
 
+@pytest.mark.slow
 def test_a_locked_folder_is_refused_at_once_and_a_stale_lock_is_taken_over(photos, tmp_path, capsys, monkeypatch):
     output = tmp_path / "run"
     output.mkdir()
@@ -172,6 +175,7 @@ def test_a_locked_folder_is_refused_at_once_and_a_stale_lock_is_taken_over(photo
     assert not (output / ".lock").exists() and (output / "repair_report.json").exists()
 
 
+@pytest.mark.slow
 def test_two_runs_started_together_into_one_folder(photos, tmp_path):
     """Exactly one of two simultaneous runs writes the folder; the other stops at once with one line, exit 2."""
     output = tmp_path / "run"
@@ -207,6 +211,7 @@ def interrupted_run(photos, output, monkeypatch, **overrides):
     assert (output / "INCOMPLETE").exists() and not (output / "repair_report.json").exists()
 
 
+@pytest.mark.slow
 def test_resume_refuses_changed_data_changed_flags_and_a_finished_run(photos, tmp_path, capsys, monkeypatch):
     output = tmp_path / "run"
     data = tmp_path / "data"
@@ -226,6 +231,7 @@ def test_resume_refuses_changed_data_changed_flags_and_a_finished_run(photos, tm
     assert "holds a finished run" in one_error_line(capsys)
 
 
+@pytest.mark.slow
 def test_resume_never_unpickles_and_names_a_truncated_checkpoint(photos, tmp_path, capsys, monkeypatch):
     output = tmp_path / "run"
     interrupted_run(photos, output, monkeypatch)
@@ -248,6 +254,7 @@ def test_resume_never_unpickles_and_names_a_truncated_checkpoint(photos, tmp_pat
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_runs_that_change_nothing_or_ruin_the_model_exit_1(photos, tmp_path, capsys):
     torch.set_float32_matmul_precision("medium")
     # no defect anywhere: 0 updates
@@ -316,6 +323,7 @@ def finished_run(photos, tmp_path_factory):
     return output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where, offset", [("model", 0), ("model", 5000), ("report", 100)])
 def test_a_kill_during_the_final_writes_leaves_a_folder_marked_incomplete(
     photos, finished_run, tmp_path, where, offset

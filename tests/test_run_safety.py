@@ -21,6 +21,8 @@ from sinder_hub.planted import planted_backbone
 from sinder_hub.training import RepairConfig, repair
 from sinder_hub.training.state import read_checkpoint
 
+pytestmark = pytest.mark.slow  # models end to end, subprocesses or a browser: make test-fast skips this file
+
 ARGS = ["--resolution", "224", "--limit-layers", "3", "--directions-method", "expected", "--held-out", "astronaut",
         "--num-workers", "0", "--quiet", "--save-every", "0", "--max-steps", "3"]  # fmt: skip
 TINY = {key: value for key, value in TINY_RUN.items() if key != "model"}

@@ -70,6 +70,7 @@ def run_steps(image_loss, planted_state, images, steps, config):
     return trace, {name: p.detach().clone() for name, p in eps.items()}
 
 
+@pytest.mark.slow
 def test_fast_step_equals_naive_step_after_20_steps(planted_state):
     """Same loss layer every step, losses to 1e-9 and ε to 1e-7 relative in float64: the two differ only by round-off.
 
@@ -92,6 +93,7 @@ def test_fast_step_equals_naive_step_after_20_steps(planted_state):
     assert any(bool(e.any()) for e in fast_eps.values())
 
 
+@pytest.mark.slow
 def test_fast_step_differentiates_and_factorises_only_the_window(planted_state):
     """A loss at block 6 with a 3-block window: gradients and SVDs in blocks 4–6 only, equal to the naive
     step's and to those of the same step with gradient checkpointing."""
@@ -146,6 +148,7 @@ def test_skip_less_than_zero_needs_one_defect_as_in_the_authors_code():
     assert not gives_loss(2, RepairConfig(skip_less_than=3)) and gives_loss(3, RepairConfig(skip_less_than=3))
 
 
+@pytest.mark.slow
 def test_limit_layers_zero_trains_every_block_up_to_the_loss_in_both_steps(planted_state):
     """``limit_layers = 0`` is "no limit" (the authors' ``if args.limit_layers:``): a loss at block 6 moves
     blocks 0–6, and the fast and naive steps give the same gradients (float64)."""
@@ -160,6 +163,7 @@ def test_limit_layers_zero_trains_every_block_up_to_the_loss_in_both_steps(plant
     assert_same_gradients(grads["fast"], grads["naive"], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_kernel_5_fast_step_equals_naive_step(planted_state):
     """The 5x5 kernel through both steps: same loss block and loss, same gradients (float64)."""
     state_dict, directions = planted_state
@@ -173,6 +177,7 @@ def test_kernel_5_fast_step_equals_naive_step(planted_state):
     assert_same_gradients(fast_grads, naive_grads, rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["planted-deit3", "planted-clip", "planted-dinov3"])
 def test_fast_step_equals_naive_step_on_other_families(variant):
     """Layer scale or none, QuickGELU, Eva with RoPE and split SwiGLU: the same loss and ε gradients from
@@ -201,6 +206,7 @@ def test_fast_step_equals_naive_step_on_other_families(variant):
         assert_same_gradients(grads, naive_grads, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_compiled_scan_gives_the_naive_gradients(planted_state):
     """``--compile``: the detection scan runs compiled without autograd, the window again with autograd.
 
@@ -231,6 +237,7 @@ def test_compiled_scan_gives_the_naive_gradients(planted_state):
         } == window
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("count_batch", [1, 5, 12])
 def test_count_batch_changes_when_counts_are_read_not_the_loss_block(planted_state, count_batch):
     """Reading the counts every 1, 5 or 12 (all) blocks finds the same first loss block as the

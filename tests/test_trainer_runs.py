@@ -31,6 +31,7 @@ SMALL = dict(
 )
 
 
+@pytest.mark.slow
 def test_repair_writes_a_run_folder_that_stock_timm_loads(train_folder, tmp_path):
     import timm
 
@@ -85,6 +86,7 @@ def test_compile_that_cannot_work_fails_before_loading_a_model(train_folder, tmp
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_bad_files_are_skipped_logged_and_counted(train_folder, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
@@ -143,6 +145,7 @@ def final_eps(output):
     return torch.load(output / "checkpoint" / "state.pt", weights_only=True)["eps"]
 
 
+@pytest.mark.slow
 def test_resume_after_a_real_signal_ends_with_the_same_eps(train_folder, tmp_path):
     """3 photos, 8 steps: the run cycles through them 2.67 times, is killed mid-pass and resumed across the
     pass boundaries, and ends bit-identical to an uninterrupted run."""
@@ -183,6 +186,7 @@ def test_resume_after_a_real_signal_ends_with_the_same_eps(train_folder, tmp_pat
         assert full_report[key] == resumed_report[key], key
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_with_two_images_per_step(train_folder, tmp_path):
     extra = ("--max-steps", "6", "--save-every", "0")
     # one thread everywhere, so that both runs use the same matmul kernels and summation order
@@ -231,6 +235,7 @@ def test_two_processes_equal_one_process_with_two_images_per_step(train_folder, 
         assert report_one[key] == report_two[key], key
 
 
+@pytest.mark.slow
 def test_compiled_repair_follows_the_eager_repair(train_folder, tmp_path):
     """A whole run with ``--compile`` (float32, TF32 setting on a CPU = float32): the same images give
     a loss at the same blocks as the eager run for 12 steps, and ε ends within 1e-4 relative."""
