@@ -8,32 +8,15 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from cli_checks import cli, one_error_line
 from PIL import Image
 
-from sinder_hub.cli import main as cli_main
 from sinder_hub.errors import DataError
 from sinder_hub.evaluation import check_targets, detect_layout, open_dataset
 from sinder_hub.evaluation.layouts import subset
 from sinder_hub.evaluation.streaming import SampleImages, whole_size
 from sinder_hub.evaluation.targets import read_depth, read_mask
 from sinder_hub.synthetic import SHAPE_CLASSES, make_shapes_dataset, make_standard_datasets
-
-
-def cli(argv: list[str]) -> int:
-    try:
-        return cli_main(argv)
-    except SystemExit as exit:
-        return exit.code
-
-
-def one_error_line(capsys, code: int, expected_code: int, *names: str) -> str:
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert code == expected_code, err
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for name in names:
-        assert str(name) in lines[0], (name, lines[0])
-    return lines[0]
 
 
 def evaluate(*args) -> int:

@@ -8,30 +8,13 @@ import json
 from pathlib import Path
 
 import pytest
+from cli_checks import cli, one_error_line
 from tiny import tiny_vit
 
 import sinder_hub.backbones
-from sinder_hub.cli import main as cli_main
 from sinder_hub.synthetic import make_shapes_dataset
 
 SIZE = 28
-
-
-def cli(argv: list[str]) -> int:
-    try:
-        return cli_main(argv)
-    except SystemExit as exit:
-        return exit.code
-
-
-def one_error_line(capsys, code: int, expected_code: int, *names: str) -> str:
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert code == expected_code, err
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for name in names:
-        assert str(name) in lines[0], (name, lines[0])
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,13 @@ import pytest
 import safetensors.torch
 import timm
 import torch
+from cli_checks import cli, one_error_line
 from PIL import Image
 from timm.models import save_for_hf
 
 import sinder_hub.backbones
 from sinder_hub import BackboneError, load_backbone
 from sinder_hub.cards import build_model_card
-from sinder_hub.cli import main as cli_main
 from sinder_hub.convert import export
 from sinder_hub.errors import RunFolderError
 from sinder_hub.hub import push_folder
@@ -32,28 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(embed_dim=192, depth=2, num_heads=3)
 
 
-def cli(argv: list[str]) -> int:
-    """``sinder-hub ARGV`` in this process: its exit code (argparse's errors exit through ``SystemExit``)."""
-    try:
-        return cli_main(argv)
-    except SystemExit as exit:
-        return exit.code
-
-
 def small_vit(seed: int = 0):
     torch.manual_seed(seed)
     return timm.create_model("vit_small_patch14_dinov2", pretrained=False, dynamic_img_size=True, **SMALL).eval()
-
-
-def one_error_line(capsys, code: int, expected_code: int, *names: str) -> str:
-    """The command's stderr is exactly one ``error:`` line naming every one of ``names``."""
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert code == expected_code, err
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for name in names:
-        assert str(name) in lines[0], (name, lines[0])
-    return lines[0]
 
 
 @pytest.fixture
