@@ -1,4 +1,7 @@
-"""The command line in the test process, and the one-line error every command ends a user error with."""
+"""The command line in the test process, the one-line error every command ends a user error with, and what
+the run tests compare folders and interrupt runs with."""
+
+from pathlib import Path
 
 from sinder_hub.cli import main as cli_main
 
@@ -20,3 +23,28 @@ def one_error_line(capsys, code: int, expected_code: int, *names: str) -> str:
     for name in names:
         assert str(name) in lines[0], (name, lines[0])
     return lines[0]
+
+
+def error_line(capsys) -> str:
+    """The command's stderr is exactly one ``error:`` line: that line."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("error: "), err
+    return err[0]
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file under ``folder``: ``{relative path: bytes}``."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+class Interrupted:
+    """Stands in for the SIGINT/SIGTERM handler of ``repair(stop=...)``: a signal "arrives" during the first step."""
+
+    received = "SIGTERM"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

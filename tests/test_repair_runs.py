@@ -10,16 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_checks import Interrupted, cli, error_line, snapshot
 from forked import fork_cli, wait_forked
 from PIL import Image
 
 import sinder_hub.analysis
 import sinder_hub.backbones
-from sinder_hub.cli import main as cli_main
 from sinder_hub.data import TRAIN_SAMPLES, sample_images
 from sinder_hub.training import RepairConfig, repair
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = dict(
     model="planted-swiglu",
     resolution=224,
@@ -69,21 +68,6 @@ def tiny_args(photos, output, *extra):
     ]
 
 
-def cli(args) -> int:
-    """``sinder-hub ARGS`` in this process; argparse's own errors end in ``SystemExit``."""
-    try:
-        return cli_main(args)
-    except SystemExit as exit:
-        return exit.code
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    assert err[0].startswith("error: "), err
-    return err[0]
-
-
 @pytest.mark.parametrize(
     "extra, named",
     [
@@ -104,7 +88,7 @@ def one_error_line(capsys) -> str:
 )
 def test_bad_flags_are_one_line_and_exit_2_before_any_model(photos, tmp_path, capsys, no_model, extra, named):
     assert cli(tiny_args(photos, tmp_path / "run", *extra)) == 2
-    line = one_error_line(capsys)
+    line = error_line(capsys)
     assert named in line, line
     assert not (tmp_path / "run").exists()  # no folder for a run that could not start
 
@@ -112,12 +96,12 @@ def test_bad_flags_are_one_line_and_exit_2_before_any_model(photos, tmp_path, ca
 def test_bad_paths_are_one_line_and_exit_2_before_any_model(photos, tmp_path, capsys, no_model):
     image = next(photos.glob("*.png"))
     assert cli(tiny_args(image, tmp_path / "run")) == 2  # an image file as --data
-    assert str(image) in one_error_line(capsys)
+    assert str(image) in error_line(capsys)
     (tmp_path / "file").write_text("x")
     assert cli(tiny_args(photos, tmp_path / "file")) == 2  # --output is a file
-    assert "is a file" in one_error_line(capsys)
+    assert "is a file" in error_line(capsys)
     assert cli(["repair", "--output", str(tmp_path / "run")]) == 2  # no --data
-    assert "--data" in one_error_line(capsys)
+    assert "--data" in error_line(capsys)
     assert not (tmp_path / "run").exists()
 
 
@@ -129,13 +113,9 @@ def test_resolution_not_a_multiple_of_the_patch_size_fails_before_the_directions
         lambda *a, **k: (_ for _ in ()).throw(AssertionError("directions computed")),
     )
     assert cli(tiny_args(photos, tmp_path / "run", "--resolution", "500")) == 2
-    line = one_error_line(capsys)
+    line = error_line(capsys)
     assert "--resolution 500" in line and "14-px patch" in line and "504" in line
     assert not (tmp_path / "run").exists()
-
-
-def snapshot(folder: Path) -> dict:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.slow
@@ -145,7 +125,7 @@ def test_an_existing_run_is_never_replaced_unless_asked(photos, tmp_path, capsys
     before = snapshot(output)
     assert "repair_report.json" in before and "INCOMPLETE" not in before and ".lock" not in before
     assert cli(tiny_args(photos, output)) == 2
-    assert "already holds a repair run" in one_error_line(capsys)
+    assert "already holds a repair run" in error_line(capsys)
     assert snapshot(output) == before
     # --overwrite replaces the run's own files (the stale picture of another held-out image goes) and nothing else
     (output / "notes.txt").write_text("mine")
@@ -166,7 +146,7 @@ def test_a_locked_folder_is_refused_at_once_and_a_stale_lock_is_taken_over(photo
         (output / ".lock").write_text(f"{sleeper.pid} {os.uname().nodename}\n")
         monkeypatch.setattr(sinder_hub.backbones, "load_backbone", lambda *a, **k: pytest.fail("model loaded"))
         assert cli(tiny_args(photos, output)) == 2
-        assert f"locked by process {sleeper.pid}" in one_error_line(capsys)
+        assert f"locked by process {sleeper.pid}" in error_line(capsys)
     finally:
         sleeper.kill()
         sleeper.wait()
@@ -191,21 +171,9 @@ def test_two_runs_started_together_into_one_folder(photos, tmp_path):
     assert report["steps"] == 3 and not (output / "INCOMPLETE").exists() and not (output / ".lock").exists()
 
 
-class _Interrupted:
-    """Stands in for the SIGINT/SIGTERM handler: a signal "arrives" during the first step."""
-
-    received = "SIGTERM"
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def interrupted_run(photos, output, monkeypatch, **overrides):
     result = repair(
-        RepairConfig(**TINY, data=str(photos), output=str(output), max_steps=6, **overrides), stop=_Interrupted()
+        RepairConfig(**TINY, data=str(photos), output=str(output), max_steps=6, **overrides), stop=Interrupted()
     )
     assert result.interrupted_by == "SIGTERM" and (output / "checkpoint/state.pt").exists()
     assert (output / "INCOMPLETE").exists() and not (output / "repair_report.json").exists()
@@ -221,14 +189,14 @@ def test_resume_refuses_changed_data_changed_flags_and_a_finished_run(photos, tm
     interrupted_run(data, output, monkeypatch)
     args = tiny_args(data, output, "--max-steps", "6", "--resume")
     assert cli([*args[:-3], "--lr", "0.01", *args[-3:]]) == 2
-    assert "belongs to a different run (--lr: checkpoint 0.005 vs now 0.01)" in one_error_line(capsys)
+    assert "belongs to a different run (--lr: checkpoint 0.005 vs now 0.01)" in error_line(capsys)
     Image.open(next(photos.glob("*.png"))).save(data / "zz_new.png")
     assert cli(args) == 2
-    assert "changed since" in one_error_line(capsys)
+    assert "changed since" in error_line(capsys)
     (data / "zz_new.png").unlink()
     assert cli(args) == 0
     assert cli(args) == 2
-    assert "holds a finished run" in one_error_line(capsys)
+    assert "holds a finished run" in error_line(capsys)
 
 
 @pytest.mark.slow
@@ -239,7 +207,7 @@ def test_resume_never_unpickles_and_names_a_truncated_checkpoint(photos, tmp_pat
     good = checkpoint.read_bytes()
     checkpoint.write_bytes(good[: len(good) // 2])
     assert cli(tiny_args(photos, output, "--max-steps", "6", "--resume")) == 2
-    line = one_error_line(capsys)
+    line = error_line(capsys)
     assert f"cannot read checkpoint {checkpoint}" in line
 
     marker = tmp_path / "pwned"
@@ -250,7 +218,7 @@ def test_resume_never_unpickles_and_names_a_truncated_checkpoint(photos, tmp_pat
 
     torch.save({"config": Payload()}, checkpoint)
     assert cli(tiny_args(photos, output, "--max-steps", "6", "--resume")) == 2
-    assert f"cannot read checkpoint {checkpoint}" in one_error_line(capsys)
+    assert f"cannot read checkpoint {checkpoint}" in error_line(capsys)
     assert not marker.exists()
 
 
@@ -259,7 +227,7 @@ def test_runs_that_change_nothing_or_ruin_the_model_exit_1(photos, tmp_path, cap
     torch.set_float32_matmul_precision("medium")
     # no defect anywhere: 0 updates
     assert cli(tiny_args(photos, tmp_path / "clear", "--mask-thr", "1000")) == 1
-    line = one_error_line(capsys)
+    line = error_line(capsys)
     assert "failed run, no model written" in line and "0 updates: all 3 images were clear" in line
     report = json.loads((tmp_path / "clear/repair_report.json").read_text())
     assert report["outcome"]["status"] == "failed" and not (tmp_path / "clear/model.safetensors").exists()
@@ -270,12 +238,12 @@ def test_runs_that_change_nothing_or_ruin_the_model_exit_1(photos, tmp_path, cap
     for k in range(3):
         (junk / f"{k}.png").write_text("not an image")
     assert cli(tiny_args(junk, tmp_path / "junk-run", "--max-steps", "100")) == 1
-    assert "none of the 3 images could be read" in one_error_line(capsys)
+    assert "none of the 3 images could be read" in error_line(capsys)
     report = json.loads((tmp_path / "junk-run/repair_report.json").read_text())
     assert report["steps"] == 3 and report["stopped_because"] == "no_readable_images"
     # a huge learning rate ruins the features: degraded, kept only with --allow-degraded
     assert cli(tiny_args(photos, tmp_path / "ruined", "--lr", "1000")) == 1
-    line = one_error_line(capsys)
+    line = error_line(capsys)
     assert "degraded run" in line and "normal-token cosine" in line
     assert cli(tiny_args(photos, tmp_path / "kept", "--lr", "1000", "--allow-degraded")) == 0
     assert "warning: degraded" in capsys.readouterr().err

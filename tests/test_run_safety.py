@@ -11,9 +11,9 @@ import pytest
 import safetensors
 import timm.models._hub
 import torch
+from cli_checks import Interrupted, cli, error_line, snapshot
 from test_repair_runs import TINY as TINY_RUN
 
-from sinder_hub.cli import main as cli_main
 from sinder_hub.convert import save_timm
 from sinder_hub.data import TRAIN_SAMPLES, sample_images
 from sinder_hub.errors import RunFolderError
@@ -45,20 +45,6 @@ def finished(photos, tmp_path_factory):
     return output
 
 
-def cli(argv):
-    return cli_main(argv)
-
-
-def snapshot(folder: Path) -> dict:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def one_line(capsys) -> str:
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1, lines
-    return lines[0]
-
-
 def timm_folder(path: Path, seed: int) -> Path:
     save_timm(planted_backbone("planted-swiglu", seed=seed), path)
     return path
@@ -70,7 +56,7 @@ def test_overwrite_never_deletes_the_model_it_was_asked_to_repair(photos, tmp_pa
     for output in (model, model.parent):  # the model's folder, and a folder containing it
         argv = ["repair", "--model", str(model), "--data", str(photos), "--output", str(output), "--overwrite"]
         assert cli([*argv, *ARGS]) == 2
-        line = one_line(capsys)
+        line = error_line(capsys)
         assert "the --model" in line and "write the run into another folder" in line
     assert snapshot(model) == before
 
@@ -86,7 +72,7 @@ def test_a_bad_overwrite_leaves_the_previous_run_as_it_was(finished, photos, cap
     before = snapshot(finished)
     argv = ["repair", "--data", str(photos), "--output", str(finished), "--overwrite", *ARGS, *extra]
     assert cli(argv) == 2
-    assert message in one_line(capsys)
+    assert message in error_line(capsys)
     assert snapshot(finished) == before  # model, report, pictures, checkpoint and the user's file
 
 
@@ -117,7 +103,7 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_a_plain_start_works_aga
     with monkeypatch.context() as patch:
         patch.setattr(torch, "save", full_disk)
         assert cli(["repair", "--model", "planted-swiglu", "--data", str(photos), "--output", str(run), *ARGS]) == 1
-    line = one_line(capsys)
+    line = error_line(capsys)
     assert f"cannot write the checkpoint {run / 'checkpoint/state.pt'}" in line and "No space left" in line
     assert not run.exists()  # nothing was computed that a resume could use: no trace, no INCOMPLETE loop
     assert cli(["repair", "--model", "planted-swiglu", "--data", str(photos), "--output", str(run), *ARGS]) == 0
@@ -135,10 +121,10 @@ def test_a_full_disk_while_writing_the_model_leaves_no_model_and_resume_finishes
     with monkeypatch.context() as patch:
         patch.setattr(timm.models._hub, "save_for_hf", full_disk)
         assert cli(argv) == 1
-    line = one_line(capsys)
+    line = error_line(capsys)
     assert f"cannot write the repaired model {run / 'model.safetensors'}" in line and "free some space" in line
     assert sorted(p.name for p in run.iterdir()) == ["INCOMPLETE", "checkpoint"]  # nothing half-written
-    assert cli(argv) == 2 and "--resume" in one_line(capsys)
+    assert cli(argv) == 2 and "--resume" in error_line(capsys)
     assert cli([*argv, "--resume"]) == 0
     assert (run / "model.safetensors").is_file() and not (run / "INCOMPLETE").exists()
 
@@ -159,19 +145,9 @@ def test_a_read_only_output_is_one_line_before_any_model(photos, tmp_path, capsy
     with read_only_folder(tmp_path / "ro") as folder:
         argv = ["repair", "--model", "planted-swiglu", "--data", str(photos), "--output", str(folder / "run"), *ARGS]
         assert cli(argv) == 1
-        line = one_line(capsys)
+        line = error_line(capsys)
         assert f"cannot create the run folder {folder / 'run'}: Read-only file system" in line
         assert "choose another output folder" in line
-
-
-class Interrupted:
-    received = "SIGTERM"
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def test_resume_refuses_other_weights_at_the_same_path(photos, tmp_path, capsys):
@@ -183,7 +159,7 @@ def test_resume_refuses_other_weights_at_the_same_path(photos, tmp_path, capsys)
     timm_folder(model, seed=3)  # same path, other weights
     argv = ["repair", "--model", str(model), "--data", str(photos), "--output", str(run), *ARGS, "--resume"]
     assert cli(argv) == 2
-    line = one_line(capsys)
+    line = error_line(capsys)
     assert f"the weights of --model {model} changed since the checkpoint was written" in line
     assert (run / "INCOMPLETE").exists() and (run / "checkpoint/state.pt").exists()  # the run is kept
 

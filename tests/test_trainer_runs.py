@@ -19,7 +19,6 @@ from sinder_hub.cli import main as cli_main
 from sinder_hub.errors import DataError
 from sinder_hub.training import RepairConfig, repair
 
-REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(
     model="planted-swiglu",
     resolution=224,
@@ -116,10 +115,10 @@ def test_bad_files_are_skipped_logged_and_counted(train_folder, tmp_path):
     assert all(str(data) in entry["problem"] for entry in report["bad_files"])
 
 
-def repair_command(data, output, *extra):
+def repair_args(data, output, *extra):
+    """``sinder-hub repair`` arguments of the runs here: planted-swiglu at 224 px, a 3-block window."""
     return [
-        sys.executable,
-        str(REPO / "tools" / "repair.py"),
+        "repair",
         "--model",
         "planted-swiglu",
         "--data",
@@ -159,10 +158,10 @@ def test_resume_after_a_real_signal_ends_with_the_same_eps(train_folder, tmp_pat
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert cli_main(["repair", *repair_command(photos, tmp_path / "full", *extra)[2:]]) == 0
+        assert cli_main(repair_args(photos, tmp_path / "full", *extra)) == 0
         interrupted = tmp_path / "interrupted"
         stderr = tmp_path / "stderr.txt"
-        pid = fork_cli(["repair", *repair_command(photos, interrupted, *extra)[2:]], tmp_path / "stdout.txt", stderr)
+        pid = fork_cli(repair_args(photos, interrupted, *extra), tmp_path / "stdout.txt", stderr)
         checkpoint = interrupted / "checkpoint" / "state.pt"
         wait_for_file(pid, checkpoint)
         os.kill(pid, signal.SIGTERM)
@@ -172,7 +171,7 @@ def test_resume_after_a_real_signal_ends_with_the_same_eps(train_folder, tmp_pat
         assert 0 < stopped_at < 8
         assert not (interrupted / "model.safetensors").exists()
         assert (interrupted / "INCOMPLETE").exists() and not (interrupted / ".lock").exists()
-        assert cli_main(["repair", *repair_command(photos, interrupted, *extra, "--resume")[2:]]) == 0
+        assert cli_main(repair_args(photos, interrupted, *extra, "--resume")) == 0
     finally:
         torch.set_num_threads(threads)
     assert not (interrupted / "INCOMPLETE").exists()
@@ -194,10 +193,7 @@ def test_two_processes_equal_one_process_with_two_images_per_step(train_folder, 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:  # the one-process run in this process
-        assert (
-            cli_main(["repair", *repair_command(train_folder, tmp_path / "one", *extra, "--images-per-step", "2")[2:]])
-            == 0
-        )
+        assert cli_main(repair_args(train_folder, tmp_path / "one", *extra, "--images-per-step", "2")) == 0
     finally:
         torch.set_num_threads(threads)
     env = {**single, "ACCELERATE_USE_CPU": "1"}
@@ -217,7 +213,7 @@ def test_two_processes_equal_one_process_with_two_images_per_step(train_folder, 
     ]
     # the module form of the README's `accelerate launch -m sinder_hub.cli repair ...`
     done = subprocess.run(
-        [*launch, "-m", "sinder_hub.cli", "repair", *repair_command(train_folder, tmp_path / "two", *extra)[2:]],
+        [*launch, "-m", "sinder_hub.cli", *repair_args(train_folder, tmp_path / "two", *extra)],
         env=env,
         capture_output=True,
         text=True,
