@@ -1,6 +1,6 @@
 # `make demo`, `make test` and `make test-fast` work on a fresh machine: each creates or refreshes
-# .venv at the repository root, then uses it. The demo needs only the package; the tests and the
-# viewer also need the `test` and `app` extras.
+# .venv at the repository root, then uses it (tools/install.sh: uv when it can, else pip). The demo
+# needs only the package; the tests and the viewer also need the `test` and `app` extras.
 VENV := .venv
 PY := $(VENV)/bin/python
 CORE := $(VENV)/.installed-core
@@ -10,14 +10,20 @@ TORCH_RANGE := "torch>=2.4,<=2.14.1" "torchvision>=0.19,<=0.29.1"
 
 .PHONY: venv demo test test-fast lint view clean
 
-$(CORE): pyproject.toml
+INSTALL := VENV=$(VENV) tools/install.sh
+# what the demo imports: their bytecode is written once here (uv installs without it, and
+# PYTHONDONTWRITEBYTECODE would otherwise make every run compile them again)
+DEMO_IMPORTS := sinder_hub.commands.demo, sinder_hub.training.run, sinder_hub.planted, sinder_hub.plots, skimage.data
+
+$(CORE): pyproject.toml tools/install.sh
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q $(TORCH) || $(PY) -m pip install -q $(TORCH_RANGE)
-	$(PY) -m pip install -q -e .
+	$(INSTALL) $(TORCH) -e . || $(INSTALL) $(TORCH_RANGE) -e .
+	PYTHONDONTWRITEBYTECODE= $(PY) -c "import $(DEMO_IMPORTS)"
 	touch $(CORE)
 
-$(FULL): $(CORE) pyproject.toml
-	$(PY) -m pip install -q -e ".[test,app]"
+# the tests start many interpreters and import much more: compile every installed module once
+$(FULL): $(CORE)
+	UV_COMPILE_BYTECODE=1 $(INSTALL) $(TORCH) -e ".[test,app]" || $(INSTALL) $(TORCH_RANGE) -e ".[test,app]"
 	touch $(FULL)
 
 venv: $(FULL)

@@ -1,10 +1,12 @@
 """Run the command line in a forked copy of the test process: a second process for the tests whose
-point is one (a kill -9, a signal, two runs racing for a folder) without a new interpreter's imports
-(torch, timm and torchvision: about 8 s of CPU per start on the 2-core machine)."""
+point is one (a kill -9, a signal, two runs racing for a folder, the ranks of a distributed run)
+without a new interpreter's imports (torch, timm and torchvision: about 8 s of CPU per start on the
+2-core machine)."""
 
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
 import traceback
@@ -63,3 +65,30 @@ def wait_for_file(pid: int, path: Path, timeout: float = 120.0) -> None:
         assert not done, f"forked process {pid} ended ({os.waitstatus_to_exitcode(status)}) before {path} existed"
         assert time.monotonic() < deadline, f"no {path} after {timeout} s"
         time.sleep(0.05)
+
+
+def fork_ranks(argv: list[str], world_size: int, output: Path) -> list[int]:
+    """Start ``sinder_hub.cli.main(argv)`` as ranks 0 .. ``world_size - 1`` of one gloo process group on
+    this CPU, each in a forked child with the environment ``accelerate launch`` gives its processes
+    (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``/``PORT``, ``ACCELERATE_USE_CPU``) and accelerate's state
+    of this process dropped. Output to ``output/rank{r}.out`` and ``.err``; returns the pids."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    def as_rank(rank: int) -> Callable[[], None]:
+        def prepare() -> None:
+            from accelerate.state import AcceleratorState
+
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size))
+            os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+            os.environ.update(ACCELERATE_USE_CPU="1", ACCELERATE_MIXED_PRECISION="no")
+            AcceleratorState._reset_state(reset_partial_state=True)
+
+        return prepare
+
+    output.mkdir(parents=True, exist_ok=True)
+    return [
+        fork_cli(argv, output / f"rank{rank}.out", output / f"rank{rank}.err", prepare=as_rank(rank))
+        for rank in range(world_size)
+    ]

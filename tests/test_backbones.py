@@ -138,8 +138,10 @@ def test_authors_checkpoint(tmp_path, architecture, wrapper):
     torch.save(checkpoint, tmp_path / "ckpt.pth")
     model = load_backbone(tmp_path / "ckpt.pth", architecture=architecture, **SMALL)
     assert_same_weights(model, source, atol=1e-6)  # cls_token - class_pos + class_pos
-    x = torch.randn(1, 3, 56, 70)
-    torch.testing.assert_close(model.forward_features(x), source.forward_features(x), rtol=0, atol=1e-5)
+    x = torch.randn(1, 3, 56, 70, generator=torch.Generator().manual_seed(0))
+    # float32 round-off of the re-associated class token through the blocks: up to 1.03e-5 seen on outputs
+    # up to ~6 (reg4; 0.75 of this tolerance at worst over 20 inputs)
+    torch.testing.assert_close(model.forward_features(x), source.forward_features(x), rtol=1e-5, atol=1e-5)
 
 
 def test_authors_checkpoint_inferred_and_stray_registers_dropped(tmp_path, monkeypatch):

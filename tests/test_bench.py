@@ -50,6 +50,8 @@ def test_bench_json_has_every_key(capsys):
         "1",
         "--samples",
         "2000",
+        "--compile-backend",
+        "aot_eager",  # inductor's kernels: tests/test_trainer_runs.py (a minute of C++ per model here)
         "--json",
     ]
     try:

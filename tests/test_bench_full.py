@@ -111,9 +111,8 @@ def test_image_cache_is_deterministic_and_reused(tmp_path):
 def test_tiny_run_with_compile_times_the_compiled_scan(tmp_path, capsys):
     """``--compile``: the compiled scan is what the loop timed (every image is counted).
 
-    At planted-swiglu's own size and precision (12 × 384, defect at block 4, fp32, 224 px), so that
-    torch.compile finds the graphs test_trainer_runs compiled in its cache: each new model compiled
-    cold costs about 40 s of CPU."""
+    At planted-swiglu's own size (12 × 384, defect at block 4, fp32, 224 px), compiled with aot_eager
+    (inductor's kernels: tests/test_trainer_runs.py; each model compiled cold costs about 40 s of CPU)."""
     output = tmp_path / "figures.json"
     arguments = [
         "--depth",
@@ -136,6 +135,8 @@ def test_tiny_run_with_compile_times_the_compiled_scan(tmp_path, capsys):
         "fp32",
         "--quiet",
         "--compile",
+        "--compile-backend",
+        "aot_eager",
         "--count-batch",
         "2",
         "--cache",
@@ -145,6 +146,11 @@ def test_tiny_run_with_compile_times_the_compiled_scan(tmp_path, capsys):
     ]
     assert "--compile" in run_tool(arguments, capsys)
     result = json.loads(output.read_text())
-    assert result["compile"] is True and result["count_batch"] == 2 and result["num_workers"] == 1
+    assert (
+        result["compile"] is True
+        and result["compile_backend"] == "aot_eager"
+        and result["count_batch"] == 2
+        and result["num_workers"] == 1
+    )
     assert result["loss"]["images"] + result["clear"]["images"] == result["steps"] == 8
     assert sum(result["loss_layer_histogram"].values()) == result["loss"]["images"] > 0

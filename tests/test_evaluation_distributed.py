@@ -1,15 +1,16 @@
-"""``accelerate launch`` over two processes gives the numbers of one process (every sample scored exactly once)."""
+"""Two processes give the numbers of one process (every sample scored exactly once).
+
+The two ranks are forked copies of this process with the environment ``accelerate launch`` gives
+(tests/forked.py); the launcher itself runs in tests/test_trainer_runs.py."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import timm
 import torch
+from forked import fork_ranks, wait_forked
 from timm.models import save_for_hf
 
 from sinder_hub.cli import main as cli_main
@@ -36,13 +37,10 @@ def test_two_processes_give_the_numbers_of_one(tmp_path):
     args += ["--data", *map(str, data), "--layers", "1", "4", "--resolution", "56", "--iterations", "6"]
     args += ["--batch-size", "4", "--learning-rate", "0.05", "--workers", "0"]
     assert cli_main([*args, "--out", str(tmp_path / "one")]) == 0
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "sinder_hub.cli"]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [*launch, *args, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=400
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    pids = fork_ranks([*args, "--out", str(tmp_path / "two")], 2, tmp_path / "ranks")
+    codes = [wait_forked(pid, timeout=400) for pid in pids]
+    stdout, stderr = ([(tmp_path / "ranks" / f"rank{r}.{kind}").read_text() for r in (0, 1)] for kind in ("out", "err"))
+    assert codes == [0, 0], "".join(stderr)[-3000:]
     one, two = (json.loads((tmp_path / out / "results.json").read_text()) for out in ("one", "two"))
     cells_one, cells_two = one["variants"][0]["cells"], two["variants"][0]["cells"]
     assert list(cells_one) == list(cells_two) and len(cells_one) == 7
@@ -53,4 +51,4 @@ def test_two_processes_give_the_numbers_of_one(tmp_path):
                 assert other == pytest.approx(value, abs=TOLERANCE), (cell, metric)
             elif metric != "iou":
                 assert other == value, (cell, metric)
-    assert done.stdout.count("| original") == 1  # one table, from the main process
+    assert "".join(stdout).count("| original") == 1  # one table, from the main process

@@ -82,6 +82,7 @@ def tiny_args(photos, output, *extra):
         (("--held-out", "lena"), "--held-out lena"),
         (("--lr", "abc"), "--lr"),
         (("--precision", "fp16"), "--precision"),
+        (("--compile", "--compile-backend", "cudagraphs"), "--compile-backend"),
         (("--resume",), "no checkpoint"),
         (("--resume", "--overwrite"), "exclude each other"),
     ],

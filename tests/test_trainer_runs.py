@@ -240,7 +240,9 @@ def test_compiled_repair_follows_the_eager_repair(train_folder, tmp_path):
     compiled = repair(RepairConfig(**config, output=str(tmp_path / "compiled"), compile=True)).report.to_json()
     assert compiled["loss_layer_histogram"] == eager["loss_layer_histogram"]
     assert compiled["images"] == eager["images"] and eager["updates"] >= 6
-    assert compiled["hyperparameters"]["compile"] is True
+    assert (
+        compiled["hyperparameters"]["compile"] is True and compiled["hyperparameters"]["compile_backend"] == "inductor"
+    )
     eager_eps, compiled_eps = final_eps(tmp_path / "eager"), final_eps(tmp_path / "compiled")
     scale = torch.cat([e.flatten() for e in eager_eps.values()]).norm()
     difference = torch.cat([(compiled_eps[n] - eager_eps[n]).flatten() for n in eager_eps]).norm()

@@ -47,8 +47,8 @@ JPEG_QUALITY = 90
 CROP_SCALE = (0.25, 1.0)  # fraction of the photo's area
 CROP_RATIO = (3 / 4, 4 / 3)
 MANIFEST = "manifest.json"
-SETTINGS = ("resolution", "precision", "images_per_step", "num_workers", "compile", "count_batch", "limit_layers",
-            "directions_method", "num_images")  # fmt: skip
+SETTINGS = ("resolution", "precision", "images_per_step", "num_workers", "compile", "compile_backend", "count_batch",
+            "limit_layers", "directions_method", "num_images")  # fmt: skip
 
 # ----------------------------------------------------------------------------------------
 # The training images
@@ -171,6 +171,7 @@ def run(args) -> dict:
             directions_method=args.directions_method,
             allow_degraded=True,
             compile=args.compile,
+            compile_backend=args.compile_backend,
             count_batch=args.count_batch,
             quiet=args.quiet,
         )
@@ -230,7 +231,7 @@ def describe(result: dict) -> str:
             f"planted {model['architecture']}: {model['depth']} blocks x {model['embed_dim']}, "
             f"defect at block {model['planted_block']}; {result['resolution']} px, {result['precision']}, "
             f"{result['images_per_step']} image(s)/step, {result['num_workers']} loader workers"
-            f"{', --compile' if result['compile'] else ''}, on {result['device']}",
+            f"{', --compile (' + result['compile_backend'] + ')' if result['compile'] else ''}, on {result['device']}",
             f"  images      {result['images_processed']} processed in {timings['loop_s']:.2f} s: "
             f"{result['images_per_s']:.3f} images/s ({result['steps']} steps, {result['updates']} updates)",
             f"  with a loss {loss['images']:6d} images  {loss['time_s']:9.2f} s  ({per(loss)}; loss block: images "
@@ -260,6 +261,7 @@ def main(argv=None) -> int:
     parser.add_argument("--images-per-step", type=int, default=1)
     parser.add_argument("--num-workers", type=int, default=training.RepairConfig.num_workers)
     parser.add_argument("--compile", action="store_true", help="repair.py --compile (compiled detection scan)")
+    parser.add_argument("--compile-backend", choices=training.COMPILE_BACKENDS, default="inductor")
     parser.add_argument("--count-batch", type=int, default=training.RepairConfig.count_batch)
     parser.add_argument("--limit-layers", type=int, default=10)
     parser.add_argument("--directions-method", choices=training.DIRECTIONS_METHODS, default="sampled")

@@ -29,7 +29,14 @@ import torch
 from sinder_hub import load_backbone, parametrize_singular_values, singular_defect_directions
 from sinder_hub.analysis import block_linear_maps
 from sinder_hub.singular_values import SingularValueLinear, factorize_blocks
-from sinder_hub.training import RepairConfig, compiled_image_loss, fast_image_loss, naive_image_loss, set_precision
+from sinder_hub.training import (
+    COMPILE_BACKENDS,
+    RepairConfig,
+    compiled_image_loss,
+    fast_image_loss,
+    naive_image_loss,
+    set_precision,
+)
 
 
 class PeakMemory:
@@ -149,6 +156,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="one or more; the model, directions and set-up are shared")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--count-batch", type=int, default=4, help="--compile: defect counts read every K blocks")
+    parser.add_argument("--compile-backend", choices=COMPILE_BACKENDS, default="inductor",
+                        help="torch.compile backend of the compiled step (aot_eager: no kernels generated)")  # fmt: skip
     parser.add_argument(
         "--samples", type=int, default=100_000, help="least-squares samples of the directions (the authors': 100k)"
     )
@@ -201,7 +210,7 @@ def set_up(args) -> Bench:
     block = min(args.loss_block, len(model.blocks) - 1)
     window = range(max(0, block - args.limit_layers + 1), block + 1)
     config = RepairConfig(mask_thr=args.mask_thr, limit_layers=args.limit_layers, skip_less_than=10**9,
-                          count_batch=args.count_batch)  # fmt: skip
+                          count_batch=args.count_batch, compile_backend=args.compile_backend)  # fmt: skip
     image = torch.randn(1, 3, args.resolution, args.resolution, generator=torch.Generator().manual_seed(0)).to(device)
     warm_up(device)
     figures = {}
@@ -303,6 +312,7 @@ def result_of(bench: Bench, precision: str, figures: dict) -> dict:
         "compiled_speedup": figures["naive_step_s"] / figures["compiled_step_s"],
         "device": device_name,
         "count_batch": bench.args.count_batch,
+        "compile_backend": bench.args.compile_backend,
     }
 
 

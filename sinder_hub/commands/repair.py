@@ -15,7 +15,7 @@ import sys
 from dataclasses import fields
 
 from sinder_hub.cli import ArgumentParser
-from sinder_hub.training import DIRECTIONS_METHODS, PRECISIONS, RepairConfig, repair
+from sinder_hub.training import COMPILE_BACKENDS, DIRECTIONS_METHODS, PRECISIONS, RepairConfig, repair
 
 HELP = {
     "model": "any spec load_backbone takes: timm name, hf-hub:id, folder, .safetensors, authors' .pth, planted-swiglu",
@@ -33,6 +33,8 @@ HELP = {
     "checkpoint_blocks": "keep only each block's input and run it again in the backward: less GPU memory, same result, slower steps",
     "compile": "detect with a torch.compile'd no-grad scan (blocks fused with their defect counts); an image with a "
     "loss runs its window again with autograd: faster clear images, limit_layers more block forwards per loss",
+    "compile_backend": "with --compile: torch.compile's backend; aot_eager traces the same graphs without "
+    "generating kernels (seconds to compile, no speed-up: for debugging)",
     "count_batch": "with --compile: read the defect counts from the device every K blocks (the scan may run K-1 blocks "
     "past the loss block)",
     "num_workers": "data-loader processes decoding images (pinned memory on a GPU)",
@@ -45,7 +47,7 @@ HELP = {
     "max_pixels": "larger images are skipped as bad files (PIL's decompression-bomb limit by default)",
     "quiet": "no progress bar",
 }
-CHOICES = {"precision": PRECISIONS, "directions_method": DIRECTIONS_METHODS}
+CHOICES = {"precision": PRECISIONS, "directions_method": DIRECTIONS_METHODS, "compile_backend": COMPILE_BACKENDS}
 
 
 def parse_args(argv=None) -> RepairConfig:

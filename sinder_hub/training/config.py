@@ -11,6 +11,10 @@ from ..errors import check_flags
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 DIRECTIONS_METHODS = ("sampled", "expected")
+# torch.compile backends for --compile: inductor generates fused kernels; aot_eager traces and
+# differentiates the same graphs but runs them eagerly (seconds to compile instead of a minute of C++
+# on a CPU: for debugging, and for the tests of the compiled step's logic)
+COMPILE_BACKENDS = ("inductor", "aot_eager")
 
 
 @dataclass
@@ -36,6 +40,7 @@ class RepairConfig:
     precision: str = "tf32"
     checkpoint_blocks: bool = False
     compile: bool = False
+    compile_backend: str = "inductor"
     count_batch: int = 4
     seed: int = 0
     directions_method: str = "sampled"
@@ -87,6 +92,7 @@ class RepairConfig:
         "precision",
         "checkpoint_blocks",
         "compile",
+        "compile_backend",
         "count_batch",
         "seed",
         "data",
@@ -120,6 +126,11 @@ class RepairConfig:
             ("images_per_step", self.images_per_step >= 1, "at least 1"),
             ("precision", self.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
             ("count_batch", self.count_batch >= 1, "at least 1 block"),
+            (
+                "compile_backend",
+                self.compile_backend in COMPILE_BACKENDS,
+                f"one of {', '.join(COMPILE_BACKENDS)}",
+            ),
             (
                 "directions_method",
                 self.directions_method in DIRECTIONS_METHODS,

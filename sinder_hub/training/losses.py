@@ -145,14 +145,14 @@ def _run_block(block, x):
 
 
 @functools.cache
-def _compiled_block_and_count():
-    return torch.compile(_block_and_count, dynamic=False)
+def _compiled_block_and_count(backend: str):
+    return torch.compile(_block_and_count, dynamic=False, backend=backend)
 
 
 @functools.cache
-def _compiled_block():
+def _compiled_block(backend: str):
     """One block with autograd (forward and backward compiled), its layers factorised beforehand."""
-    return torch.compile(_run_block, dynamic=False)
+    return torch.compile(_run_block, dynamic=False, backend=backend)
 
 
 def compiled_image_loss(model, image, directions, config, autocast, force_block: int | None = None) -> ImageLoss:
@@ -167,10 +167,10 @@ def compiled_image_loss(model, image, directions, config, autocast, force_block:
     that the compiled backward only projects onto the factors), and back-propagated as in
     the naive step: the same gradients up to the compiled kernels' rounding, for
     ``limit_layers`` more block forwards than ``fast_image_loss``. A clear image costs
-    about one no-grad forward.
+    about one no-grad forward. ``config.compile_backend`` is torch.compile's backend.
     """
     image_hw = image.shape[-2:]
-    block_and_count = _compiled_block_and_count()
+    block_and_count = _compiled_block_and_count(config.compile_backend)
     sync_singular_values(model)  # compiled code reads the weights as they are
     depth, keep = len(model.blocks), config.limit_layers or len(model.blocks)
     found = None
@@ -199,7 +199,7 @@ def compiled_image_loss(model, image, directions, config, autocast, force_block:
     x = next(saved for index, saved in inputs if index == start)
     del inputs
     factorize_blocks(model, range(start, found + 1))
-    run_block = _compiled_block()
+    run_block = _compiled_block(config.compile_backend)
     with autocast():
         for index in range(start, found + 1):
             if config.checkpoint_blocks:

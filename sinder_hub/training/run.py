@@ -147,7 +147,7 @@ def set_up(config, accelerator, folder, paths, digest, plan, saved, started) -> 
     autocast = set_precision(config.precision)
     torch.manual_seed(config.seed)
     if config.compile:
-        check_compile(device)
+        check_compile(device, config.compile_backend)
     model = backbones.load_backbone(config.model).to(device).eval()
     if registers_of(model) is not None:
         raise InputError(
@@ -384,11 +384,12 @@ def set_precision(precision: str):
     return autocast
 
 
-def check_compile(device: torch.device) -> None:
-    """``--compile`` needs a working ``torch.compile`` backend (a C++ compiler on a CPU, Triton on a
-    GPU): compile a tiny function before any slow work, ``InputError`` naming what failed."""
+def check_compile(device: torch.device, backend: str = "inductor") -> None:
+    """``--compile`` needs a working ``torch.compile`` backend (inductor: a C++ compiler on a CPU,
+    Triton on a GPU): compile a tiny function before any slow work, ``InputError`` naming what failed."""
     try:
-        torch.compile(lambda x: torch.nn.functional.gelu(x) * 2, dynamic=False)(torch.ones(8, device=device))
+        function = torch.compile(lambda x: torch.nn.functional.gelu(x) * 2, dynamic=False, backend=backend)
+        function(torch.ones(8, device=device))
     except Exception as error:  # the backend's own exception types vary with the torch version
         reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
         raise InputError(
