@@ -11,14 +11,10 @@ TORCH_RANGE := "torch>=2.4,<=2.14.1" "torchvision>=0.19,<=0.29.1"
 .PHONY: venv demo test test-fast lint view clean
 
 INSTALL := VENV=$(VENV) tools/install.sh
-# what the demo imports: their bytecode is written once here (uv installs without it, and
-# PYTHONDONTWRITEBYTECODE would otherwise make every run compile them again)
-DEMO_IMPORTS := sinder_hub.commands.demo, sinder_hub.training.run, sinder_hub.planted, sinder_hub.plots, skimage.data
 
 $(CORE): pyproject.toml tools/install.sh
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(INSTALL) $(TORCH) -e . || $(INSTALL) $(TORCH_RANGE) -e .
-	PYTHONDONTWRITEBYTECODE= $(PY) -c "import $(DEMO_IMPORTS)"
 	touch $(CORE)
 
 # the tests start many interpreters and import much more: compile every installed module once
@@ -28,8 +24,10 @@ $(FULL): $(CORE)
 
 venv: $(FULL)
 
+# uv installs no bytecode for the demo's environment: the demo's first run writes that of what it
+# imports (about 17 s), even under PYTHONDONTWRITEBYTECODE, which would make every run compile again
 demo: $(CORE)
-	$(PY) tools/demo.py --overwrite
+	PYTHONDONTWRITEBYTECODE= $(PY) tools/demo.py --overwrite
 
 view: $(FULL)
 	$(PY) tools/view.py

@@ -56,14 +56,21 @@ def built_wheel(tmp_path_factory) -> Path:
 # The longest modules (measured with --durations=0 under `make test`), run first: pytest-xdist hands out
 # whole files (--dist loadfile), and a long file taken last keeps one worker busy while the other idles.
 LONGEST_FIRST = (
+    "test_trainer_runs.py",
     "test_trainer.py",
     "test_repair_runs.py",
-    "test_trainer_runs.py",
     "test_fixture.py",
     "test_registers.py",
     "test_run_safety.py",
-    "test_evaluation_distributed.py",
     "test_registers_folder.py",
+    "test_convert.py",
+    "test_bench_full.py",
+    "test_model_cards.py",
+    "test_app.py",
+    "test_cli.py",
+    "test_convert_families.py",
+    "test_readme.py",
+    "test_reliability_io.py",
 )
 
 

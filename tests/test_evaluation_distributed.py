@@ -1,7 +1,7 @@
 """Two processes give the numbers of one process (every sample scored exactly once).
 
 The two ranks are forked copies of this process with the environment ``accelerate launch`` gives
-(tests/forked.py); the launcher itself runs in tests/test_trainer_runs.py."""
+its processes (tests/forked.py), as in tests/test_trainer_runs.py: no new interpreters."""
 
 from __future__ import annotations
 

@@ -3,14 +3,12 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from forked import fork_cli, wait_for_file, wait_forked
+from forked import fork_cli, fork_ranks, wait_for_file, wait_forked
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -187,39 +185,20 @@ def test_resume_after_a_real_signal_ends_with_the_same_eps(train_folder, tmp_pat
 
 @pytest.mark.slow
 def test_two_processes_equal_one_process_with_two_images_per_step(train_folder, tmp_path):
+    """Two ranks of one image each per step (forked copies of this process with the environment
+    ``accelerate launch --multi_gpu --num_processes 2`` gives its processes on a CPU: tests/forked.py)
+    end with the ε of one process taking both images per step."""
     extra = ("--max-steps", "6", "--save-every", "0")
     # one thread everywhere, so that both runs use the same matmul kernels and summation order
-    single = {**os.environ, "OMP_NUM_THREADS": "1"}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:  # the one-process run in this process
         assert cli_main(repair_args(train_folder, tmp_path / "one", *extra, "--images-per-step", "2")) == 0
     finally:
         torch.set_num_threads(threads)
-    env = {**single, "ACCELERATE_USE_CPU": "1"}
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-    ]
-    # the module form of the README's `accelerate launch -m sinder_hub.cli repair ...`
-    done = subprocess.run(
-        [*launch, "-m", "sinder_hub.cli", *repair_args(train_folder, tmp_path / "two", *extra)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    pids = fork_ranks(repair_args(train_folder, tmp_path / "two", *extra), 2, tmp_path / "ranks")
+    codes = [wait_forked(pid) for pid in pids]
+    assert codes == [0, 0], "".join((tmp_path / "ranks" / f"rank{r}.err").read_text() for r in (0, 1))[-3000:]
     one, two = final_eps(tmp_path / "one"), final_eps(tmp_path / "two")
     assert any(bool(v.any()) for v in one.values())
     for name in one:
