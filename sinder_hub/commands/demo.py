@@ -37,7 +37,7 @@ def write_training_crops(folder: Path, crops_per_image: int, seed: int = 0) -> i
             if k % 2:
                 crop = crop.transpose(0)  # horizontal flip
             with atomic_path(folder / f"{name}_{k:02d}.png") as tmp:
-                crop.save(tmp, format="PNG", compress_level=1)  # the same pixels, a quarter of the time
+                crop.save(tmp, format="PNG", compress_level=1)  # the same pixels, in less than half the time
             count += 1
     return count
 
