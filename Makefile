@@ -19,7 +19,7 @@ $(CORE): pyproject.toml tools/install.sh
 
 # the tests start many interpreters and import much more: compile every installed module once
 $(FULL): $(CORE)
-	UV_COMPILE_BYTECODE=1 $(INSTALL) $(TORCH) -e ".[test,app]" || $(INSTALL) $(TORCH_RANGE) -e ".[test,app]"
+	UV_COMPILE_BYTECODE=1 $(INSTALL) $(TORCH) -e ".[test,app]" || UV_COMPILE_BYTECODE=1 $(INSTALL) $(TORCH_RANGE) -e ".[test,app]"
 	touch $(FULL)
 
 venv: $(FULL)
