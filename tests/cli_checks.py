@@ -1,5 +1,5 @@
-"""The command line in the test process, the one-line error every command ends a user error with, and what
-the run tests compare folders and interrupt runs with."""
+"""The command line in the test process, the arguments of the run tests' small repairs, the one-line error
+every command ends a user error with, and what the run tests compare folders and interrupt runs with."""
 
 from pathlib import Path
 
@@ -12,6 +12,32 @@ def cli(argv: list[str]) -> int:
         return cli_main(argv)
     except SystemExit as exit:
         return exit.code
+
+
+def repair_args(data, output, *extra):
+    """``sinder-hub repair`` arguments of a small run: planted-swiglu at 224 px, a 3-block window, the
+    expected directions, one held-out image, no loader processes, no progress bar; then ``extra``."""
+    return [
+        "repair",
+        "--model",
+        "planted-swiglu",
+        "--data",
+        str(data),
+        "--output",
+        str(output),
+        "--resolution",
+        "224",
+        "--limit-layers",
+        "3",
+        "--directions-method",
+        "expected",
+        "--held-out",
+        "astronaut",
+        "--num-workers",
+        "0",
+        "--quiet",
+        *extra,
+    ]
 
 
 def one_error_line(capsys, code: int, expected_code: int, *names: str) -> str:

@@ -67,11 +67,14 @@ def wait_for_file(pid: int, path: Path, timeout: float = 120.0) -> None:
         time.sleep(0.05)
 
 
-def fork_ranks(argv: list[str], world_size: int, output: Path) -> list[int]:
-    """Start ``sinder_hub.cli.main(argv)`` as ranks 0 .. ``world_size - 1`` of one gloo process group on
+def run_ranks(
+    argv: list[str], world_size: int, output: Path, timeout: float = 300.0
+) -> tuple[list[int], list[str], list[str]]:
+    """Run ``sinder_hub.cli.main(argv)`` as ranks 0 .. ``world_size - 1`` of one gloo process group on
     this CPU, each in a forked child with the environment ``accelerate launch`` gives its processes
     (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``/``PORT``, ``ACCELERATE_USE_CPU``) and accelerate's state
-    of this process dropped. Output to ``output/rank{r}.out`` and ``.err``; returns the pids."""
+    of this process dropped; wait for all. Returns their exit codes, stdouts and stderrs (also left in
+    ``output/rank{r}.out`` and ``.err``)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -88,7 +91,7 @@ def fork_ranks(argv: list[str], world_size: int, output: Path) -> list[int]:
         return prepare
 
     output.mkdir(parents=True, exist_ok=True)
-    return [
-        fork_cli(argv, output / f"rank{rank}.out", output / f"rank{rank}.err", prepare=as_rank(rank))
-        for rank in range(world_size)
-    ]
+    logs = [(output / f"rank{rank}.out", output / f"rank{rank}.err") for rank in range(world_size)]
+    pids = [fork_cli(argv, out, err, prepare=as_rank(rank)) for rank, (out, err) in enumerate(logs)]
+    codes = [wait_forked(pid, timeout) for pid in pids]
+    return codes, [out.read_text() for out, _ in logs], [err.read_text() for _, err in logs]

@@ -10,7 +10,7 @@ import json
 import pytest
 import timm
 import torch
-from forked import fork_ranks, wait_forked
+from forked import run_ranks
 from timm.models import save_for_hf
 
 from sinder_hub.cli import main as cli_main
@@ -37,9 +37,7 @@ def test_two_processes_give_the_numbers_of_one(tmp_path):
     args += ["--data", *map(str, data), "--layers", "1", "4", "--resolution", "56", "--iterations", "6"]
     args += ["--batch-size", "4", "--learning-rate", "0.05", "--workers", "0"]
     assert cli_main([*args, "--out", str(tmp_path / "one")]) == 0
-    pids = fork_ranks([*args, "--out", str(tmp_path / "two")], 2, tmp_path / "ranks")
-    codes = [wait_forked(pid, timeout=400) for pid in pids]
-    stdout, stderr = ([(tmp_path / "ranks" / f"rank{r}.{kind}").read_text() for r in (0, 1)] for kind in ("out", "err"))
+    codes, stdout, stderr = run_ranks([*args, "--out", str(tmp_path / "two")], 2, tmp_path / "ranks", timeout=400)
     assert codes == [0, 0], "".join(stderr)[-3000:]
     one, two = (json.loads((tmp_path / out / "results.json").read_text()) for out in ("one", "two"))
     cells_one, cells_two = one["variants"][0]["cells"], two["variants"][0]["cells"]

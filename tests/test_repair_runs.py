@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_checks import Interrupted, cli, error_line, snapshot
+from cli_checks import Interrupted, cli, error_line, repair_args, snapshot
 from forked import fork_cli, wait_forked
 from PIL import Image
 
@@ -41,31 +41,8 @@ def photos(tmp_path_factory):
 
 
 def tiny_args(photos, output, *extra):
-    return [
-        "repair",
-        "--model",
-        "planted-swiglu",
-        "--data",
-        str(photos),
-        "--output",
-        str(output),
-        "--resolution",
-        "224",
-        "--limit-layers",
-        "3",
-        "--directions-method",
-        "expected",
-        "--held-out",
-        "astronaut",
-        "--num-workers",
-        "0",
-        "--quiet",
-        "--max-steps",
-        "3",
-        "--save-every",
-        "0",
-        *extra,
-    ]
+    """``repair_args`` for three steps without checkpoints on the way."""
+    return repair_args(photos, output, "--max-steps", "3", "--save-every", "0", *extra)
 
 
 @pytest.mark.parametrize(

@@ -10,15 +10,6 @@ from sinder_hub.data import TRAIN_SAMPLES, sample_images, sinder_transform
 from sinder_hub.training import RepairConfig, fast_image_loss, naive_image_loss, set_precision
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = dict(
-    model="planted-swiglu",
-    resolution=224,
-    limit_layers=3,
-    directions_method="expected",
-    held_out=("astronaut", "camera"),
-    num_workers=0,
-    quiet=True,
-)
 # the compiled step's tests compile with aot_eager: dynamo traces and AOT autograd differentiates the
 # same graphs as with inductor, without a minute of generated C++ per model and precision on a CPU;
 # inductor's kernels run in tests/test_trainer_runs.py::test_compiled_repair_follows_the_eager_repair

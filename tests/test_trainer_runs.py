@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from forked import fork_cli, fork_ranks, wait_for_file, wait_forked
+from cli_checks import repair_args
+from forked import fork_cli, run_ranks, wait_for_file, wait_forked
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -113,31 +114,6 @@ def test_bad_files_are_skipped_logged_and_counted(train_folder, tmp_path):
     assert all(str(data) in entry["problem"] for entry in report["bad_files"])
 
 
-def repair_args(data, output, *extra):
-    """``sinder-hub repair`` arguments of the runs here: planted-swiglu at 224 px, a 3-block window."""
-    return [
-        "repair",
-        "--model",
-        "planted-swiglu",
-        "--data",
-        str(data),
-        "--output",
-        str(output),
-        "--resolution",
-        "224",
-        "--limit-layers",
-        "3",
-        "--directions-method",
-        "expected",
-        "--held-out",
-        "astronaut",
-        "--num-workers",
-        "0",
-        "--quiet",
-        *extra,
-    ]
-
-
 def final_eps(output):
     return torch.load(output / "checkpoint" / "state.pt", weights_only=True)["eps"]
 
@@ -196,9 +172,8 @@ def test_two_processes_equal_one_process_with_two_images_per_step(train_folder, 
         assert cli_main(repair_args(train_folder, tmp_path / "one", *extra, "--images-per-step", "2")) == 0
     finally:
         torch.set_num_threads(threads)
-    pids = fork_ranks(repair_args(train_folder, tmp_path / "two", *extra), 2, tmp_path / "ranks")
-    codes = [wait_forked(pid) for pid in pids]
-    assert codes == [0, 0], "".join((tmp_path / "ranks" / f"rank{r}.err").read_text() for r in (0, 1))[-3000:]
+    codes, _, stderr = run_ranks(repair_args(train_folder, tmp_path / "two", *extra), 2, tmp_path / "ranks")
+    assert codes == [0, 0], "".join(stderr)[-3000:]
     one, two = final_eps(tmp_path / "one"), final_eps(tmp_path / "two")
     assert any(bool(v.any()) for v in one.values())
     for name in one:
