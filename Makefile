@@ -11,6 +11,7 @@ TORCH_RANGE := "torch>=2.4,<=2.14.1" "torchvision>=0.19,<=0.29.1"
 .PHONY: venv demo test test-fast lint view clean
 
 INSTALL := VENV=$(VENV) tools/install.sh
+INSTALL_COMPILED := UV_COMPILE_BYTECODE=1 $(INSTALL)
 
 $(CORE): pyproject.toml tools/install.sh
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,7 +20,7 @@ $(CORE): pyproject.toml tools/install.sh
 
 # the tests start many interpreters and import much more: compile every installed module once
 $(FULL): $(CORE)
-	UV_COMPILE_BYTECODE=1 $(INSTALL) $(TORCH) -e ".[test,app]" || UV_COMPILE_BYTECODE=1 $(INSTALL) $(TORCH_RANGE) -e ".[test,app]"
+	$(INSTALL_COMPILED) $(TORCH) -e ".[test,app]" || $(INSTALL_COMPILED) $(TORCH_RANGE) -e ".[test,app]"
 	touch $(FULL)
 
 venv: $(FULL)

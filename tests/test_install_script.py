@@ -61,6 +61,7 @@ def test_uv_gets_the_indexes_and_caps_pip_is_configured_with(venv):
     assert uv.endswith(" torch==2.14.1 -e .[test]")
     assert "--default-index" not in uv and "--find-links" not in uv  # pip has none configured here
     assert not any(call.startswith("python -m pip install -q torch") for call in calls)
+    assert "python -m pip install -q uv" not in calls  # already in the environment: not installed again
 
 
 def test_pip_environment_variables_win_over_pip_config(venv):
@@ -69,7 +70,15 @@ def test_pip_environment_variables_win_over_pip_config(venv):
     assert "--find-links /opt/wheels" in uv and "--default-index https://mirror/simple" in uv
 
 
+def test_uv_is_installed_with_pip_when_missing(venv):
+    (venv / "bin" / "uv").rename(venv / "uv-elsewhere")
+    calls = install(venv, "numpy")
+    assert calls[0] == "python -m pip install -q uv"
+
+
 @pytest.mark.parametrize("failure", [{"UV_INSTALL_FAILS": "1"}, {"UV_FAILS": "1"}])
 def test_pip_installs_when_uv_cannot(venv, failure):
+    if "UV_INSTALL_FAILS" in failure:  # no uv in the environment, and pip cannot install it
+        (venv / "bin" / "uv").unlink()
     calls = install(venv, "torch==2.14.1", "-e", ".", **failure)
     assert calls[-1] == "python -m pip install -q torch==2.14.1 -e ."

@@ -261,7 +261,9 @@ def main(argv=None) -> int:
     parser.add_argument("--images-per-step", type=int, default=1)
     parser.add_argument("--num-workers", type=int, default=training.RepairConfig.num_workers)
     parser.add_argument("--compile", action="store_true", help="repair.py --compile (compiled detection scan)")
-    parser.add_argument("--compile-backend", choices=training.COMPILE_BACKENDS, default="inductor")
+    parser.add_argument(
+        "--compile-backend", choices=training.COMPILE_BACKENDS, default=training.RepairConfig.compile_backend
+    )
     parser.add_argument("--count-batch", type=int, default=training.RepairConfig.count_batch)
     parser.add_argument("--limit-layers", type=int, default=10)
     parser.add_argument("--directions-method", choices=training.DIRECTIONS_METHODS, default="sampled")

@@ -156,7 +156,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="one or more; the model, directions and set-up are shared")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--count-batch", type=int, default=4, help="--compile: defect counts read every K blocks")
-    parser.add_argument("--compile-backend", choices=COMPILE_BACKENDS, default="inductor",
+    parser.add_argument("--compile-backend", choices=COMPILE_BACKENDS, default=RepairConfig.compile_backend,
                         help="torch.compile backend of the compiled step (aot_eager: no kernels generated)")  # fmt: skip
     parser.add_argument(
         "--samples", type=int, default=100_000, help="least-squares samples of the directions (the authors': 100k)"

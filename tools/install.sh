@@ -13,22 +13,21 @@ set -euo pipefail
 venv=${VENV:-.venv}
 python=$venv/bin/python
 
+# each value of pip's setting (its PIP_* variable, else pip.conf's global.KEY) as FLAG VALUE for uv
+pip_setting() {  # FLAG VARIABLE KEY
+    local value
+    for value in ${!2:-$("$python" -m pip config get "global.$3" 2>/dev/null || true)}; do
+        args+=("$1" "$value")
+    done
+}
+
 uv_install() {
-    "$python" -m pip install -q uv >/dev/null 2>&1 || return 1
-    local args=(--python "$python" --index-strategy unsafe-best-match)
-    local url
-    for url in ${PIP_INDEX_URL:-$("$python" -m pip config get global.index-url 2>/dev/null || true)}; do
-        args+=(--default-index "$url")
-    done
-    for url in ${PIP_EXTRA_INDEX_URL:-$("$python" -m pip config get global.extra-index-url 2>/dev/null || true)}; do
-        args+=(--extra-index-url "$url")
-    done
-    for url in ${PIP_FIND_LINKS:-$("$python" -m pip config get global.find-links 2>/dev/null || true)}; do
-        args+=(--find-links "$url")
-    done
-    for url in ${PIP_CONSTRAINT:-$("$python" -m pip config get global.constraint 2>/dev/null || true)}; do
-        args+=(--constraint "$url")
-    done
+    [ -x "$venv/bin/uv" ] || "$python" -m pip install -q uv >/dev/null 2>&1 || return 1
+    args=(--python "$python" --index-strategy unsafe-best-match)
+    pip_setting --default-index PIP_INDEX_URL index-url
+    pip_setting --extra-index-url PIP_EXTRA_INDEX_URL extra-index-url
+    pip_setting --find-links PIP_FIND_LINKS find-links
+    pip_setting --constraint PIP_CONSTRAINT constraint
     "$venv/bin/uv" pip install -q "${args[@]}" "$@"
 }
 

@@ -384,7 +384,7 @@ def set_precision(precision: str):
     return autocast
 
 
-def check_compile(device: torch.device, backend: str = "inductor") -> None:
+def check_compile(device: torch.device, backend: str) -> None:
     """``--compile`` needs a working ``torch.compile`` backend (inductor: a C++ compiler on a CPU,
     Triton on a GPU): compile a tiny function before any slow work, ``InputError`` naming what failed."""
     try:
