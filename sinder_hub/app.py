@@ -247,7 +247,8 @@ class Viewer:
         if self.resolution % self.patch:
             raise InputError(f"resolution {self.resolution} is not a multiple of the patch size {self.patch}")
         self.max_resolution = max(self.resolution * 2, 518) // self.patch * self.patch
-        self._samples = Path(tempfile.mkdtemp(prefix="sinder-hub-samples-")).resolve()
+        self._samples_folder = tempfile.TemporaryDirectory(prefix="sinder-hub-samples-")  # removed with the viewer
+        self._samples = Path(self._samples_folder.name).resolve()
         self.readable_folders = (*(Path(folder).resolve() for folder in upload_folders), self._samples)
 
     def _load(self, label: str, spec: str) -> None:

@@ -12,6 +12,7 @@ photos). The raw HTTP API is tested in ``test_app_api.py``.
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import os
@@ -114,6 +115,15 @@ def test_bad_uploads_get_their_message_other_paths_one_message_and_the_viewer_st
     answer = viewer.answer(uploads / "astronaut.jpg", resolution=112, block=PLANTED_BLOCK)
     assert list(answer.views) == ["original"] and answer.views["original"].norm_picture.shape == (112, 112, 3)
     assert "block 4;" in answer.message and "centre crop at 112 px (8×8 tokens)" in answer.message
+
+
+def test_the_samples_folder_goes_with_the_viewer():
+    viewer = Viewer(["planted-swiglu"])
+    sample = Path(viewer.sample_path("coins"))
+    assert sample.is_file()
+    del viewer
+    gc.collect()
+    assert not sample.parent.exists()
 
 
 @pytest.mark.slow
