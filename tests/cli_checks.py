@@ -40,23 +40,22 @@ def repair_args(data, output, *extra):
     ]
 
 
-def one_error_line(capsys, code: int, expected_code: int, *names: str) -> str:
-    """The command's stderr is exactly one ``error:`` line naming every one of ``names``."""
+def error_line(capsys) -> str:
+    """The command's stderr is exactly one ``error:`` line: that line."""
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
-    assert code == expected_code, err
     assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for name in names:
-        assert str(name) in lines[0], (name, lines[0])
     return lines[0]
 
 
-def error_line(capsys) -> str:
-    """The command's stderr is exactly one ``error:`` line: that line."""
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    assert err[0].startswith("error: "), err
-    return err[0]
+def one_error_line(capsys, code: int, expected_code: int, *names: str) -> str:
+    """The command exited ``expected_code`` and its stderr is exactly one ``error:`` line naming every
+    one of ``names``."""
+    line = error_line(capsys)
+    assert code == expected_code, line
+    for name in names:
+        assert str(name) in line, (name, line)
+    return line
 
 
 def snapshot(folder: Path) -> dict:
