@@ -3,8 +3,10 @@ reference of the authors' step 2, its removal, the neuron search on hand-built a
 planted-defect fixtures end to end."""
 
 import copy
+import importlib.util
 import math
 import threading
+from pathlib import Path
 
 import pytest
 import timm
@@ -34,10 +36,10 @@ from sinder_hub.registers_search import (
     standout_count,
     threshold_between,
 )
-from sinder_hub.report import held_out_outputs
 from sinder_hub.tokens import block_outputs
 
 CHOSEN = {0: [3, 7, 11], 2: [0, 5]}  # two layers of a 3-block model
+BENCH = Path(__file__).resolve().parents[1] / "tools" / "bench_registers_unseen.py"
 
 
 def tiny_timm(architecture, **kwargs):
@@ -494,7 +496,38 @@ def test_planted_defects_are_moved_to_the_register(variant):
     assert report.defect_reduction >= 0.9
     assert report.normal_token_cosine >= 0.99
     # what is left is what eq. 5 flags with the trigger switched off: the fixture's floor
-    with torch.no_grad():
-        planted.weight[:, hidden - 2 :] = 0.0
-        floor = held_out_outputs(model, {n: image[None] for n, image in held_out.items()}, directions)
+    floor = bench_tool().trigger_off_outputs(model, {n: image[None] for n, image in held_out.items()}, directions)
     assert report.after.total <= sum(output["defects"][-1] for output in floor.values())
+
+
+def bench_tool():
+    """``tools/bench_registers_unseen.py`` as a module (its photo sets and measures)."""
+    spec = importlib.util.spec_from_file_location("bench_registers_unseen", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_planted_dinov3_registers_clear_the_defects_of_unseen_photos():
+    """Issue #24 item 7, on photos that neither the search nor any other test uses (sample photos upside
+    down, among them ones where eq. 5 flags content tokens once the planted defects are gone): at least 90 %
+    of the defects the planted trigger makes are cleared, and what is left is, token for token and block
+    for block, what eq. 5 flags in the same model with the trigger switched off; no patch token stays above
+    the search's norm threshold, and the normal tokens barely move."""
+    bench = bench_tool()
+    model = planted_backbone("planted-dinov3")
+    directions = defect_directions(model)
+    transform = sinder_transform(224)
+    train = [transform(image) for image in sample_images(TRAIN_SAMPLES).values()]
+    registers = find_register_neurons(model, train, base_model="planted-dinov3", directions=directions)
+    upside_down = bench.photo_sets()["vflip"]
+    names = ("rocket", "retina", "coins", "camera", "astronaut")
+    unseen = {name: transform(upside_down[f"{name}/vflip"])[None] for name in names}
+    figures = bench.measure(model, registers, directions, unseen)
+    clearable = figures["before"] - figures["floor"]
+    assert figures["floor"] >= 1 and clearable >= len(unseen)  # a set where the floor is not trivially 0
+    assert (figures["before"] - figures["after"]) / clearable >= 0.9
+    assert figures["same_as_floor"] == len(unseen)
+    assert figures["high_before"] >= len(unseen) and figures["high_after"] == 0
+    assert figures["cosine_original"] >= 0.99 and figures["cosine_trigger_off"] >= figures["cosine_original"]
