@@ -31,6 +31,7 @@ from sinder_hub.data import MAX_PIXELS
 from sinder_hub.errors import InputError
 from sinder_hub.evaluation import LAYOUTS, TASKS, Processes, Streaming
 from sinder_hub.evaluation.features import PRECISIONS
+from sinder_hub.evaluation.layouts import DatasetOptions, check_dataset_options, parse_split_files
 from sinder_hub.evaluation.run import (
     LINEAR_INPUTS,
     EvaluationSettings,
@@ -85,7 +86,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=MAX_PIXELS,
         help=f"refuse images with more pixels than this (default {MAX_PIXELS:,}, PIL's decompression-bomb limit)",
     )
+    parser.add_argument("--depth-scale", type=float, help="depth maps' values per metre (default: 16-bit millimetres)")
+    parser.add_argument(
+        "--split-file", nargs="+", metavar="[SPLIT=]PATH", help="NYU: BTS's split files, when not beside the dataset"
+    )
     args = parser.parse_args(argv)
+    if args.depth_scale is not None and not 0 < args.depth_scale < float("inf"):
+        raise InputError(f"--depth-scale {args.depth_scale}: expected a positive number of values per metre")
+    args.split_file = parse_split_files(args.split_file)
     for flag in POSITIVE:
         value = getattr(args, flag)
         if value is not None and value <= 0:
@@ -114,6 +122,7 @@ def settings_of(args: argparse.Namespace) -> EvaluationSettings:
         clusters=args.clusters,
         num_classes=args.num_classes,
         precision=args.precision,
+        dataset_options=DatasetOptions(args.depth_scale, args.split_file),
     )
 
 
@@ -123,6 +132,7 @@ def main(argv=None) -> int:
     settings = settings_of(args)
     tasks = list(dict.fromkeys(args.task))
     cells = plan_cells(tasks, args.data, args.layout or [None] * len(args.data), settings)
+    check_dataset_options([cell.dataset for cell in cells], settings.dataset_options)
     output = OutputFolder(args.out, args.overwrite)
     previous = output.previous(settings_record(cells, settings), variants)
     from accelerate import Accelerator
