@@ -258,15 +258,15 @@ def make_ade20k(root: str | Path, n_train: int = 8, n_val: int = 6, shape=(56, 7
 
 # the scenes' labels as Cityscapes labelIds (cityscapesScripts' labels.py): background road, the shapes car, building,
 # person, traffic sign and parking (void among the 19 training classes), the boundaries unlabeled
-CITYSCAPES_IDS = {0: 7, 1: 26, 2: 11, 3: 24, 4: 20, 5: 9, IGNORE_INDEX: 0}
-CITYSCAPES_TRAIN_IDS = {0: 0, 1: 13, 2: 2, 3: 11, 4: 7, 5: IGNORE_INDEX, IGNORE_INDEX: IGNORE_INDEX}
+CITYSCAPES_SCENE_IDS = {0: 7, 1: 26, 2: 11, 3: 24, 4: 20, 5: 9, IGNORE_INDEX: 0}
+CITYSCAPES_SCENE_TRAIN_IDS = {0: 0, 1: 13, 2: 2, 3: 11, 4: 7, 5: IGNORE_INDEX, IGNORE_INDEX: IGNORE_INDEX}
 INSTANCE_IDS = (24, 26)  # person, car: instanceIds hold id * 1000 + instance
 
 
 def _cityscapes_labels(labels: np.ndarray, folder: Path, stem: str, train_ids: bool) -> None:
     """The ``gtFine`` files of one image as the archive ships them (labelIds, instanceIds, color, polygons),
     and ``*_labelTrainIds.png`` as ``csCreateTrainIdLabelImgs`` makes it when ``train_ids``."""
-    ids = np.vectorize(CITYSCAPES_IDS.__getitem__)(labels).astype(np.uint8)
+    ids = np.vectorize(CITYSCAPES_SCENE_IDS.__getitem__)(labels).astype(np.uint8)
     _save_index(ids, folder / f"{stem}_gtFine_labelIds.png")
     instances = np.where(np.isin(ids, INSTANCE_IDS), ids.astype(np.uint16) * 1000, ids).astype(np.uint16)
     _save_index(instances, folder / f"{stem}_gtFine_instanceIds.png")
@@ -276,7 +276,7 @@ def _cityscapes_labels(labels: np.ndarray, folder: Path, stem: str, train_ids: b
     polygons = {"imgHeight": labels.shape[0], "imgWidth": labels.shape[1], "objects": []}
     (folder / f"{stem}_gtFine_polygons.json").write_text(json.dumps(polygons))
     if train_ids:
-        train = np.vectorize(CITYSCAPES_TRAIN_IDS.__getitem__)(labels).astype(np.uint8)
+        train = np.vectorize(CITYSCAPES_SCENE_TRAIN_IDS.__getitem__)(labels).astype(np.uint8)
         _save_index(train, folder / f"{stem}_gtFine_labelTrainIds.png")
 
 
@@ -285,8 +285,8 @@ def make_cityscapes(
 ) -> Path:
     """Cityscapes as ``leftImg8bit_trainvaltest.zip`` and ``gtFine_trainvaltest.zip`` ship it: ``ROOT/leftImg8bit/``
     ``{train,val,test}/<city>/*_leftImg8bit.png`` and ``ROOT/gtFine/.../*_gtFine_{labelIds,instanceIds,color}.png``
-    + ``*_polygons.json`` (``CITYSCAPES_IDS``; test labels all unlabeled), ``README`` and ``license.txt``;
-    with ``train_ids`` also ``*_gtFine_labelTrainIds.png`` (``CITYSCAPES_TRAIN_IDS``)."""
+    + ``*_polygons.json`` (``CITYSCAPES_SCENE_IDS``; test labels all unlabeled), ``README`` and ``license.txt``;
+    with ``train_ids`` also ``*_gtFine_labelTrainIds.png`` (``CITYSCAPES_SCENE_TRAIN_IDS``)."""
     root, rng = Path(root), np.random.default_rng(seed)
     for split, count, city in (("train", n_train, "aachen"), ("val", n_val, "frankfurt"), ("test", 1, "berlin")):
         for index, canvas, labels in _segmentation_scenes(rng, count, shape):

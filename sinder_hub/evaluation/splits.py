@@ -138,8 +138,8 @@ def check_disjoint(dataset: EvalDataset) -> EvalDataset:
     """``dataset``, refused (``DataError``) when an image is in both its training and validation splits."""
     if "train" not in dataset.splits or "val" not in dataset.splits:
         return dataset
-    train = {sample.image.resolve() for sample in dataset.splits["train"]}
-    shared = [sample.image for sample in dataset.splits["val"] if sample.image.resolve() in train]
+    train = {sample.image for sample in dataset.splits["train"]}  # by path: a listing's overlap, no file system call
+    shared = [sample.image for sample in dataset.splits["val"] if sample.image in train]
     if shared:
         raise DataError(
             f"--data {dataset.root}: {len(shared)} of {len(dataset.splits['val'])} validation images are also "

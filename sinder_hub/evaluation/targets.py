@@ -82,8 +82,8 @@ def _millimetres(path: Path):
         if target.format != "PNG" or target.mode not in ("I", "I;16", "I;16B"):
             kind = {"L": "8-bit", "F": "32-bit float"}.get(target.mode, f"mode {target.mode}")
             raise DataError(
-                f"{path}: a {kind} {target.format or ''} depth map; expected a 16-bit PNG in millimetres as NYU "
-                "ships them, or say its unit with --depth-scale (values per metre, e.g. 1 for metres)"
+                f"{path}: {kind} depth map ({target.format} mode {target.mode}); expected a 16-bit PNG in "
+                "millimetres as NYU ships them, or say its unit with --depth-scale (values per metre, e.g. 1 for metres)"
             )
 
     return check
