@@ -149,6 +149,10 @@ def test_split_files_beside_the_dataset_or_given_are_used(tmp_path, capsys, no_m
     dataset = open_dataset(nyu, options=options)
     assert [len(dataset.splits[s]) for s in ("train", "val")] == [3, 3] and dataset.standard_split
     one_error_line(capsys, evaluate("--task", "depth", "--data", nyu, "--split-file", "x.txt"), 2, "--split-file x.txt")
+    voc = make_voc2012(tmp_path / "voc")
+    one_error_line(
+        capsys, evaluate("--task", "kmeans", "--data", voc, "--split-file", str(train)), 2, "0 NYU --data folders"
+    )
     mmseg = make_nyu(tmp_path / "mmseg", arrangement="mmseg")
     one_error_line(
         capsys, evaluate("--task", "depth", "--data", mmseg, "--split-file", f"train={train}"), 2, "whose folders are"

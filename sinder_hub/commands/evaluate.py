@@ -9,7 +9,7 @@ Tasks (settings and sources: docs/evaluation.md):
   linear  the same layouts: linear probe on the class token (+ mean patch token), best of DINOv2's lr grid
   linseg  VOC2012, ADE20k, Cityscapes or DATA/{train,val}/images + masks: BN + 1x1 linear head on the
           patch tokens of the last block (--layers 1) or last four (--layers 4), mIoU at full label resolution
-  depth   NYU Depth v2 (BTS layout): linear head over 256 depth bins, RMSE (m) and delta1 %
+  depth   NYU Depth v2 (BTS, depth-toolbox or mmseg layout): linear head over 256 depth bins, RMSE (m), delta1 %
   kmeans  the segmentation layouts' val split: k-means of the patch tokens, Hungarian-matched, mIoU %
 
 Each task runs on every --data it applies to; layouts are recognised (or named with --layout, one per
