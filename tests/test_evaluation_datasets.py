@@ -148,7 +148,12 @@ def test_split_files_beside_the_dataset_or_given_are_used(tmp_path, capsys, no_m
     options = DatasetOptions(split_files={"train": str(train), "val": str(test)})
     dataset = open_dataset(nyu, options=options)
     assert [len(dataset.splits[s]) for s in ("train", "val")] == [3, 3] and dataset.standard_split
-    one_error_line(capsys, evaluate("--task", "depth", "--data", nyu, "--split-file", "x.txt"), 2, "--split-file x.txt")
+    one_error_line(
+        capsys, evaluate("--task", "depth", "--data", nyu, "--split-file", "x.txt"), 2, "expected train=PATH"
+    )
+    one_error_line(
+        capsys, evaluate("--task", "depth", "--data", nyu, "--split-file", "val=x.txt"), 2, "x.txt is not a file"
+    )
     voc = make_voc2012(tmp_path / "voc")
     one_error_line(
         capsys, evaluate("--task", "kmeans", "--data", voc, "--split-file", str(train)), 2, "0 NYU --data folders"

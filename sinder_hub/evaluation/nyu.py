@@ -30,7 +30,9 @@ def parse_split_files(values: list[str] | None) -> dict[str, str]:
     ``train`` or ``test``/``val`` in its name. Raises ``InputError`` for a missing file or an unclear split."""
     files = {}
     for value in values or []:
-        word, _, path = value.rpartition("=") if "=" in value else ("", "", value)
+        word, _, path = value.partition("=")
+        if word not in SPLIT_WORDS:  # a bare PATH (which may hold "=" itself)
+            word, path = "", value
         if not word:
             named = {SPLIT_WORDS[w] for w in SPLIT_WORDS if w in Path(path).name.lower()}
             word = named.pop() if len(named) == 1 else ""
