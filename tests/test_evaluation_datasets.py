@@ -15,7 +15,7 @@ from test_evaluation_layouts import evaluate
 
 from sinder_hub.errors import DataError
 from sinder_hub.evaluation import check_targets, detect_layout, open_dataset
-from sinder_hub.evaluation.layouts import LAYOUTS, DatasetOptions
+from sinder_hub.evaluation.layouts import LAYOUTS, DatasetOptions, subset
 from sinder_hub.evaluation.targets import read_depth, read_mask
 from sinder_hub.synthetic import (
     CITYSCAPES_SCENE_TRAIN_IDS,
@@ -131,6 +131,8 @@ def test_nyu_without_bts_split_files_says_which_images_it_used(tmp_path):
         "(8 images), not BTS's split" in dataset.notes[0] and "nyudepthv2_train_files_with_gt.txt" in dataset.notes[0]
     )
     assert "(6 images)" in dataset.notes[1]
+    fewer = subset(dataset, 3)  # what evaluate keeps with --max-images
+    assert len(fewer.splits["train"]) == 3 and fewer.notes == dataset.notes and not fewer.standard_split
     bts = make_nyu(tmp_path / "bts")
     assert open_dataset(bts).standard_split and not open_dataset(bts).notes
 
