@@ -8,6 +8,7 @@ ADE20k, Cityscapes and NYU Depth v2 as they are distributed (see ``sinder_hub.ev
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -163,17 +164,64 @@ def voc_palette() -> list[int]:
     return palette
 
 
-def make_imagenet(root: str | Path, n_train: int = 6, n_val: int = 4, size: int = 64, seed: int = 0) -> Path:
-    """``ROOT/{train,val}/<wnid>/*.JPEG``: one shape class per synset (``n00000001`` ...)."""
+IMAGENET_VAL_LAYOUTS = ("folders", "devkit", "kaggle")
+
+
+def _write_devkit(root: Path, wnids: list[str], labels: list[int]) -> None:
+    """``ROOT/ILSVRC2012_devkit_t12/data/``: ``meta.mat`` (leaf synsets numbered against the sorted order of their
+    WordNet ids, as in the real devkit, plus one inner synset) and the ground truth, one ILSVRC2012 id per image."""
+    from scipy.io import savemat
+
+    fields = ("ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height")
+    synsets = np.zeros((len(wnids) + 1, 1), dtype=[(name, "O") for name in fields])
+    ids = {wnid: len(wnids) - i for i, wnid in enumerate(wnids)}
+    for row, wnid in enumerate(wnids):
+        synsets[row, 0] = (ids[wnid], wnid, SHAPE_CLASSES[row % len(SHAPE_CLASSES)], "a shape", 0, np.zeros(0), 0)
+    children = np.asarray(list(ids.values()), dtype=np.float64)
+    synsets[len(wnids), 0] = (len(wnids) + 1, "n99999999", "shape", "any shape", len(wnids), children, 1)
+    data = root / "ILSVRC2012_devkit_t12" / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    savemat(data / "meta.mat", {"synsets": synsets})
+    (data / "ILSVRC2012_validation_ground_truth.txt").write_text("".join(f"{ids[wnids[c]]}\n" for c in labels))
+
+
+def make_imagenet(
+    root: str | Path, n_train: int = 6, n_val: int = 4, size: int = 64, seed: int = 0, val_layout: str = "folders"
+) -> Path:
+    """ImageNet with one shape class per synset (``n00000001`` ...): ``ROOT/train/<wnid>/<wnid>_<i>.JPEG`` and
+
+    - ``val_layout="folders"``: ``ROOT/val/<wnid>/`` (the validation images sorted, as ``ImageFolder`` reads them);
+    - ``"devkit"``: ``ROOT/val/ILSVRC2012_val_<n>.JPEG`` flat (as ``ILSVRC2012_img_val.tar`` ships them, the
+      classes interleaved) with the extracted ``ROOT/ILSVRC2012_devkit_t12/`` (``_write_devkit``);
+    - ``"kaggle"``: Kaggle's ``ROOT/ILSVRC/Data/CLS-LOC/{train,val,test}/`` (val and test flat) with
+      ``ROOT/LOC_val_solution.csv`` and ``ROOT/LOC_synset_mapping.txt``.
+    """
+    if val_layout not in IMAGENET_VAL_LAYOUTS:
+        raise ValueError(f"val_layout {val_layout!r}: expected one of {', '.join(IMAGENET_VAL_LAYOUTS)}")
     root, rng = Path(root), np.random.default_rng(seed)
-    for number, kind in enumerate(SHAPE_CLASSES, start=1):
-        wnid = f"n{number:08d}"
-        for split, count in (("train", n_train), ("val", n_val)):
-            for index in range(count):
-                canvas = _background(rng, (size, size))
-                _paint(rng, canvas, kind, _random_shape(rng, (size, size), kind, (0.2, 0.35)))
-                name = f"{wnid}_{index}.JPEG" if split == "train" else f"ILSVRC2012_val_{number:03d}{index:05d}.JPEG"
-                _save_rgb(canvas, root / split / wnid / name)
+    data = root / "ILSVRC" / "Data" / "CLS-LOC" if val_layout == "kaggle" else root
+    wnids = [f"n{number:08d}" for number in range(1, len(SHAPE_CLASSES) + 1)]
+    val_labels = [int(c) for c in rng.permutation(np.repeat(np.arange(len(wnids)), n_val))]
+
+    def picture(label: int, path: Path) -> None:
+        canvas = _background(rng, (size, size))
+        kind = SHAPE_CLASSES[label]
+        _paint(rng, canvas, kind, _random_shape(rng, (size, size), kind, (0.2, 0.35)))
+        _save_rgb(canvas, path)
+
+    for label, wnid in enumerate(wnids):
+        for index in range(n_train):
+            picture(label, data / "train" / wnid / f"{wnid}_{index}.JPEG")
+    for number, label in enumerate(val_labels, start=1):
+        name = f"ILSVRC2012_val_{number:08d}.JPEG"
+        picture(label, data / "val" / (wnids[label] if val_layout == "folders" else "") / name)
+    if val_layout == "devkit":
+        _write_devkit(root, wnids, val_labels)
+    if val_layout == "kaggle":
+        picture(0, data / "test" / "ILSVRC2012_test_00000001.JPEG")
+        rows = [f"ILSVRC2012_val_{n:08d},{wnids[c]} 1 2 {size - 2} {size - 1} \n" for n, c in enumerate(val_labels, 1)]
+        (root / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n" + "".join(rows))
+        (root / "LOC_synset_mapping.txt").write_text("".join(f"{w} {k}\n" for w, k in zip(wnids, SHAPE_CLASSES)))
     return root
 
 
@@ -208,14 +256,46 @@ def make_ade20k(root: str | Path, n_train: int = 8, n_val: int = 6, shape=(56, 7
     return ade
 
 
-def make_cityscapes(root: str | Path, n_train: int = 8, n_val: int = 6, shape=(48, 96), seed: int = 0) -> Path:
-    """``ROOT/leftImg8bit`` + ``ROOT/gtFine`` (``*_labelTrainIds.png``: 0 = background, 1-5 = shapes, 255 ignore)."""
+# the scenes' labels as Cityscapes labelIds (cityscapesScripts' labels.py): background road, the shapes car, building,
+# person, traffic sign and parking (void among the 19 training classes), the boundaries unlabeled
+CITYSCAPES_SCENE_IDS = {0: 7, 1: 26, 2: 11, 3: 24, 4: 20, 5: 9, IGNORE_INDEX: 0}
+CITYSCAPES_SCENE_TRAIN_IDS = {0: 0, 1: 13, 2: 2, 3: 11, 4: 7, 5: IGNORE_INDEX, IGNORE_INDEX: IGNORE_INDEX}
+INSTANCE_IDS = (24, 26)  # person, car: instanceIds hold id * 1000 + instance
+
+
+def _cityscapes_labels(labels: np.ndarray, folder: Path, stem: str, train_ids: bool) -> None:
+    """The ``gtFine`` files of one image as the archive ships them (labelIds, instanceIds, color, polygons),
+    and ``*_labelTrainIds.png`` as ``csCreateTrainIdLabelImgs`` makes it when ``train_ids``."""
+    ids = np.vectorize(CITYSCAPES_SCENE_IDS.__getitem__)(labels).astype(np.uint8)
+    _save_index(ids, folder / f"{stem}_gtFine_labelIds.png")
+    instances = np.where(np.isin(ids, INSTANCE_IDS), ids.astype(np.uint16) * 1000, ids).astype(np.uint16)
+    _save_index(instances, folder / f"{stem}_gtFine_instanceIds.png")
+    _save_rgb(
+        np.stack([ids / 33.0, labels / 255.0, np.zeros(labels.shape)], axis=-1), folder / f"{stem}_gtFine_color.png"
+    )
+    polygons = {"imgHeight": labels.shape[0], "imgWidth": labels.shape[1], "objects": []}
+    (folder / f"{stem}_gtFine_polygons.json").write_text(json.dumps(polygons))
+    if train_ids:
+        train = np.vectorize(CITYSCAPES_SCENE_TRAIN_IDS.__getitem__)(labels).astype(np.uint8)
+        _save_index(train, folder / f"{stem}_gtFine_labelTrainIds.png")
+
+
+def make_cityscapes(
+    root: str | Path, n_train: int = 8, n_val: int = 6, shape=(48, 96), seed: int = 0, train_ids: bool = False
+) -> Path:
+    """Cityscapes as ``leftImg8bit_trainvaltest.zip`` and ``gtFine_trainvaltest.zip`` ship it: ``ROOT/leftImg8bit/``
+    ``{train,val,test}/<city>/*_leftImg8bit.png`` and ``ROOT/gtFine/.../*_gtFine_{labelIds,instanceIds,color}.png``
+    + ``*_polygons.json`` (``CITYSCAPES_SCENE_IDS``; test labels all unlabeled), ``README`` and ``license.txt``;
+    with ``train_ids`` also ``*_gtFine_labelTrainIds.png`` (``CITYSCAPES_SCENE_TRAIN_IDS``)."""
     root, rng = Path(root), np.random.default_rng(seed)
-    for split, count, city in (("train", n_train, "aachen"), ("val", n_val, "frankfurt")):
+    for split, count, city in (("train", n_train, "aachen"), ("val", n_val, "frankfurt"), ("test", 1, "berlin")):
         for index, canvas, labels in _segmentation_scenes(rng, count, shape):
             stem = f"{city}_{index:06d}_000019"
             _save_rgb(canvas, root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png")
-            _save_index(labels, root / "gtFine" / split / city / f"{stem}_gtFine_labelTrainIds.png")
+            labels = np.full_like(labels, IGNORE_INDEX) if split == "test" else labels
+            _cityscapes_labels(labels, root / "gtFine" / split / city, stem, train_ids)
+    for name in ("README", "license.txt"):
+        (root / name).write_text("The Cityscapes Dataset (a synthetic miniature).\n")
     return root
 
 
@@ -236,23 +316,52 @@ def _depth_scene(rng: np.random.Generator, shape: tuple[int, int]) -> tuple[np.n
     return canvas.clip(0, 1), millimetres
 
 
-def make_nyu(root: str | Path, n_train: int = 8, n_test: int = 6, shape=(48, 64), seed: int = 0) -> Path:
-    """NYU Depth v2 as BTS distributes it: ``ROOT/sync/<scene>/`` (training), ``ROOT/official_splits/test/<scene>/``,
-    ``rgb_<n>.jpg`` + ``sync_depth_<n>.png`` (uint16 mm), and the split files ``nyudepthv2_{train,test}_files_with_gt.txt``."""
+NYU_ARRANGEMENTS = ("bts", "toolbox", "mmseg")
+
+
+def make_nyu(
+    root: str | Path,
+    n_train: int = 8,
+    n_test: int = 6,
+    shape=(48, 64),
+    seed: int = 0,
+    arrangement: str = "bts",
+    split_files: bool = True,
+) -> Path:
+    """NYU Depth v2 (``rgb_<n>.jpg`` + ``sync_depth_<n>.png``, uint16 mm) as distributed:
+
+    - ``"bts"``: BTS's ``ROOT/sync/<scene>/`` (training) and ``ROOT/official_splits/test/<scene>/``; with
+      ``split_files`` also its ``nyudepthv2_{train,test}_files_with_gt.txt`` in ROOT (BTS keeps them in its
+      code repository, so the dataset as downloaded has none);
+    - ``"toolbox"``: the depth toolbox's ``ROOT/<scene>/`` (training and test scenes side by side) with
+      ``ROOT/nyu_train.txt`` and ``ROOT/nyu_test.txt``;
+    - ``"mmseg"``: mmsegmentation 1.x's ``ROOT/{images,annotations}/{train,test}/<scene>_<n>.{jpg,png}``.
+    """
+    if arrangement not in NYU_ARRANGEMENTS:
+        raise ValueError(f"arrangement {arrangement!r}: expected one of {', '.join(NYU_ARRANGEMENTS)}")
     root, rng = Path(root), np.random.default_rng(seed)
-    for folder, count, scenes, listing in (
-        (root / "sync", n_train, ("bedroom_0001", "kitchen_0002"), "nyudepthv2_train_files_with_gt.txt"),
-        (root / "official_splits" / "test", n_test, ("bathroom", "office"), "nyudepthv2_test_files_with_gt.txt"),
-    ):
+    splits = (
+        ("train", "sync", n_train, ("bedroom_0001", "kitchen_0002"), "nyudepthv2_train_files_with_gt.txt", "/"),
+        ("test", "official_splits/test", n_test, ("bathroom", "office"), "nyudepthv2_test_files_with_gt.txt", ""),
+    )
+    for split, bts_folder, count, scenes, bts_listing, prefix in splits:
         lines = []
         for index in range(count):
             scene = scenes[index % len(scenes)]
             canvas, depth = _depth_scene(rng, shape)
-            _save_rgb(canvas, folder / scene / f"rgb_{index:05d}.jpg")
-            _save_index(depth, folder / scene / f"sync_depth_{index:05d}.png")
-            prefix = "/" if folder.name == "sync" else ""
-            lines.append(f"{prefix}{scene}/rgb_{index:05d}.jpg {prefix}{scene}/sync_depth_{index:05d}.png 518.8579")
-        (root / listing).write_text("\n".join(lines) + "\n")
+            image, target = f"{scene}/rgb_{index:05d}.jpg", f"{scene}/sync_depth_{index:05d}.png"
+            if arrangement == "mmseg":
+                image, target = (
+                    f"images/{split}/{scene}_{index:05d}.jpg",
+                    f"annotations/{split}/{scene}_{index:05d}.png",
+                )
+            folder = root / bts_folder if arrangement == "bts" else root
+            _save_rgb(canvas, folder / image)
+            _save_index(depth, folder / target)
+            lines.append(f"{prefix}{image} {prefix}{target} 518.8579")
+        listing = {"bts": bts_listing if split_files else None, "toolbox": f"nyu_{split}.txt"}.get(arrangement)
+        if listing:
+            (root / listing).write_text("\n".join(lines) + "\n")
     return root
 
 

@@ -9,7 +9,7 @@ Tasks (settings and sources: docs/evaluation.md):
   linear  the same layouts: linear probe on the class token (+ mean patch token), best of DINOv2's lr grid
   linseg  VOC2012, ADE20k, Cityscapes or DATA/{train,val}/images + masks: BN + 1x1 linear head on the
           patch tokens of the last block (--layers 1) or last four (--layers 4), mIoU at full label resolution
-  depth   NYU Depth v2 (BTS layout): linear head over 256 depth bins, RMSE (m) and delta1 %
+  depth   NYU Depth v2 (BTS, depth-toolbox or mmseg layout): linear head over 256 depth bins, RMSE (m), delta1 %
   kmeans  the segmentation layouts' val split: k-means of the patch tokens, Hungarian-matched, mIoU %
 
 Each task runs on every --data it applies to; layouts are recognised (or named with --layout, one per
@@ -31,6 +31,7 @@ from sinder_hub.data import MAX_PIXELS
 from sinder_hub.errors import InputError
 from sinder_hub.evaluation import LAYOUTS, TASKS, Processes, Streaming
 from sinder_hub.evaluation.features import PRECISIONS
+from sinder_hub.evaluation.layouts import DatasetOptions, check_dataset_options, parse_split_files
 from sinder_hub.evaluation.run import (
     LINEAR_INPUTS,
     EvaluationSettings,
@@ -85,7 +86,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=MAX_PIXELS,
         help=f"refuse images with more pixels than this (default {MAX_PIXELS:,}, PIL's decompression-bomb limit)",
     )
+    parser.add_argument("--depth-scale", type=float, help="depth maps' values per metre (default: 16-bit millimetres)")
+    parser.add_argument(
+        "--split-file", nargs="+", metavar="[SPLIT=]PATH", help="NYU: BTS's split files, when not beside the dataset"
+    )
     args = parser.parse_args(argv)
+    if args.depth_scale is not None and not 0 < args.depth_scale < float("inf"):
+        raise InputError(f"--depth-scale {args.depth_scale}: expected a positive number of values per metre")
+    args.split_file = parse_split_files(args.split_file)
     for flag in POSITIVE:
         value = getattr(args, flag)
         if value is not None and value <= 0:
@@ -114,6 +122,7 @@ def settings_of(args: argparse.Namespace) -> EvaluationSettings:
         clusters=args.clusters,
         num_classes=args.num_classes,
         precision=args.precision,
+        dataset_options=DatasetOptions(args.depth_scale, args.split_file),
     )
 
 
@@ -123,6 +132,7 @@ def main(argv=None) -> int:
     settings = settings_of(args)
     tasks = list(dict.fromkeys(args.task))
     cells = plan_cells(tasks, args.data, args.layout or [None] * len(args.data), settings)
+    check_dataset_options([cell.dataset for cell in cells], settings.dataset_options)
     output = OutputFolder(args.out, args.overwrite)
     previous = output.previous(settings_record(cells, settings), variants)
     from accelerate import Accelerator

@@ -25,6 +25,7 @@ from .knn import knn_evaluate
 from .layouts import LAYOUTS, TASK_KINDS, TASK_SPLITS, EvalDataset, dataset_for, detect_layout, open_dataset, subset
 from .linear import LINEAR_ITERATIONS, linear_classification
 from .linseg import SEGMENTATION_ITERATIONS, SEGMENTATION_LR, linear_probe_segmentation
+from .splits import DatasetOptions
 from .streaming import Streaming
 from .table import FORMAT, GENERATOR, OutputFolder, key_of, weights_sha256
 from .targets import TargetSummary, check_targets
@@ -59,6 +60,7 @@ class EvaluationSettings:
     precision: str = "fp32"
     k: int = 20
     temperature: float = 0.07
+    dataset_options: DatasetOptions = field(default_factory=DatasetOptions)  # --depth-scale, --split-file
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,7 @@ def plan_cells(tasks: list[str], data: list, layouts: list[str | None], settings
         if not mine:
             raise DataError(f"--data {root}: a {kind} dataset, which none of --task {' '.join(tasks)} uses")
         splits = tuple(sorted({split for task in mine for split in TASK_SPLITS.get(task, ("train", "val"))}))
-        dataset = subset(open_dataset(root, layout, splits), settings.max_images)
+        dataset = subset(open_dataset(root, layout, splits, options=settings.dataset_options), settings.max_images)
         name, count = dataset.title, 1
         while name in names:
             count += 1

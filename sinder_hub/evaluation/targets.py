@@ -2,8 +2,11 @@
 
 A mask is a single-channel index image (mode L, P, I or I;16) of its image's size. Its values are
 mapped to class indices ``0..C-1`` and ``255`` (ignored): ADE20k's ``0`` becomes ``255`` and ``v``
-becomes ``v - 1``; the other layouts keep their values. A depth map is a single-channel image in
-``depth_scale`` units per metre (NYU: uint16 millimetres), ``0`` = no depth.
+becomes ``v - 1``; Cityscapes' labelIds go through the layout's ``label_map``; the other layouts keep
+their values (as mmsegmentation reads them). A depth map is a 16-bit PNG in millimetres (NYU), or,
+with ``--depth-scale S``, any single-channel image in ``S`` units per metre; ``0`` = no depth. A map
+in another unit (8-bit, float) without ``--depth-scale``, and one whose median valid depth is outside
+``MEDIAN_DEPTH`` metres (a wrong scale), are refused naming the file.
 """
 
 from __future__ import annotations
@@ -24,13 +27,20 @@ INDEX_MODES = ("L", "P", "I", "I;16")
 DEPTH_MODES = ("I", "I;16", "I;16B", "F", "L")
 IGNORE_INDEX = 255
 SPARSE_LABELS = 0.5  # inferred classes: refused when fewer than this share of 0..max appear
+MILLIMETRES = 1000.0  # NYU's depth maps: 16-bit PNGs, values per metre
+MEDIAN_DEPTH = (0.1, 20.0)  # metres: the median valid depth of a scene in the right unit lies within
 
 
 def _open_target(
-    path: Path, image_path: Path, modes: tuple[str, ...], what: str, image_size: tuple[int, int] | None = None
+    path: Path,
+    image_path: Path,
+    modes: tuple[str, ...],
+    what: str,
+    image_size: tuple[int, int] | None = None,
+    check=None,
 ) -> np.ndarray:
     """The pixels of a mask or depth map as a numpy array, refused unless single-channel and of its image's
-    size (``image_size``, read from the image's header when not given)."""
+    size (``image_size``, read from the image's header when not given); ``check(image)`` may refuse more."""
     if image_size is None:
         with Image.open(image_path) as image:
             image_size = image.size
@@ -44,12 +54,17 @@ def _open_target(
                 f"{path}: {what} is {target.size[0]}x{target.size[1]} px but its image {image_path} is "
                 f"{image_size[0]}x{image_size[1]}"
             )
+        if check is not None:
+            check(target)
         return np.asarray(target)
 
 
 def map_labels(values: np.ndarray, layout: Layout) -> np.ndarray:
     """Raw mask values -> class indices ``[H, W]`` int64 (ADE20k: 0 -> 255, v -> v - 1)."""
     labels = values.astype(np.int64)
+    if layout.label_map is not None:
+        table = np.asarray(layout.label_map, dtype=np.int64)
+        labels = np.where(labels < len(table), table[labels.clip(0, len(table) - 1)], IGNORE_INDEX)
     if layout.reduce_zero_label:
         labels = np.where(labels == 0, IGNORE_INDEX, labels - 1)
     return labels
@@ -60,10 +75,39 @@ def read_mask(sample: Sample, layout: Layout, image_size: tuple[int, int] | None
     return map_labels(_open_target(sample.target, sample.image, INDEX_MODES, "mask", image_size), layout)
 
 
+def _millimetres(path: Path):
+    """A check for ``_open_target``: a depth map must be a 16-bit PNG unless ``--depth-scale`` says its unit."""
+
+    def check(target: Image.Image) -> None:
+        if target.format != "PNG" or target.mode not in ("I", "I;16", "I;16B"):
+            kind = {"L": "8-bit", "F": "32-bit float"}.get(target.mode, f"mode {target.mode}")
+            raise DataError(
+                f"{path}: {kind} depth map ({target.format} mode {target.mode}); expected a 16-bit PNG in "
+                "millimetres as NYU ships them, or say its unit with --depth-scale (values per metre, e.g. 1 for metres)"
+            )
+
+    return check
+
+
 def read_depth(sample: Sample, layout: Layout, image_size: tuple[int, int] | None = None) -> np.ndarray:
-    """A sample's depth in metres, ``[H, W]`` float32 at the image's own size (0 = no depth)."""
-    values = _open_target(sample.target, sample.image, DEPTH_MODES, "depth map", image_size)
-    return (values.astype(np.float32) / layout.depth_scale).astype(np.float32)
+    """A sample's depth in metres, ``[H, W]`` float32 at the image's own size (0 = no depth).
+
+    Raises ``DataError`` naming the file for a map in another unit than the layout's (``_millimetres``)
+    or whose median valid depth lies outside ``MEDIAN_DEPTH``.
+    """
+    scale = MILLIMETRES if layout.depth_scale is None else layout.depth_scale
+    check = _millimetres(sample.target) if layout.depth_scale is None else None
+    values = _open_target(sample.target, sample.image, DEPTH_MODES, "depth map", image_size, check)
+    depth = (values.astype(np.float32) / scale).astype(np.float32)
+    valid = depth[depth > 0]
+    median = float(np.median(valid)) if valid.size else None
+    if median is not None and not MEDIAN_DEPTH[0] <= median <= MEDIAN_DEPTH[1]:
+        low, high = MEDIAN_DEPTH
+        raise DataError(
+            f"{sample.target}: median valid depth {median:.3g} m (values / {scale:g}), outside {low:g}-{high:g} m; "
+            "expected depth in millimetres, or the right --depth-scale (values per metre)"
+        )
+    return depth
 
 
 def resize_crop(target: torch.Tensor, resolution: int) -> torch.Tensor:
