@@ -58,7 +58,7 @@ def test_every_protocol_runs_on_every_layout_it_applies_to(standard, tmp_path, m
             assert len(result["iou"]) == classes[name]
     assert cells["VOC2012/kmeans"]["result"]["clusters"] == 21
     printed = capsys.readouterr().out
-    assert "| original (`a`) |" in printed and "NYUd depth-L4 rmse ↓" in printed
+    assert "| original (`a`) |" in printed and "NYUd depth 4 spread blocks rmse ↓" in printed
     assert "ImageNet/knn: top5 is trivial: 5 classes" in (tmp_path / "results.md").read_text()
 
 
