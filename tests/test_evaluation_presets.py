@@ -19,9 +19,9 @@ from sinder_hub.evaluation import kmeans_segmentation, linear_probe_segmentation
 from sinder_hub.evaluation.dense import (
     HeadTraining,
     feature_statistics,
+    fit_head,
     head_plan,
     linear_head,
-    train_head,
     window_starts,
 )
 from sinder_hub.evaluation.depth import Depth, gradient_loss
@@ -286,21 +286,21 @@ def test_kmeans_fits_on_train_when_asked(shapes, tmp_path):
 
 def test_a_head_trained_on_stored_features_equals_one_trained_on_the_fly(shapes):
     """Quick protocol (centre crops): features stored once (float16) train the same head as features computed
-    at every step, to the float16 rounding of the features."""
+    at every step, to the float16 rounding of the features (the statistics read the stored ones too)."""
     dataset = open_dataset(shapes / "segmentation")
     train = dataset.splits["train"]
     encoder = patch_token_encoder(tiny_vit(depth=2), 1)
-    streaming = Streaming(batch_size=4)
-    mean, std = feature_statistics(encoder, dataset, train, SIZE, streaming, seed=0)
-    task = Segmentation(len(SHAPE_CLASSES) + 1)
+    streaming, task = Streaming(batch_size=4), Segmentation(len(SHAPE_CLASSES) + 1)
     heads = {}
     for stored in (True, False):
-        head = linear_head(mean, std, task.channels, seed=0)
         training = HeadTraining(30, 0.05, 1e-4, stored=stored)
-        heads[stored] = train_head(head, task, encoder, dataset, train, SIZE, streaming, training, 0, "test")
-    weights = {stored: torch.cat([p.detach().flatten() for p in head.parameters()]) for stored, head in heads.items()}
+        heads[stored] = fit_head(task, encoder, dataset, train, SIZE, streaming, training, 0, "test")
+    weights = {
+        stored: torch.cat([p.detach().flatten() for p in head[1].parameters()]) for stored, head in heads.items()
+    }
+    mean, std = feature_statistics(encoder, dataset, train, SIZE, streaming, seed=0)
     start = linear_head(mean, std, task.channels, seed=0)[1].weight.detach().flatten()
-    moved = float((weights[False][: start.numel()] - start).abs().max())
-    assert moved > 0.05  # the heads did train
+    assert float((weights[False][: start.numel()] - start).abs().max()) > 0.05  # the heads did train
     assert torch.allclose(weights[True], weights[False], atol=2e-3, rtol=0)
+    assert torch.allclose(heads[True][0].mean, heads[False][0].mean, atol=1e-3)
     assert math.isfinite(float(weights[True].sum()))

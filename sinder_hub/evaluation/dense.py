@@ -87,18 +87,30 @@ def linear_head(mean: torch.Tensor, std: torch.Tensor, channels: int, seed: int)
 
 
 def feature_statistics(
-    encoder, dataset: EvalDataset, samples: list[Sample], resolution: int, streaming: Streaming, seed: int
+    encoder,
+    dataset: EvalDataset,
+    samples: list[Sample],
+    resolution: int,
+    streaming: Streaming,
+    seed: int,
+    stored: StoredCrops | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and standard deviation ``[D]`` of the patch features of up to ``STATISTICS_IMAGES``
-    training images (a seeded choice, the same for any number of processes), float64 sums over processes."""
+    training images (a seeded choice, the same for any number of processes), float64 sums over processes;
+    read from ``stored`` crops when given (the features the head then trains on), else encoded."""
     count = min(STATISTICS_IMAGES, len(samples))
     chosen = sorted(np.random.default_rng([seed, 1]).permutation(len(samples))[:count].tolist())
-    subset = [samples[i] for i in chosen]
-    images = SampleImages(dataset, subset, "crop", resolution, encoder.patch_size, streaming.max_pixels)
-    batches = chunks(own_share(len(subset), streaming.processes), per_process(streaming))
+    if stored is not None:
+        mine = chosen[streaming.processes.rank :: streaming.processes.world]
+        parts = [stored.features(batch) for batch in chunks(mine, per_process(streaming))]
+    else:
+        subset = [samples[i] for i in chosen]
+        images = SampleImages(dataset, subset, "crop", resolution, encoder.patch_size, streaming.max_pixels)
+        batches = chunks(own_share(len(subset), streaming.processes), per_process(streaming))
+        parts = (encoder(pixels) for _, pixels, _ in stream(images, batches, streaming, f"statistics {dataset.title}"))
     sums = None
-    for _, pixels, _ in stream(images, batches, streaming, f"statistics {dataset.title}"):
-        features = encoder(pixels).flatten(0, 2).double()
+    for features in parts:
+        features = features.flatten(0, 2).double()
         part = torch.stack([features.sum(0), features.square().sum(0), torch.full_like(features[0], len(features))])
         sums = part.cpu() if sums is None else sums + part.cpu()
     dims = {size for size in streaming.processes.gather(None if sums is None else sums.shape[1]) if size}
@@ -161,16 +173,50 @@ class _Drawn:
             yield [(index, step) for index in batch]
 
 
-def _store_features(encoder, images: SampleImages, store: FeatureStore, streaming: Streaming, desc: str):
-    """Every sample's crop features, one row each (``[h·w·D]``), round-robin: the grid shape ``(h, w, D)``."""
-    shape = None
-    batches = chunks(own_share(len(images), streaming.processes), per_process(streaming))
-    for indices, pixels, _ in stream(images, batches, streaming, f"{desc} features"):
-        features = encoder(pixels)
-        shape = tuple(features.shape[1:])
-        store.append_vectors(indices, features.flatten(1))
-    store.close()
-    return next(found for found in streaming.processes.gather(shape) if found is not None)
+@dataclass
+class StoredCrops:
+    """Every training sample's centre-crop features, encoded once: one float16 row ``[h·w·D]`` per sample in a
+    ``FeatureStore`` (round-robin), read back as ``[n, h, w, D]`` by any process."""
+
+    store: FeatureStore
+    shape: tuple[int, int, int]
+
+    @classmethod
+    def encode(cls, encoder, images: SampleImages, folder, streaming: Streaming, desc: str) -> StoredCrops:
+        store, shape = FeatureStore(folder, "train", streaming.processes), None
+        batches = chunks(own_share(len(images), streaming.processes), per_process(streaming))
+        for indices, pixels, _ in stream(images, batches, streaming, f"{desc} features"):
+            features = encoder(pixels)
+            shape = tuple(features.shape[1:])
+            store.append_vectors(indices, features.flatten(1))
+        store.close()
+        return cls(store, next(found for found in streaming.processes.gather(shape) if found is not None))
+
+    def features(self, indices: list[int]) -> torch.Tensor:
+        return self.store.rows_of(indices).view(len(indices), *self.shape)
+
+
+def fit_head(
+    task: DenseTask,
+    encoder,
+    dataset: EvalDataset,
+    samples: list[Sample],
+    resolution: int,
+    streaming: Streaming,
+    training: HeadTraining,
+    seed: int,
+    desc: str,
+) -> nn.Module:
+    """A ``linear_head`` with the training statistics, trained by ``train_head``: on crops stored once when
+    ``training.stored`` (statistics and steps then read the same float16 features), else encoded every step."""
+    with scratch_folder(streaming, "dense") as folder:
+        stored = None
+        if training.stored:
+            crops = SampleImages(dataset, samples, "crop", resolution, encoder.patch_size, streaming.max_pixels)
+            stored = StoredCrops.encode(encoder, crops, folder, streaming, desc)
+        mean, std = feature_statistics(encoder, dataset, samples, resolution, streaming, seed, stored)
+        head = linear_head(mean, std, task.channels, seed).to(streaming.processes.device)
+        return train_head(head, task, encoder, dataset, samples, resolution, streaming, training, seed, desc, stored)
 
 
 def train_head(
@@ -184,47 +230,44 @@ def train_head(
     training: HeadTraining,
     seed: int,
     desc: str,
+    stored: StoredCrops | None = None,
 ) -> nn.Module:
-    """Train ``head`` for ``training.iterations`` global batches; every process ends with the same head."""
-    with scratch_folder(streaming, "dense") as folder:
-        processes, patch = streaming.processes, encoder.patch_size
-        optimiser = torch.optim.AdamW(head.parameters(), lr=training.learning_rate, weight_decay=training.weight_decay)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, training.factor)
-        batches = TrainingBatches(
-            len(samples), streaming.batch_size, training.iterations, seed, processes.rank, processes.world
+    """Train ``head`` for ``training.iterations`` global batches (on ``stored`` crop features when given); every
+    process ends with the same head."""
+    processes, patch = streaming.processes, encoder.patch_size
+    optimiser = torch.optim.AdamW(head.parameters(), lr=training.learning_rate, weight_decay=training.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, training.factor)
+    batches = TrainingBatches(
+        len(samples), streaming.batch_size, training.iterations, seed, processes.rank, processes.world
+    )
+    if training.augment is not None:
+        images = SampleImages(
+            dataset,
+            samples,
+            "augment",
+            resolution,
+            patch,
+            streaming.max_pixels,
+            augment=training.augment,
+            seed=seed,
         )
-        store = None
-        if training.augment is not None:
-            images = SampleImages(
-                dataset,
-                samples,
-                "augment",
-                resolution,
-                patch,
-                streaming.max_pixels,
-                augment=training.augment,
-                seed=seed,
-            )
-            batches = _Drawn(batches)
-        elif training.stored:
-            store = FeatureStore(folder, "train", processes)
-            crops = SampleImages(dataset, samples, "crop", resolution, patch, streaming.max_pixels)
-            shape = _store_features(encoder, crops, store, streaming, desc)
-            images = SampleImages(dataset, samples, "crop", resolution, patch, streaming.max_pixels, pixels=False)
+        batches = _Drawn(batches)
+    elif stored is not None:
+        images = SampleImages(dataset, samples, "crop", resolution, patch, streaming.max_pixels, pixels=False)
+    else:
+        images = SampleImages(dataset, samples, "crop", resolution, patch, streaming.max_pixels)
+    device = next(head.parameters()).device
+    total_images = training.iterations * streaming.batch_size
+    for indices, pixels, targets in stream(images, batches, streaming, desc, total=total_images):
+        if stored is not None and indices:
+            features = stored.features(indices).to(device)
         else:
-            images = SampleImages(dataset, samples, "crop", resolution, patch, streaming.max_pixels)
-        device = next(head.parameters()).device
-        total_images = training.iterations * streaming.batch_size
-        for indices, pixels, targets in stream(images, batches, streaming, desc, total=total_images):
-            if store is not None and indices:
-                features = store.rows_of(indices).view(len(indices), *shape).to(device)
-            else:
-                features = encoder(pixels).to(device).clone() if indices else None  # a normal tensor, fit for autograd
-            _step(head, task, features, targets, indices, streaming, device)
-            if training.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(head.parameters(), training.grad_clip)
-            optimiser.step()
-            schedule.step()
+            features = encoder(pixels).to(device).clone() if indices else None  # a normal tensor, fit for autograd
+        _step(head, task, features, targets, indices, streaming, device)
+        if training.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(head.parameters(), training.grad_clip)
+        optimiser.step()
+        schedule.step()
     return head
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .dense import feature_statistics, head_plan, linear_head, predictions, train_head
+from .dense import fit_head, head_plan, predictions
 from .features import as_encoder
 from .layouts import dataset_for, subset
 from .metrics import DepthMetrics
@@ -133,11 +133,9 @@ def linear_depth(
     eigen = (size, (rows.start, cols.start, rows.stop, cols.stop))
     training, testing = head_plan(settings, encoder.patch_size, dict(pad_target=0.0, pre_crop=eigen))
     resolution = settings["resolution"]
-    mean, std = feature_statistics(encoder, dataset, train, resolution, streaming, seed)
     task = Depth(dataset.layout.min_depth, dataset.layout.max_depth, settings["gradient_loss"])
-    head = linear_head(mean, std, task.channels, seed).to(streaming.processes.device)
     desc = f"depth {dataset.title}"
-    train_head(head, task, encoder, dataset, train, resolution, streaming, training, seed, desc)
+    head = fit_head(task, encoder, dataset, train, resolution, streaming, training, seed, desc)
     metrics = DepthMetrics(streaming.processes.device)
     for prediction, target in predictions(
         head, task, encoder, dataset, val, summary.sizes["val"], testing, streaming, f"{desc} val"

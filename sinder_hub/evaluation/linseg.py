@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .dense import feature_statistics, head_plan, linear_head, predictions, train_head
+from .dense import fit_head, head_plan, predictions
 from .features import as_encoder
 from .layouts import dataset_for, subset
 from .metrics import IGNORE_INDEX, Confusion, segmentation_scores
@@ -81,11 +81,9 @@ def linear_probe_segmentation(
         settings, encoder.patch_size, dict(cat_max_ratio=CAT_MAX_RATIO, ignore_index=ignore, pad_target=ignore)
     )
     resolution = settings["resolution"]
-    mean, std = feature_statistics(encoder, dataset, train, resolution, streaming, seed)
     task = Segmentation(summary.num_classes, ignore)
-    head = linear_head(mean, std, task.channels, seed).to(streaming.processes.device)
     desc = f"linseg {dataset.title}"
-    train_head(head, task, encoder, dataset, train, resolution, streaming, training, seed, desc)
+    head = fit_head(task, encoder, dataset, train, resolution, streaming, training, seed, desc)
     confusion = Confusion(summary.num_classes, ignore_index=ignore)
     for prediction, target in predictions(
         head, task, encoder, dataset, val, summary.sizes["val"], testing, streaming, f"{desc} val"
