@@ -28,7 +28,7 @@ from sinder_hub.evaluation.depth import Depth, gradient_loss
 from sinder_hub.evaluation.layouts import open_dataset
 from sinder_hub.evaluation.linseg import Segmentation
 from sinder_hub.evaluation.protocols import MULTISCALE_RATIOS, PROTOCOLS, task_settings
-from sinder_hub.evaluation.run import Cell, EvaluationSettings, settings_record
+from sinder_hub.evaluation.run import Cell, EvaluationSettings, new_document, settings_record
 from sinder_hub.evaluation.streaming import Augment, SampleImages, Streaming
 from sinder_hub.synthetic import SHAPE_CLASSES, make_nyu, make_shapes_dataset, make_voc2012
 
@@ -124,8 +124,10 @@ def test_a_flag_given_overrides_the_preset_and_results_record_every_value(voc):
     assert record["multiscale"] is True and record["layers"] == 4
     assert cell.title(settings) == "VOC2012 linseg last 4 blocks + multiscale"
     assert set(PROTOCOLS["dinov2"]["linseg"]) <= set(record)  # every preset value lands in results.json
-    document = settings_record([cell], settings)
-    assert document["protocol"] == "dinov2" and document["protocol_settings"]["linseg"]["stride_ratio"] == 341 / 512
+    assert settings_record([cell], settings)["protocol"] == "dinov2"
+    document = new_document([cell], settings)
+    assert document["protocol_settings"]["linseg"]["stride_ratio"] == 341 / 512
+    assert document["columns"][0]["title"] == "VOC2012 linseg last 4 blocks + multiscale miou"
     quick = Cell("VOC2012", dataset, "linseg", 1).settings(EvaluationSettings(protocol="quick"))
     assert quick["iterations"] == 4_000 and quick["schedule"] == "linear" and quick["resolution"] == 224
 

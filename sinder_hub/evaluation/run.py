@@ -193,7 +193,6 @@ def settings_record(cells: list[Cell], settings: EvaluationSettings) -> dict:
         **asdict(settings),
         "layers": list(settings.layers),
         "tasks": tasks,
-        "protocol_settings": {task: settings.task(task) for task in tasks},
         "cells": [cell.id for cell in cells],
         "data": data,
     }
@@ -270,6 +269,7 @@ def new_document(cells: list[Cell], settings: EvaluationSettings) -> dict:
         "format": FORMAT,
         "sinder_hub_version": __version__,
         "settings": settings_record(cells, settings),
+        "protocol_settings": {task: settings.task(task) for task in dict.fromkeys(cell.task for cell in cells)},
         "columns": [
             {"cell": cell.id, "metric": metric, "title": f"{cell.title(settings)} {metric}"}
             for cell in cells
