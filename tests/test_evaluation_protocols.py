@@ -57,8 +57,21 @@ def test_every_protocol_runs_on_every_layout_it_applies_to(standard, tmp_path, m
             assert result["classes"] == classes[name] and 0 <= result["miou"] <= 100
             assert len(result["iou"]) == classes[name]
     assert cells["VOC2012/kmeans"]["result"]["clusters"] == 21
+    assert results["settings"]["protocol"] == "dinov2" and results["protocol_settings"]["linseg"]["warmup"] == 1_500
+    linseg = cells["VOC2012/linseg-L1"]["result"]["settings"]
+    assert (linseg["iterations"], linseg["resolution"], linseg["schedule"], linseg["test_mode"]) == (
+        8,
+        56,
+        "poly",
+        "slide",
+    )
+    assert cells["VOC2012/kmeans"]["result"]["fit_split"] == "train"
     printed = capsys.readouterr().out
-    assert "| original (`a`) |" in printed and "NYUd depth-L4 rmse ↓" in printed
+    assert (
+        "Protocol dinov2" in printed
+        and "| original (`a`) |" in printed
+        and "NYUd depth 4 spread blocks rmse ↓" in printed
+    )
     assert "ImageNet/knn: top5 is trivial: 5 classes" in (tmp_path / "results.md").read_text()
 
 

@@ -362,7 +362,7 @@ def test_evaluate_checks_the_layout_before_loading(shapes, tmp_path, capsys, no_
         Image.new("L", (28, 28)).save(seg / split / "masks" / "a.png")
     one_error_line(
         capsys,
-        evaluate("--task", "kmeans", "--data", seg),
+        evaluate("--task", "kmeans", "--data", seg, "--kmeans-fit", "val"),
         2,
         f"{seg / 'val'}: 1 of 2 images have no mask in {seg / 'val' / 'masks'} (b.png)",
     )

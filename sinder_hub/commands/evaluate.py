@@ -32,8 +32,10 @@ from sinder_hub.errors import InputError
 from sinder_hub.evaluation import LAYOUTS, TASKS, Processes, Streaming
 from sinder_hub.evaluation.features import PRECISIONS
 from sinder_hub.evaluation.layouts import DatasetOptions, check_dataset_options, parse_split_files
+from sinder_hub.evaluation.protocols import add_protocol_flags, check_protocol_flags
 from sinder_hub.evaluation.run import (
     LINEAR_INPUTS,
+    OVERRIDES,
     EvaluationSettings,
     check_datasets,
     evaluate_variants,
@@ -45,6 +47,7 @@ from sinder_hub.files import check_writable
 from sinder_hub.variants import parse_variants
 
 POSITIVE = ("resolution", "batch_size", "iterations", "clusters", "max_pixels", "max_images", "num_classes")
+POSITIVE += ("test_resolution",)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -64,14 +67,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--out", type=Path, default=Path("evaluate-output"), help="output folder (default evaluate-output)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace the results an --out folder holds")
-    parser.add_argument("--resolution", type=int, default=224, help="input size: crop side, whole images' short side")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per step over all processes (default 16)")
+    add_protocol_flags(parser)
     parser.add_argument(
         "--layers", nargs="+", type=int, choices=(1, 4), default=[1], help="linseg, depth: Linear 1 / 4"
     )
     parser.add_argument("--linear-input", choices=LINEAR_INPUTS, default="class+mean", help="linear probe input")
-    parser.add_argument("--iterations", type=int, help="steps of the heads (default: linear 12500, linseg/depth 4000)")
-    parser.add_argument("--learning-rate", type=float, help="linseg, depth: AdamW learning rate (default 1e-3)")
     parser.add_argument("--clusters", type=int, help="kmeans: clusters (default: the number of classes)")
     parser.add_argument(
         "--num-classes", type=int, help="classes of DATA/<split>/masks (default: the largest label + 1)"
@@ -98,12 +98,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise InputError(f"--{flag.replace('_', '-')} {value}: expected a positive integer")
-    if args.resolution < 14:
+    if args.resolution is not None and args.resolution < 14:
         raise InputError(f"--resolution {args.resolution}: expected at least 14 px, one patch (e.g. 224)")
     if args.workers < 0:
         raise InputError(f"--workers {args.workers}: expected 0 (load images in the main process) or more")
     if args.learning_rate is not None and not args.learning_rate > 0:
         raise InputError(f"--learning-rate {args.learning_rate}: expected a positive number")
+    check_protocol_flags(args)
     if args.layout and len(args.layout) != len(args.data):
         raise InputError(f"--layout: {len(args.layout)} layouts for {len(args.data)} --data folders; expected one each")
     return args
@@ -111,14 +112,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def settings_of(args: argparse.Namespace) -> EvaluationSettings:
     return EvaluationSettings(
+        **{name: getattr(args, name) for name in OVERRIDES if name not in ("resolution", "batch_size")},
+        protocol=args.protocol,
         resolution=args.resolution,
         batch_size=args.batch_size,
         seed=args.seed,
         max_images=args.max_images,
         layers=tuple(sorted(set(args.layers))),
         linear_input=args.linear_input,
-        iterations=args.iterations,
-        learning_rate=args.learning_rate,
         clusters=args.clusters,
         num_classes=args.num_classes,
         precision=args.precision,
@@ -146,7 +147,7 @@ def main(argv=None) -> int:
     summaries = processes.on_main(lambda: check_datasets(cells, settings, max(1, args.workers), progress))
     created = not args.out.exists()
     processes.on_main(lambda: check_writable(args.out, "--out"))
-    streaming = Streaming(args.batch_size, args.workers, args.max_pixels, processes, args.out / ".scratch")
+    streaming = Streaming(args.batch_size or 16, args.workers, args.max_pixels, processes, args.out / ".scratch")
     from sinder_hub import backbones
 
     try:

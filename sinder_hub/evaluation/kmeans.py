@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
+from ..errors import DataError
 from .features import as_encoder
 from .layouts import dataset_for, subset
 from .metrics import Confusion, segmentation_scores
@@ -39,6 +40,8 @@ SEED_POINTS = 20_000
 CHUNK_ROWS = 16_384  # tokens compared with the centroids at once
 KMEANS_ITERATIONS = 50
 KMEANS_RESTARTS = 3
+FIT_SPLITS = ("train", "val")
+FIT_HINT = "; --kmeans-fit train (the dinov2 protocol) fits the clusters on the train split, --kmeans-fit val on val"
 Statistics = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, float]]
 
 
@@ -158,6 +161,19 @@ def cluster_tokens(
     return best[1]
 
 
+def _store_tokens(encoder, dataset, samples, sizes, resolution: int, streaming: Streaming, folder, name: str):
+    """This process's share of ``samples`` (whole images, short side ``resolution``) as L2-normalised token grids."""
+    shapes = [whole_size(*size, resolution, encoder.patch_size) for size in sizes]
+    images = SampleImages(dataset, samples, "whole", resolution, encoder.patch_size, streaming.max_pixels)
+    batches = by_shape(own_share(len(samples), streaming.processes), shapes, per_process(streaming))
+    store = FeatureStore(folder, name, streaming.processes)
+    for indices, pixels, _ in stream(images, batches, streaming, f"kmeans {dataset.title} {name}"):
+        for index, grid in zip(indices, encoder(pixels)):
+            store.append(index, F.normalize(grid, dim=-1), tuple(grid.shape[:2]))
+    store.close()
+    return store
+
+
 def kmeans_segmentation(
     encoder,
     data,
@@ -171,24 +187,29 @@ def kmeans_segmentation(
     max_images: int | None = None,
     layout: str | None = None,
     summary: TargetSummary | None = None,
+    fit_split: str = "val",
 ) -> dict:
-    """mIoU and pixel accuracy (percent) of Hungarian-matched k-means clusters of the validation split's patch tokens."""
+    """mIoU and pixel accuracy (percent) of Hungarian-matched k-means clusters of the validation split's patch
+    tokens; the clusters are fitted on the tokens of ``fit_split`` (``train``: STEGO's tables; ``val``)."""
+    if fit_split not in FIT_SPLITS:
+        raise ValueError(f"fit_split {fit_split!r}: expected one of {FIT_SPLITS}")
     encoder, streaming = as_encoder(encoder), streaming or Streaming()
-    dataset = subset(dataset_for(data, "kmeans", layout), max_images)
+    try:
+        dataset = subset(dataset_for(data, "kmeans" if fit_split == "val" else "linseg", layout), max_images)
+    except DataError as error:
+        raise DataError(f"{error}{FIT_HINT}" if fit_split == "train" else str(error)) from error
     val = dataset.splits["val"]
-    summary = summary or check_targets(dataset, ("val",), num_classes, streaming.workers)
+    splits = tuple(dict.fromkeys((fit_split, "val")))
+    summary = summary or check_targets(dataset, splits, num_classes, streaming.workers)
     num_classes, clusters = summary.num_classes, clusters or summary.num_classes
-    shapes = [whole_size(*size, resolution, encoder.patch_size) for size in summary.sizes["val"]]
-    images = SampleImages(dataset, val, "whole", resolution, encoder.patch_size, streaming.max_pixels)
-    batches = by_shape(own_share(len(val), streaming.processes), shapes, per_process(streaming))
     confusion = Confusion(num_classes, clusters, dataset.layout.ignore_index)
     with scratch_folder(streaming, "kmeans") as folder:
-        store = FeatureStore(folder, "val", streaming.processes)
-        for indices, pixels, _ in stream(images, batches, streaming, f"kmeans {dataset.title}"):
-            for index, grid in zip(indices, encoder(pixels)):
-                store.append(index, F.normalize(grid, dim=-1), tuple(grid.shape[:2]))
-        store.close()
-        centroids = cluster_tokens(store, clusters, iterations, restarts, seed, streaming)
+        store = _store_tokens(encoder, dataset, val, summary.sizes["val"], resolution, streaming, folder, "val")
+        fit = store
+        if fit_split != "val":
+            samples, sizes = dataset.splits[fit_split], summary.sizes[fit_split]
+            fit = _store_tokens(encoder, dataset, samples, sizes, resolution, streaming, folder, fit_split)
+        centroids = cluster_tokens(fit, clusters, iterations, restarts, seed, streaming)
         for index, (h, w), rows in store.own():
             assignments = torch.cdist(rows.double(), centroids.cpu()).argmin(dim=1).view(1, 1, h, w).float()
             labels = torch.from_numpy(read_mask(val[index], dataset.layout))
@@ -203,6 +224,8 @@ def kmeans_segmentation(
         "classes": num_classes,
         "clusters": clusters,
         "images": len(val),
+        "fit_split": fit_split,
+        "fit_images": len(dataset.splits[fit_split]),
         "iterations": iterations,
         "restarts": restarts,
     }

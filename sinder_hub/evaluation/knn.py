@@ -41,10 +41,21 @@ def knn_votes(
 
 
 def encode_vectors(
-    encoder, dataset: EvalDataset, samples, resolution: int, store: FeatureStore, streaming, desc, normalise=False
+    encoder,
+    dataset: EvalDataset,
+    samples,
+    resolution: int,
+    store: FeatureStore,
+    streaming,
+    desc,
+    normalise=False,
+    resize_ratio: float = 1.0,
 ) -> FeatureStore:
-    """Encode this process's share of ``samples`` (resized and centre-cropped) into ``store`` (L2-normalised if asked)."""
-    images = SampleImages(dataset, samples, "class", resolution, encoder.patch_size, streaming.max_pixels)
+    """Encode this process's share of ``samples`` (resized to ``resolution / resize_ratio`` and centre-cropped
+    to ``resolution``) into ``store`` (L2-normalised if asked)."""
+    images = SampleImages(
+        dataset, samples, "class", resolution, encoder.patch_size, streaming.max_pixels, resize_ratio=resize_ratio
+    )
     batches = chunks(own_share(len(samples), streaming.processes), per_process(streaming))
     for indices, pixels, _ in stream(images, batches, streaming, desc):
         features = encoder(pixels)
@@ -93,11 +104,13 @@ def knn_evaluate(
     streaming: Streaming | None = None,
     max_images: int | None = None,
     layout: str | None = None,
+    resize_ratio: float = 1.0,
 ) -> dict:
     """k-NN top-1 / top-5 (percent) of the validation split against the training split.
 
     ``data``: a classification dataset folder (ImageNet, class folders) or an ``EvalDataset``;
-    ``max_images``: at most this many images per split, evenly spread.
+    ``max_images``: at most this many images per split, evenly spread; images are resized to
+    ``resolution / resize_ratio`` and centre-cropped to ``resolution`` (DINOv2: 0.875, 256 -> 224).
     """
     encoder, streaming = as_encoder(encoder), streaming or Streaming()
     dataset = dataset_for(data, "knn", layout)
@@ -117,6 +130,7 @@ def knn_evaluate(
                 streaming,
                 f"knn {dataset.title} {split}",
                 normalise=True,
+                resize_ratio=resize_ratio,
             )
             for split, samples in (("train", train), ("val", val))
         }
@@ -130,6 +144,7 @@ def knn_evaluate(
         **accuracy.compute(),
         "k": k,
         "temperature": temperature,
+        "resize_ratio": resize_ratio,
         "classes": dataset.classes,
         "train_images": len(train),
         "val_images": len(val),

@@ -73,8 +73,11 @@ def linear_classification(
     streaming: Streaming | None = None,
     max_images: int | None = None,
     layout: str | None = None,
+    resize_ratio: float = 1.0,
 ) -> dict:
-    """Top-1 / top-5 (percent) of the best linear head on the validation split, and its learning rate."""
+    """Top-1 / top-5 (percent) of the best linear head on the validation split, and its learning rate.
+
+    Images are resized to ``resolution / resize_ratio`` and centre-cropped to ``resolution``."""
     encoder, streaming = as_encoder(encoder), streaming or Streaming()
     dataset = dataset_for(data, "linear", layout)
     train, val = (spread(dataset.splits[split], max_images) for split in ("train", "val"))
@@ -90,6 +93,7 @@ def linear_classification(
                 FeatureStore(folder, split, streaming.processes),
                 streaming,
                 f"linear {dataset.title} {split}",
+                resize_ratio=resize_ratio,
             )
             for split, samples in (("train", train), ("val", val))
         }
@@ -109,6 +113,7 @@ def linear_classification(
         **scores[best],
         "learning_rate": learning_rates[best],
         "iterations": iterations,
+        "resize_ratio": resize_ratio,
         "batch_size": min(batch_size, len(train)),
         "classes": dataset.classes,
         "train_images": len(train),

@@ -13,16 +13,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .dense import feature_statistics, linear_head, predictions, train_head
+from .dense import fit_head, head_plan, predictions
 from .features import as_encoder
 from .layouts import dataset_for, subset
 from .metrics import IGNORE_INDEX, Confusion, segmentation_scores
+from .protocols import QUICK, task_settings
 from .streaming import Streaming
 from .targets import TargetSummary, check_targets
 
-SEGMENTATION_ITERATIONS = 4_000
-SEGMENTATION_LR = 1e-3
-SEGMENTATION_WEIGHT_DECAY = 1e-4
+SEGMENTATION_ITERATIONS = QUICK["linseg"]["iterations"]
+SEGMENTATION_LR = QUICK["linseg"]["learning_rate"]
+CAT_MAX_RATIO = 0.75  # mmseg's RandomCrop in DINOv2's configs: at most 75 % of a crop's labelled pixels in one class
 
 
 class Segmentation:
@@ -38,44 +39,54 @@ class Segmentation:
         logits = F.interpolate(output, size=tuple(targets.shape[-2:]), mode="bilinear", align_corners=False)
         return F.cross_entropy(logits, targets, ignore_index=self.ignore_index, reduction="sum")
 
-    def predict(self, output: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        return F.interpolate(output, size=size, mode="bilinear", align_corners=False).argmax(dim=1)[0]
+    def score(self, output: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Class probabilities ``[C, H, W]`` at a label's size (mmseg averages the softmax of its views)."""
+        return F.interpolate(output, size=size, mode="bilinear", align_corners=False)[0].softmax(dim=0)
+
+    def decide(self, score: torch.Tensor) -> torch.Tensor:
+        return score.argmax(dim=0)
 
 
 def linear_probe_segmentation(
     encoder,
     data,
-    resolution: int = 224,
-    iterations: int = SEGMENTATION_ITERATIONS,
-    learning_rate: float = SEGMENTATION_LR,
-    weight_decay: float = SEGMENTATION_WEIGHT_DECAY,
+    resolution: int | None = None,
+    iterations: int | None = None,
+    learning_rate: float | None = None,
+    weight_decay: float | None = None,
     seed: int = 0,
     num_classes: int | None = None,
     streaming: Streaming | None = None,
     max_images: int | None = None,
     layout: str | None = None,
     summary: TargetSummary | None = None,
+    protocol: str = "quick",
+    settings: dict | None = None,
 ) -> dict:
     """A linear head trained on the training split: mIoU, pixel accuracy and per-class IoU (percent) on val.
 
     ``data``: a segmentation dataset folder or ``EvalDataset``; ``summary``: its checked masks
     (``check_targets``; checked here when not given); ``num_classes`` for the project's own layout.
+    ``protocol``'s settings (``protocols.task_settings``), with the arguments given and ``settings``
+    on top; the result's ``settings`` are the values used.
     """
+    given = dict(resolution=resolution, iterations=iterations, learning_rate=learning_rate, weight_decay=weight_decay)
+    settings = task_settings(protocol, "linseg", {**given, **(settings or {})})
     encoder, streaming = as_encoder(encoder), streaming or Streaming()
     dataset = subset(dataset_for(data, "linseg", layout), max_images)
     train, val = dataset.splits["train"], dataset.splits["val"]
     summary = summary or check_targets(dataset, ("train", "val"), num_classes, streaming.workers)
-    device = streaming.processes.device
-    mean, std = feature_statistics(encoder, dataset, train, resolution, streaming, seed)
-    task = Segmentation(summary.num_classes, dataset.layout.ignore_index)
-    head = linear_head(mean, std, task.channels, seed).to(device)
-    desc = f"linseg {dataset.title}"
-    train_head(
-        head, task, encoder, dataset, train, resolution, streaming, iterations, learning_rate, weight_decay, seed, desc
+    ignore = dataset.layout.ignore_index
+    training, testing = head_plan(
+        settings, encoder.patch_size, dict(cat_max_ratio=CAT_MAX_RATIO, ignore_index=ignore, pad_target=ignore)
     )
-    confusion = Confusion(summary.num_classes, ignore_index=dataset.layout.ignore_index)
+    resolution = settings["resolution"]
+    task = Segmentation(summary.num_classes, ignore)
+    desc = f"linseg {dataset.title}"
+    head = fit_head(task, encoder, dataset, train, resolution, streaming, training, seed, desc)
+    confusion = Confusion(summary.num_classes, ignore_index=ignore)
     for prediction, target in predictions(
-        head, task, encoder, dataset, val, summary.sizes["val"], resolution, streaming, f"{desc} val"
+        head, task, encoder, dataset, val, summary.sizes["val"], testing, streaming, f"{desc} val"
     ):
         confusion.update(prediction, target)
     return {
@@ -83,6 +94,7 @@ def linear_probe_segmentation(
         "classes": summary.num_classes,
         "train_images": len(train),
         "val_images": len(val),
-        "iterations": iterations,
-        "learning_rate": learning_rate,
+        "iterations": settings["iterations"],
+        "learning_rate": settings["learning_rate"],
+        "settings": settings,
     }

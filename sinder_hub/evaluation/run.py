@@ -9,22 +9,23 @@ writes the output folder after each variant.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from .. import __version__
 from ..errors import DataError, InputError
-from .depth import DEPTH_ITERATIONS, DEPTH_LR, linear_depth
+from .depth import linear_depth
 from .features import (
     class_and_mean_encoder,
     class_token_encoder,
     depth_token_encoder,
     patch_token_encoder,
 )
-from .kmeans import kmeans_segmentation
+from .kmeans import FIT_HINT, kmeans_segmentation
 from .knn import knn_evaluate
 from .layouts import LAYOUTS, TASK_KINDS, TASK_SPLITS, EvalDataset, dataset_for, detect_layout, open_dataset, subset
-from .linear import LINEAR_ITERATIONS, linear_classification
-from .linseg import SEGMENTATION_ITERATIONS, SEGMENTATION_LR, linear_probe_segmentation
+from .linear import linear_classification
+from .linseg import linear_probe_segmentation
+from .protocols import task_settings
 from .splits import DatasetOptions
 from .streaming import Streaming
 from .table import FORMAT, GENERATOR, OutputFolder, key_of, weights_sha256
@@ -39,16 +40,31 @@ TABLE_METRICS = {
     "kmeans": ("miou",),
     "depth": ("rmse", "delta1"),
 }
-DEFAULT_ITERATIONS = {"linear": LINEAR_ITERATIONS, "linseg": SEGMENTATION_ITERATIONS, "depth": DEPTH_ITERATIONS}
-DEFAULT_LR = {"linseg": SEGMENTATION_LR, "depth": DEPTH_LR}
+OVERRIDES = (  # EvaluationSettings fields a preset gives unless the flag is given (None = not given)
+    "resolution",
+    "batch_size",
+    "iterations",
+    "learning_rate",
+    "weight_decay",
+    "schedule",
+    "warmup",
+    "train_crop",
+    "test_mode",
+    "test_resolution",
+    "multiscale",
+    "gradient_loss",
+    "resize_ratio",
+    "fit_split",
+)
 
 
 @dataclass(frozen=True)
 class EvaluationSettings:
     """Every setting that changes a figure (workers, ``--max-pixels`` and the process count do not)."""
 
-    resolution: int = 224
-    batch_size: int = 16
+    protocol: str = "dinov2"
+    resolution: int | None = None
+    batch_size: int | None = None
     seed: int = 0
     max_images: int | None = None
     layers: tuple[int, ...] = (1,)
@@ -61,6 +77,20 @@ class EvaluationSettings:
     k: int = 20
     temperature: float = 0.07
     dataset_options: DatasetOptions = field(default_factory=DatasetOptions)  # --depth-scale, --split-file
+    weight_decay: float | None = None
+    schedule: str | None = None
+    warmup: int | None = None
+    train_crop: str | None = None
+    test_mode: str | None = None
+    test_resolution: int | None = None
+    multiscale: bool | None = None
+    gradient_loss: float | None = None
+    resize_ratio: float | None = None
+    fit_split: str | None = None
+
+    def task(self, task: str) -> dict:
+        """The protocol's settings of ``task`` with the flags given on top (``protocols.task_settings``)."""
+        return task_settings(self.protocol, task, {name: getattr(self, name) for name in OVERRIDES})
 
 
 @dataclass(frozen=True)
@@ -77,23 +107,14 @@ class Cell:
         return f"{self.name}/{self.task}" + (f"-L{self.layers}" if self.layers else "")
 
     def settings(self, settings: EvaluationSettings) -> dict:
-        """The settings this cell's figures depend on."""
-        record = {
-            "task": self.task,
-            "resolution": settings.resolution,
-            "seed": settings.seed,
-            "precision": settings.precision,
-        }
+        """The settings this cell's figures depend on: the protocol's values for its task, flags on top."""
+        record = {"task": self.task, **settings.task(self.task), "seed": settings.seed, "precision": settings.precision}
+        if self.task in ("knn", "linear"):
+            record.pop("batch_size", None)  # images per forward pass only
         if self.task == "knn":
             record.update(k=settings.k, temperature=settings.temperature)
-        if self.task in DEFAULT_ITERATIONS:
-            record.update(iterations=settings.iterations or DEFAULT_ITERATIONS[self.task])
         if self.task in LAYERED:
-            record.update(
-                layers=self.layers,
-                batch_size=settings.batch_size,
-                learning_rate=settings.learning_rate or DEFAULT_LR[self.task],
-            )
+            record.update(layers=self.layers)
         if self.task == "linear":
             record.update(linear_input=settings.linear_input)
         if self.task == "kmeans":
@@ -101,6 +122,17 @@ class Cell:
         if self.dataset.layout.name == "image-mask-folders":
             record.update(num_classes=settings.num_classes)
         return record
+
+    def title(self, settings: EvaluationSettings) -> str:
+        """The column's name, saying what the head is fed and how it is tested: linseg's last block (DINOv2's
+        "Linear") or last 4 blocks, "+ multiscale" with DINOv2's multi-scale + flip test (last 4 blocks with
+        it: DINOv2's "Multiscale"); depth's last block or 4 spread blocks."""
+        if self.task not in LAYERED:
+            return f"{self.name} {self.task}"
+        if self.task == "depth":
+            return f"{self.name} depth {'last block' if self.layers == 1 else f'{self.layers} spread blocks'}"
+        blocks = "last block" if self.layers == 1 else f"last {self.layers} blocks"
+        return f"{self.name} linseg {blocks}" + (" + multiscale" if settings.task("linseg")["multiscale"] else "")
 
 
 def _kind(root, layout: str | None, task: str) -> str | None:
@@ -131,8 +163,14 @@ def plan_cells(tasks: list[str], data: list, layouts: list[str | None], settings
             open_dataset(root, layout)  # raises: no known layout, naming what was found
         if not mine:
             raise DataError(f"--data {root}: a {kind} dataset, which none of --task {' '.join(tasks)} uses")
-        splits = tuple(sorted({split for task in mine for split in TASK_SPLITS.get(task, ("train", "val"))}))
-        dataset = subset(open_dataset(root, layout, splits, options=settings.dataset_options), settings.max_images)
+        needs = {task: TASK_SPLITS.get(task, ("train", "val")) for task in mine}
+        if "kmeans" in needs:
+            needs["kmeans"] = tuple(dict.fromkeys((settings.task("kmeans")["fit_split"], "val")))
+        splits = tuple(sorted({split for task in mine for split in needs[task]}))
+        try:
+            dataset = subset(open_dataset(root, layout, splits, options=settings.dataset_options), settings.max_images)
+        except DataError as error:
+            raise DataError(f"{error}{FIT_HINT}" if "train" in needs.get("kmeans", ()) else str(error)) from error
         name, count = dataset.title, 1
         while name in names:
             count += 1
@@ -175,32 +213,48 @@ def check_datasets(
 
 
 def run_cell(model, cell: Cell, settings: EvaluationSettings, summary: TargetSummary, streaming: Streaming) -> dict:
-    """One protocol on one dataset with one backbone."""
-    precision, resolution, seed = settings.precision, settings.resolution, settings.seed
-    iterations = settings.iterations or DEFAULT_ITERATIONS.get(cell.task)
-    learning_rate = settings.learning_rate or DEFAULT_LR.get(cell.task)
+    """One protocol on one dataset with one backbone, with the protocol's settings of its task."""
+    precision, seed, chosen = settings.precision, settings.seed, settings.task(cell.task)
+    resolution = chosen["resolution"]
     if cell.task == "knn":
         encoder = class_token_encoder(model, precision)
-        return knn_evaluate(encoder, cell.dataset, resolution, settings.k, settings.temperature, streaming)
+        ratio = chosen["resize_ratio"]
+        return knn_evaluate(
+            encoder, cell.dataset, resolution, settings.k, settings.temperature, streaming, resize_ratio=ratio
+        )
     if cell.task == "linear":
         make = class_token_encoder if settings.linear_input == "class" else class_and_mean_encoder
         return {
             **linear_classification(
-                make(model, precision), cell.dataset, resolution, iterations, seed=seed, streaming=streaming
+                make(model, precision),
+                cell.dataset,
+                resolution,
+                chosen["iterations"],
+                seed=seed,
+                streaming=streaming,
+                resize_ratio=chosen["resize_ratio"],
             ),
             "input": settings.linear_input,
         }
     if cell.task == "kmeans":
         encoder = patch_token_encoder(model, 1, precision)
         return kmeans_segmentation(
-            encoder, cell.dataset, resolution, settings.clusters, seed, streaming=streaming, summary=summary
+            encoder,
+            cell.dataset,
+            resolution,
+            settings.clusters,
+            seed,
+            streaming=streaming,
+            summary=summary,
+            fit_split=chosen["fit_split"],
         )
-    common = dict(iterations=iterations, learning_rate=learning_rate, seed=seed, streaming=streaming, summary=summary)
+    dense = replace(streaming, batch_size=chosen["batch_size"])
+    common = dict(seed=seed, streaming=dense, summary=summary, protocol=settings.protocol, settings=chosen)
     if cell.task == "linseg":
         encoder = patch_token_encoder(model, cell.layers, precision)
-        return {**linear_probe_segmentation(encoder, cell.dataset, resolution, **common), "layers": cell.layers}
+        return {**linear_probe_segmentation(encoder, cell.dataset, **common), "layers": cell.layers}
     encoder = depth_token_encoder(model, cell.layers, precision)
-    return {**linear_depth(encoder, cell.dataset, resolution, **common), "layers": cell.layers}
+    return {**linear_depth(encoder, cell.dataset, **common), "layers": cell.layers}
 
 
 def _variant_record(variant, cells: list[Cell], settings: EvaluationSettings, data: dict) -> dict:
@@ -217,8 +271,9 @@ def new_document(cells: list[Cell], settings: EvaluationSettings) -> dict:
         "format": FORMAT,
         "sinder_hub_version": __version__,
         "settings": settings_record(cells, settings),
+        "protocol_settings": {task: settings.task(task) for task in dict.fromkeys(cell.task for cell in cells)},
         "columns": [
-            {"cell": cell.id, "metric": metric, "title": f"{cell.id.replace('/', ' ')} {metric}"}
+            {"cell": cell.id, "metric": metric, "title": f"{cell.title(settings)} {metric}"}
             for cell in cells
             for metric in TABLE_METRICS[cell.task]
         ],

@@ -21,13 +21,14 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
+from torchvision.transforms import v2
 
 from ..data import MAX_PIXELS, load_rgb, sinder_transform
 from ..errors import DataError, SinderError
 from .layouts import EvalDataset, Sample
 from .targets import read_depth, read_mask, resize_crop
 
-MODES = ("class", "crop", "whole")
+MODES = ("class", "crop", "whole", "augment")
 
 
 @dataclass
@@ -109,20 +110,77 @@ def whole_size(width: int, height: int, resolution: int, patch: int) -> tuple[in
     return tuple(max(patch, round(side * scale / patch) * patch) for side in (height, width))
 
 
+@dataclass(frozen=True)
+class Augment:
+    """mmseg-style random training crops: rescale (ratio drawn from ``scale_range`` of a ``short_side`` x
+    ``long_side`` scale, aspect kept), optional ``pre_crop`` ``((H, W), (top, left, bottom, right))`` of
+    images of size ``(H, W)``, a random ``crop`` ``(h, w)`` (at most 10 tries to keep the largest class
+    under ``cat_max_ratio`` of the labelled pixels), a horizontal flip with probability 0.5 when ``flip``;
+    pixels padded with 0 after normalisation, targets with ``pad_target``."""
+
+    crop: tuple[int, int]
+    scale_range: tuple[float, float] | None = None
+    short_side: int = 512
+    long_side: int = 2048
+    flip: bool = True
+    cat_max_ratio: float | None = None
+    ignore_index: int = 255
+    pad_target: float = 255
+    pre_crop: tuple | None = None
+
+
+def image_transform(resolution: int, resize_ratio: float = 1.0) -> transforms.Compose:
+    """PIL image -> ``[3, R, R]``: bicubic resize of the short side to ``R / resize_ratio``, centre crop ``R``,
+    the normalisation of ``sinder_transform`` (DINOv2's classification eval: 224 / 0.875 = 256)."""
+    base = sinder_transform(resolution)
+    if resize_ratio == 1.0:
+        return base
+    resize = transforms.Resize(round(resolution / resize_ratio), interpolation=transforms.InterpolationMode.BICUBIC)
+    return transforms.Compose([resize, *base.transforms[1:]])
+
+
+def _random_crop(target: torch.Tensor, size: tuple[int, int], augment: Augment, rng) -> tuple[int, int]:
+    """``(top, left)`` of a random ``size`` crop of a target ``[H, W]`` (mmseg's ``RandomCrop``)."""
+    height, width = target.shape[-2:]
+    for _ in range(10 if augment.cat_max_ratio else 1):
+        top = int(rng.integers(0, max(height - size[0], 0) + 1))
+        left = int(rng.integers(0, max(width - size[1], 0) + 1))
+        part = target[top : top + size[0], left : left + size[1]]
+        counts = torch.unique(part[part != augment.ignore_index], return_counts=True)[1]
+        if augment.cat_max_ratio is None or (len(counts) > 1 and counts.max() / counts.sum() < augment.cat_max_ratio):
+            break
+    return top, left
+
+
 class SampleImages(Dataset):
     """Samples as ``(index, image, target, problem)``; a file that cannot be read gives its ``problem``.
 
     ``mode``: ``class`` (resize + centre crop to ``R x R``, target = class index), ``crop`` (the
     same for image and mask / depth, nearest), ``whole`` (short side ``R``, whole patches, target
-    at its own size).
+    at its own size), ``augment`` (``augment``'s random crops: items are ``(index, draw)``, the draw
+    seeding the crop with ``seed``). ``resize_ratio``: class mode resizes to ``R / ratio`` before
+    the crop. ``pixels=False`` gives only the targets (training on stored features).
     """
 
-    def __init__(self, dataset: EvalDataset, samples: list[Sample], mode: str, resolution: int, patch: int, max_pixels):
+    def __init__(
+        self,
+        dataset: EvalDataset,
+        samples: list[Sample],
+        mode: str,
+        resolution: int,
+        patch: int,
+        max_pixels,
+        resize_ratio: float = 1.0,
+        augment: Augment | None = None,
+        seed: int = 0,
+        pixels: bool = True,
+    ):
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}: expected one of {MODES}")
         self.dataset, self.samples, self.mode = dataset, samples, mode
         self.resolution, self.patch, self.max_pixels = resolution, patch, max_pixels
-        self.transform = sinder_transform(resolution)
+        self.augment, self.seed, self.pixels = augment, seed, pixels
+        self.transform = image_transform(resolution, resize_ratio)
         self.normalise = transforms.Compose(self.transform.transforms[2:])  # to tensor, ImageNet normalisation
 
     def __len__(self) -> int:
@@ -135,10 +193,41 @@ class SampleImages(Dataset):
         target = torch.from_numpy(reader(sample, self.dataset.layout, image_size))
         return resize_crop(target, self.resolution) if self.mode == "crop" else target
 
-    def __getitem__(self, index: int):
+    def augmented(self, image: Image.Image, target: torch.Tensor, rng) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(pixels [3, h, w], target [h, w])``: one random training crop of ``augment``."""
+        augment = self.augment
+        if augment.pre_crop is not None and tuple(target.shape) == augment.pre_crop[0]:
+            top, left, bottom, right = augment.pre_crop[1]
+            image, target = image.crop((left, top, right, bottom)), target[top:bottom, left:right]
+        if augment.scale_range is not None:
+            ratio = rng.uniform(*augment.scale_range)
+            factor = min(augment.long_side * ratio / max(image.size), augment.short_side * ratio / min(image.size))
+            size = (max(1, round(image.width * factor)), max(1, round(image.height * factor)))
+            image = image.resize(size, Image.Resampling.BILINEAR)
+            target = v2.functional.resize(target[None], size[::-1], interpolation=v2.InterpolationMode.NEAREST)[0]
+        top, left = _random_crop(target, augment.crop, augment, rng)
+        height, width = augment.crop
+        target = target[top : top + height, left : left + width]
+        image = image.crop((left, top, left + target.shape[1], top + target.shape[0]))
+        if augment.flip and rng.random() < 0.5:
+            image, target = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), target.flip(-1)
+        pixels = self.normalise(image)
+        padded = torch.zeros(3, height, width)
+        padded[:, : pixels.shape[1], : pixels.shape[2]] = pixels
+        full = torch.full((height, width), augment.pad_target, dtype=target.dtype)
+        full[: target.shape[0], : target.shape[1]] = target
+        return padded, full
+
+    def __getitem__(self, item):
+        index, draw = item if isinstance(item, tuple) else (item, None)
         sample = self.samples[index]
         try:
+            if not self.pixels:
+                return index, torch.zeros(0), self.target(sample, None), None  # sized by the image's header
             image = load_rgb(sample.image, min_size=self.patch, max_pixels=self.max_pixels)
+            if self.mode == "augment":
+                rng = np.random.default_rng([self.seed, 3, draw, index])
+                return index, *self.augmented(image, self.target(sample, image.size), rng), None
             if self.mode == "whole":
                 size = whole_size(*image.size, self.resolution, self.patch)
                 pixels = self.normalise(image.resize(size[::-1], Image.Resampling.BICUBIC))

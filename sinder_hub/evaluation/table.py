@@ -151,7 +151,7 @@ def markdown_table(document: dict) -> str:
             notes += [f"{cell}: {note}" for note in entry["result"].get("notes", []) if f"{cell}: {note}" not in notes]
     text = "\n".join(lines) + "\n"
     settings = document["settings"]
-    text += f"\nResolution {settings['resolution']} px, seed {settings['seed']}"
+    text += f"\nProtocol {settings.get('protocol', 'quick')} (every value: results.json), seed {settings['seed']}"
     text += f", at most {settings['max_images']} images per split.\n" if settings.get("max_images") else ".\n"
     if notes:
         text += "\n" + "".join(f"- {TRIVIAL_MARK} {note}\n" for note in notes)
