@@ -80,7 +80,9 @@ def feature_statistics(
     count = min(STATISTICS_IMAGES, len(samples))
     chosen = sorted(np.random.default_rng([seed, 1]).permutation(len(samples))[:count].tolist())
     subset = [samples[i] for i in chosen]
-    images = SampleImages(dataset, subset, "crop", resolution, encoder.patch_size, streaming.max_pixels)
+    images = SampleImages(
+        dataset, subset, "crop", resolution, encoder.patch_size, streaming.max_pixels, encoder.normalization
+    )
     batches = chunks(own_share(len(subset), streaming.processes), per_process(streaming))
     sums = None
     for _, pixels, _ in stream(images, batches, streaming, f"statistics {dataset.title}"):
@@ -120,7 +122,9 @@ def train_head(
     optimiser = torch.optim.AdamW(head.parameters(), lr=learning_rate, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: 1.0 - step / iterations)
     batches = TrainingBatches(len(samples), streaming.batch_size, iterations, seed, processes.rank, processes.world)
-    images = SampleImages(dataset, samples, "crop", resolution, encoder.patch_size, streaming.max_pixels)
+    images = SampleImages(
+        dataset, samples, "crop", resolution, encoder.patch_size, streaming.max_pixels, encoder.normalization
+    )
     device = next(head.parameters()).device
     for indices, pixels, targets in stream(images, batches, streaming, desc, total=iterations * streaming.batch_size):
         for parameter in head.parameters():
@@ -152,7 +156,9 @@ def predictions(
     """``(prediction [H, W], target [H, W])`` of this process's share of ``samples``, whole images at label size."""
     shapes = [whole_size(width, height, resolution, encoder.patch_size) for width, height in sizes]
     batches = by_shape(own_share(len(samples), streaming.processes), shapes, per_process(streaming))
-    images = SampleImages(dataset, samples, "whole", resolution, encoder.patch_size, streaming.max_pixels)
+    images = SampleImages(
+        dataset, samples, "whole", resolution, encoder.patch_size, streaming.max_pixels, encoder.normalization
+    )
     device = next(head.parameters()).device
     for _, pixels, targets in stream(images, batches, streaming, desc):
         outputs = head(encoder(pixels).to(device))

@@ -179,7 +179,9 @@ def kmeans_segmentation(
     summary = summary or check_targets(dataset, ("val",), num_classes, streaming.workers)
     num_classes, clusters = summary.num_classes, clusters or summary.num_classes
     shapes = [whole_size(*size, resolution, encoder.patch_size) for size in summary.sizes["val"]]
-    images = SampleImages(dataset, val, "whole", resolution, encoder.patch_size, streaming.max_pixels)
+    images = SampleImages(
+        dataset, val, "whole", resolution, encoder.patch_size, streaming.max_pixels, encoder.normalization
+    )
     batches = by_shape(own_share(len(val), streaming.processes), shapes, per_process(streaming))
     confusion = Confusion(num_classes, clusters, dataset.layout.ignore_index)
     with scratch_folder(streaming, "kmeans") as folder:

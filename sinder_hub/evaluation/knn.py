@@ -44,7 +44,9 @@ def encode_vectors(
     encoder, dataset: EvalDataset, samples, resolution: int, store: FeatureStore, streaming, desc, normalise=False
 ) -> FeatureStore:
     """Encode this process's share of ``samples`` (resized and centre-cropped) into ``store`` (L2-normalised if asked)."""
-    images = SampleImages(dataset, samples, "class", resolution, encoder.patch_size, streaming.max_pixels)
+    images = SampleImages(
+        dataset, samples, "class", resolution, encoder.patch_size, streaming.max_pixels, encoder.normalization
+    )
     batches = chunks(own_share(len(samples), streaming.processes), per_process(streaming))
     for indices, pixels, _ in stream(images, batches, streaming, desc):
         features = encoder(pixels)

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
@@ -117,13 +116,16 @@ class SampleImages(Dataset):
     at its own size).
     """
 
-    def __init__(self, dataset: EvalDataset, samples: list[Sample], mode: str, resolution: int, patch: int, max_pixels):
+    def __init__(
+        self, dataset: EvalDataset, samples: list[Sample], mode: str, resolution: int, patch: int, max_pixels,
+        normalization=None,
+    ):  # fmt: skip
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}: expected one of {MODES}")
         self.dataset, self.samples, self.mode = dataset, samples, mode
         self.resolution, self.patch, self.max_pixels = resolution, patch, max_pixels
-        self.transform = sinder_transform(resolution)
-        self.normalise = transforms.Compose(self.transform.transforms[2:])  # to tensor, ImageNet normalisation
+        self.transform = sinder_transform(resolution, normalization)  # the encoder's model's own normalisation
+        self.normalise = transforms.Compose(self.transform.transforms[2:])  # to tensor, normalisation
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -141,7 +143,8 @@ class SampleImages(Dataset):
             image = load_rgb(sample.image, min_size=self.patch, max_pixels=self.max_pixels)
             if self.mode == "whole":
                 size = whole_size(*image.size, self.resolution, self.patch)
-                pixels = self.normalise(image.resize(size[::-1], Image.Resampling.BICUBIC))
+                resize = self.transform.transforms[0]  # the model's interpolation, as in the other modes
+                pixels = self.normalise(transforms.functional.resize(image, list(size), resize.interpolation))
             else:
                 pixels = self.transform(image)
             return index, pixels, self.target(sample, image.size), None
