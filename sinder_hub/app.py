@@ -320,9 +320,9 @@ class Viewer:
 
     def _views(self, image: Image.Image, name: str, resolution: int, block: int) -> dict[str, ModelView]:
         """Every loaded model's ``defect_report`` and ``block``'s token grid for ``image`` at ``resolution``."""
-        tensor = sinder_transform(resolution)(image)
         views = {}
         for label, loaded in self.models.items():
+            tensor = sinder_transform(resolution, loaded.model)(image)
             report = defect_report(loaded.model, {name: tensor}, loaded.directions)
             tokens = block_outputs(loaded.model, tensor[None])[block][0]
             grid = patch_grid(loaded.model, tokens, (resolution, resolution)).float()

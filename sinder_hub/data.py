@@ -1,10 +1,13 @@
-"""Images in, normalised tensors out: the authors' transform, robust image files, sample images."""
+"""Images in, normalised tensors out: the authors' transform with each model's own normalisation, robust
+image files, sample images."""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +15,14 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import transforms
 
-from .errors import DataError
+from .errors import BackboneError, DataError
 
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# torchvision's resize filters on PIL images, by the names timm's pretrained_cfg "interpolation" uses
+INTERPOLATIONS = tuple(mode.value for mode in transforms.InterpolationMode)
 # what counts as an image, in a folder and in a list file alike (GIF, TIFF: their first frame)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 # PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS), made explicit: larger images are refused
@@ -50,18 +55,72 @@ TRAIN_SAMPLES = tuple(name for name in SAMPLE_IMAGE_NAMES if name not in HELD_OU
 _PIL_LIMIT = threading.Lock()
 
 
-def sinder_transform(resolution: int = 518) -> transforms.Compose:
-    """The authors' transform: bicubic antialiased resize of the short side and centre crop, both on
-    the PIL image (torchvision's PIL path), then ImageNet normalisation.
+@dataclass(frozen=True)
+class Normalization:
+    """How a model wants its pixels: RGB in ``[0, 1]`` minus ``mean``, over ``std`` (per channel), resized
+    with ``interpolation`` (one of ``INTERPOLATIONS``: ``bicubic``, ``bilinear``...)."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str = "bicubic"
+
+    def to_json(self) -> dict:
+        return {"mean": list(self.mean), "std": list(self.std), "interpolation": self.interpolation}
+
+
+IMAGENET = Normalization(IMAGENET_MEAN, IMAGENET_STD, "bicubic")  # the authors' (DINOv2's), and timm's default
+# where every tool's normalisation comes from; part of evaluate's cell keys, so that figures computed when
+# every model got ImageNet's (results.json written before the tools read the model's own) are never reused
+NORMALIZATION_SOURCE = "model data config"
+
+
+def normalization_of(model=None) -> Normalization:
+    """The normalisation a timm model was trained with, from its data config (timm's
+    ``resolve_model_data_config``: the ``pretrained_cfg`` of its timm name, of a folder's ``config.json``, of a
+    planted fixture's architecture; timm's ImageNet defaults for a model without one). A ``Normalization`` is
+    returned as it is; ``None`` gives ``IMAGENET``, the authors' transform.
+
+    Raises ``BackboneError`` for a data config whose mean / std are not 3 finite numbers (std positive) or
+    whose interpolation torchvision does not have.
+    """
+    if model is None or isinstance(model, Normalization):
+        return model or IMAGENET
+    from timm.data import resolve_model_data_config
+
+    config = resolve_model_data_config(model)
+    architecture = (getattr(model, "pretrained_cfg", None) or {}).get("architecture", type(model).__name__)
+    mean, std, interpolation = config.get("mean"), config.get("std"), config.get("interpolation")
+    for name, values, low in (("mean", mean, -math.inf), ("std", std, 0.0)):
+        numbers = isinstance(values, (list, tuple)) and len(values) == 3
+        if not numbers or not all(isinstance(v, (int, float)) and math.isfinite(v) and v > low for v in values):
+            expected = "3 positive finite numbers" if low == 0.0 else "3 finite numbers"
+            raise BackboneError(f"{architecture}: pretrained_cfg {name} {values!r}: expected {expected} (RGB)")
+    if interpolation not in INTERPOLATIONS:
+        raise BackboneError(
+            f"{architecture}: pretrained_cfg interpolation {interpolation!r}: expected one of {', '.join(INTERPOLATIONS)}"
+        )
+    return Normalization(tuple(float(v) for v in mean), tuple(float(v) for v in std), interpolation)
+
+
+def sinder_transform(resolution: int = 518, model=None, resize: int | None = None) -> transforms.Compose:
+    """The authors' transform with ``model``'s own pixels: resize of the short side to ``resize`` (default
+    ``resolution``) with the model's interpolation (antialiased: torchvision's PIL path) and centre crop
+    ``resolution``, both on the PIL image, then the model's normalisation (``normalization_of(model)``:
+    ``model`` is a timm model, a ``Normalization``, or ``None`` for ImageNet). For DINOv2 this is the
+    authors' transform exactly (bicubic, ImageNet mean and std).
 
     PIL image -> ``[3, resolution, resolution]`` float32.
     """
+    normalization = normalization_of(model)
     return transforms.Compose(
         [
-            transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.Resize(
+                resolution if resize is None else resize,
+                interpolation=transforms.InterpolationMode(normalization.interpolation),
+            ),
             transforms.CenterCrop(resolution),
             transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            transforms.Normalize(normalization.mean, normalization.std),
         ]
     )
 
@@ -232,14 +291,20 @@ class ImageFiles(Dataset):
     """Image files as normalised tensors; an unreadable file gives ``(index, None, reason)``.
 
     Items are ``(index, image [3, R, R] | None, problem str | None)``; the trainer skips
-    and counts the ``None`` ones, so one bad file never ends a run. ``max_pixels`` goes to ``load_rgb``.
+    and counts the ``None`` ones, so one bad file never ends a run. ``max_pixels`` goes to ``load_rgb``;
+    ``model``: whose normalisation (``sinder_transform``; only its transform is kept, not the model).
     """
 
     def __init__(
-        self, paths: list[Path], resolution: int = 518, min_size: int = 14, max_pixels: int | None = MAX_PIXELS
+        self,
+        paths: list[Path],
+        resolution: int = 518,
+        min_size: int = 14,
+        max_pixels: int | None = MAX_PIXELS,
+        model=None,
     ):
         self.paths = list(paths)
-        self.transform = sinder_transform(resolution)
+        self.transform = sinder_transform(resolution, model)
         self.min_size = min_size
         self.max_pixels = max_pixels
 

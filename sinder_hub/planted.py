@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .anatomy import BlockDescription, describe_model, get_path
-from .data import TRAIN_SAMPLES, sample_images, sinder_transform
+from .data import IMAGENET, TRAIN_SAMPLES, sample_images, sinder_transform
 from .tokens import prepare_blocks
 
 PLANTED_BLOCK = 4
@@ -120,7 +120,7 @@ _BUILT: dict[tuple, dict[str, torch.Tensor]] = {}
 @functools.lru_cache(maxsize=1)
 def _calibration_images() -> torch.Tensor:
     """The training sample images at 224 px: ``[n, 3, 224, 224]``."""
-    transform = sinder_transform(CALIBRATION_RESOLUTION)
+    transform = sinder_transform(CALIBRATION_RESOLUTION, IMAGENET)  # every variant: the fixtures as measured
     return torch.stack([transform(image) for image in sample_images(TRAIN_SAMPLES).values()])
 
 

@@ -26,6 +26,7 @@ from .data import (
     SAMPLE_IMAGE_NAMES,
     ImageFiles,
     list_images,
+    normalization_of,
     sample_images,
     sinder_transform,
 )
@@ -89,11 +90,12 @@ class RegistersReport(report.Record):
     neurons: list[list] = field(default_factory=list)  # [layer, unit, score]
     settings: dict = field(default_factory=dict)  # every search setting and its source
     images: dict = field(default_factory=dict)  # seen, used, skipped, unreadable
+    normalization: dict | None = None  # data.Normalization.to_json() of the pixels searched and measured
     held_out: report.HeldOut | None = None
     search_seconds: float | None = None
     wall_time_s: float | None = None
     pictures: list[str] = field(default_factory=list)
-    schema_version: int = 1
+    schema_version: int = 2  # 2: normalization recorded
 
 
 class _Images(Dataset):
@@ -146,7 +148,7 @@ def find_registers(config: RegistersConfig) -> RegistersReport:
 
 def _search_and_measure(config, model, paths, resolution, sha256, output: Path) -> RegistersReport:
     """The search, the registers file, the held-out comparison and its pictures."""
-    files = ImageFiles(paths, resolution, max_pixels=config.max_pixels)
+    files = ImageFiles(paths, resolution, max_pixels=config.max_pixels, model=model)
     found = find_register_neurons(
         model, _Images(files), base_model=_base_spec(config.model), base_sha256=sha256,
         num_images=config.num_images, seed=config.seed, detection_block=config.detection_block,
@@ -154,7 +156,7 @@ def _search_and_measure(config, model, paths, resolution, sha256, output: Path) 
         sparsity_filter=not config.no_sparsity_filter,
     )  # fmt: skip
     write_text_atomic(output / REGISTERS_FILE, found.to_json())
-    transform = sinder_transform(resolution)
+    transform = sinder_transform(resolution, model)
     held_out_images = sample_images(config.held_out)
     images = {name: transform(image)[None] for name, image in held_out_images.items()}
     directions = registers.defect_directions(model)
@@ -171,6 +173,7 @@ def _search_and_measure(config, model, paths, resolution, sha256, output: Path) 
         base_sha256=sha256,
         neurons=[[n.layer, n.unit, n.score] for n in found.neurons],
         settings=_settings(found),
+        normalization=normalization_of(model).to_json(),
         images={key: getattr(found.images, key) for key in ("seen", "used", "skipped", "unreadable")},
         held_out=report.compare_held_out(model, before, after, resolution),
         search_seconds=found.search_seconds,

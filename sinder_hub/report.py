@@ -3,7 +3,8 @@
 ``RepairReport`` is the contract between the trainer, which writes ``repair_report.json``, and
 everything that reads it: model cards, push, the viewer, ``diagnose --compare`` and the
 benchmarks. ``to_json`` / ``from_json`` round-trip it; reports written before the schema
-version existed (version 0, same keys) still read. Beside it: the held-out evaluation that
+version existed (version 0, same keys) still read, and so do those written before the normalisation was
+recorded (version 1: every model then got ImageNet's, which is what they read as). Beside it: the held-out evaluation that
 fills it (defects before / after, cosines to the original), the judgement of the outcome, and
 the before/after pictures.
 """
@@ -21,12 +22,13 @@ import torch
 from torch import nn
 
 from . import anatomy, files
+from .data import IMAGENET
 from .defects import defect_mask
 from .diagnostics import json_safe
 from .errors import InputError
 from .tokens import patch_grid, prepare_blocks
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 1: + schema_version; 2: + normalization
 REPORT_FILE = "repair_report.json"
 MIN_COSINE = 0.9  # a repaired model whose normal tokens move further from the original's is "degraded"
 
@@ -131,6 +133,7 @@ class RepairReport(Record):
     source_sha256: str | None = None
     architecture: str | None = None
     hyperparameters: dict = field(default_factory=dict)
+    normalization: dict | None = None  # data.Normalization.to_json() of every image the run fed the model
     outcome: Outcome | None = None
     steps: int | None = None
     updates: int | None = None
@@ -156,6 +159,8 @@ class RepairReport(Record):
                 f"repair report schema version {version!r} is newer than this sinder-hub reads "
                 f"({SCHEMA_VERSION}); upgrade sinder-hub"
             )
+        if version < 2 and "normalization" not in data:  # before version 2 every model got ImageNet's pixels
+            data = {**data, "normalization": IMAGENET.to_json()}
         return super().from_json({**data, "schema_version": version})
 
     @classmethod

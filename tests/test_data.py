@@ -19,18 +19,21 @@ from sinder_hub.data import (
 from sinder_hub.errors import DataError
 
 
-def reference_transform(image: Image.Image, resolution: int) -> np.ndarray:
-    """Written independently of torchvision: PIL bicubic resize of the short side (PIL antialiases),
-    centre crop box rounded as torchvision does, normalisation in float64."""
+def reference_transform(
+    image: Image.Image, resolution: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, resample=Image.BICUBIC, resize=None
+) -> np.ndarray:
+    """Written independently of torchvision: PIL resize of the short side to ``resize`` (default
+    ``resolution``; PIL antialiases), centre crop box rounded as torchvision does, normalisation in float64."""
     width, height = image.size
+    short = resolution if resize is None else resize
     if width <= height:
-        size = (resolution, int(resolution * height / width))
+        size = (short, int(short * height / width))
     else:
-        size = (int(resolution * width / height), resolution)
-    resized = image.resize(size, Image.BICUBIC)
+        size = (int(short * width / height), short)
+    resized = image.resize(size, resample)
     left, top = round((size[0] - resolution) / 2), round((size[1] - resolution) / 2)
     pixels = np.asarray(resized.crop((left, top, left + resolution, top + resolution)), dtype=np.float64) / 255
-    return ((pixels - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)
+    return ((pixels - np.asarray(mean)) / np.asarray(std)).transpose(2, 0, 1)
 
 
 # Measured 2026-12-01 on these images: the previous tensor path (v2.ToImage, then an antialiased

@@ -20,7 +20,7 @@ import torch
 
 from sinder_hub.analysis import METHODS, singular_defect_directions
 from sinder_hub.cli import ArgumentParser
-from sinder_hub.data import MAX_PIXELS, list_images, load_rgb, sample_images, sinder_transform
+from sinder_hub.data import MAX_PIXELS, list_images, load_rgb, normalization_of, sample_images, sinder_transform
 from sinder_hub.diagnostics import defect_report, json_safe, last_block_grids
 from sinder_hub.errors import DataError, InputError, RunFolderError
 from sinder_hub.files import atomic_path, check_writable, write_text_atomic, writing
@@ -160,12 +160,14 @@ def format_comparison(reports: dict) -> str:
     return "\n".join(lines)
 
 
-def diagnose_variant(model, tensors: dict, args, first: tuple | None) -> tuple[dict, dict, tuple]:
-    """One variant's ``defect_report``, its last-block grids and its held-out outputs, with its cosines
-    to ``first`` (``(model, outputs)`` of the first variant; ``None`` for the first itself)."""
+def diagnose_variant(model, pictures: dict, args, first: tuple | None) -> tuple[dict, dict, tuple]:
+    """One variant's ``defect_report`` of the PIL ``pictures`` in its own pixels (``sinder_transform``), its
+    last-block grids and its held-out outputs, with its cosines to ``first`` (``(model, outputs)`` of the first variant; ``None`` for the first itself)."""
+    tensors = {name: sinder_transform(args.resolution, model)(image) for name, image in pictures.items()}
     generator = torch.Generator().manual_seed(args.seed)
     directions = singular_defect_directions(model, samples=args.samples, generator=generator, method=args.method)
     report = defect_report(model, tensors, directions, mask_thr=args.mask_thr, kernel=args.kernel)
+    report["normalization"] = normalization_of(model).to_json()
     batches = {name: tensor[None] for name, tensor in tensors.items()}
     outputs = held_out_outputs(model, batches, directions, args.mask_thr, args.kernel)
     reference_model, reference = first if first is not None else (model, outputs)
@@ -192,11 +194,9 @@ def main(argv=None) -> int:
     for variant in args.variants:
         check_resolution(models[variant.label], variant.spec, args.resolution)
         check_alike(models[first.label], first.spec, models[variant.label], variant.spec)
-    transform = sinder_transform(args.resolution)
-    tensors = {name: transform(image) for name, image in pictures.items()}
     reports, grids, reference = {}, {}, None
     for variant in args.variants:
-        report, grids[variant.label], reference = diagnose_variant(models.pop(variant.label), tensors, args, reference)
+        report, grids[variant.label], reference = diagnose_variant(models.pop(variant.label), pictures, args, reference)
         reports[variant.label] = {"model": variant.spec, "resolution": args.resolution, "method": args.method,
                                   "samples": args.samples, "seed": args.seed, **report}  # fmt: skip
         print(format_table(variant.label, variant.spec, report), end="\n\n")

@@ -105,7 +105,15 @@ def feature_statistics(
         parts = [stored.features(batch) for batch in chunks(mine, per_process(streaming))]
     else:
         subset = [samples[i] for i in chosen]
-        images = SampleImages(dataset, subset, "crop", resolution, encoder.patch_size, streaming.max_pixels)
+        images = SampleImages(
+            dataset,
+            subset,
+            "crop",
+            resolution,
+            encoder.patch_size,
+            streaming.max_pixels,
+            normalization=encoder.normalization,
+        )
         batches = chunks(own_share(len(subset), streaming.processes), per_process(streaming))
         parts = (encoder(pixels) for _, pixels, _ in stream(images, batches, streaming, f"statistics {dataset.title}"))
     sums = None
@@ -212,7 +220,15 @@ def fit_head(
     with scratch_folder(streaming, "dense") as folder:
         stored = None
         if training.stored:
-            crops = SampleImages(dataset, samples, "crop", resolution, encoder.patch_size, streaming.max_pixels)
+            crops = SampleImages(
+                dataset,
+                samples,
+                "crop",
+                resolution,
+                encoder.patch_size,
+                streaming.max_pixels,
+                normalization=encoder.normalization,
+            )
             stored = StoredCrops.encode(encoder, crops, folder, streaming, desc)
         mean, std = feature_statistics(encoder, dataset, samples, resolution, streaming, seed, stored)
         head = linear_head(mean, std, task.channels, seed).to(streaming.processes.device)
@@ -250,12 +266,15 @@ def train_head(
             streaming.max_pixels,
             augment=training.augment,
             seed=seed,
+            normalization=encoder.normalization,
         )
         batches = _Drawn(batches)
     elif stored is not None:
         images = SampleImages(dataset, samples, "crop", resolution, patch, streaming.max_pixels, pixels=False)
     else:
-        images = SampleImages(dataset, samples, "crop", resolution, patch, streaming.max_pixels)
+        images = SampleImages(
+            dataset, samples, "crop", resolution, patch, streaming.max_pixels, normalization=encoder.normalization
+        )
     device = next(head.parameters()).device
     total_images = training.iterations * streaming.batch_size
     for indices, pixels, targets in stream(images, batches, streaming, desc, total=total_images):
@@ -369,7 +388,15 @@ def predictions(
     resolution = testing.resolution
     shapes = [whole_size(width, height, resolution, encoder.patch_size) for width, height in sizes]
     batches = by_shape(own_share(len(samples), streaming.processes), shapes, per_process(streaming))
-    images = SampleImages(dataset, samples, "whole", resolution, encoder.patch_size, streaming.max_pixels)
+    images = SampleImages(
+        dataset,
+        samples,
+        "whole",
+        resolution,
+        encoder.patch_size,
+        streaming.max_pixels,
+        normalization=encoder.normalization,
+    )
     device = next(head.parameters()).device
     for _, pixels, targets in stream(images, batches, streaming, desc):
         label_sizes = [tuple(target.shape[-2:]) for target in targets]

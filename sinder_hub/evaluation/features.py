@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..anatomy import has_class_token
+from ..data import normalization_of
 from ..tokens import patch_grid
 
 PRECISIONS = ("fp32", "bf16")
@@ -33,11 +34,13 @@ DINOV2_DEPTH_LAYERS = {12: (2, 5, 8, 11), 24: (4, 11, 17, 23), 40: (9, 19, 29, 3
 
 
 class Encoder:
-    """A function of normalised ``[B, 3, H, W]`` images and the patch size it works on."""
+    """A function of normalised ``[B, 3, H, W]`` images, the patch size it works on and the normalisation
+    its images get (``data.Normalization``; ``None``: ImageNet's, as for plain functions)."""
 
-    def __init__(self, function: Callable[[torch.Tensor], torch.Tensor], patch_size: int = 14):
+    def __init__(self, function: Callable[[torch.Tensor], torch.Tensor], patch_size: int = 14, normalization=None):
         self.function = function
         self.patch_size = patch_size
+        self.normalization = normalization_of(normalization)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return self.function(images)
@@ -73,7 +76,7 @@ def class_token_encoder(model: nn.Module, precision: str = "fp32") -> Encoder:
     def encode(images: torch.Tensor) -> torch.Tensor:
         return run(lambda x: model.forward_head(model.forward_features(x), pre_logits=True), images).float()
 
-    return Encoder(encode, _patch(model))
+    return Encoder(encode, _patch(model), normalization_of(model))
 
 
 def class_and_mean_encoder(model: nn.Module, precision: str = "fp32") -> Encoder:
@@ -86,7 +89,7 @@ def class_and_mean_encoder(model: nn.Module, precision: str = "fp32") -> Encoder
         patches = patch_grid(model, tokens, tuple(images.shape[-2:])).flatten(1, 2)
         return torch.cat([pooled, patches.mean(dim=1)], dim=-1)
 
-    return Encoder(lambda images: run(both, images).float(), _patch(model))
+    return Encoder(lambda images: run(both, images).float(), _patch(model), normalization_of(model))
 
 
 def _blocks(model: nn.Module, images: torch.Tensor, indices: list[int], norm: bool):
@@ -137,7 +140,7 @@ def patch_token_encoder(model: nn.Module, layers: int = 1, precision: str = "fp3
         blocks = run(lambda x: _blocks(model, x, indices, norm=True), images)
         return torch.cat([spatial for spatial, _ in blocks], dim=-1).float()
 
-    return Encoder(encode, _patch(model))
+    return Encoder(encode, _patch(model), normalization_of(model))
 
 
 def depth_token_encoder(model: nn.Module, layers: int = 1, precision: str = "fp32") -> Encoder:
@@ -152,4 +155,4 @@ def depth_token_encoder(model: nn.Module, layers: int = 1, precision: str = "fp3
             parts += [spatial, cls[:, None, None, :].expand_as(spatial)]
         return torch.cat(parts, dim=-1).float()
 
-    return Encoder(encode, _patch(model))
+    return Encoder(encode, _patch(model), normalization_of(model))

@@ -164,7 +164,15 @@ def cluster_tokens(
 def _store_tokens(encoder, dataset, samples, sizes, resolution: int, streaming: Streaming, folder, name: str):
     """This process's share of ``samples`` (whole images, short side ``resolution``) as L2-normalised token grids."""
     shapes = [whole_size(*size, resolution, encoder.patch_size) for size in sizes]
-    images = SampleImages(dataset, samples, "whole", resolution, encoder.patch_size, streaming.max_pixels)
+    images = SampleImages(
+        dataset,
+        samples,
+        "whole",
+        resolution,
+        encoder.patch_size,
+        streaming.max_pixels,
+        normalization=encoder.normalization,
+    )
     batches = by_shape(own_share(len(samples), streaming.processes), shapes, per_process(streaming))
     store = FeatureStore(folder, name, streaming.processes)
     for indices, pixels, _ in stream(images, batches, streaming, f"kmeans {dataset.title} {name}"):

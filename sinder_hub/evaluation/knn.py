@@ -54,7 +54,14 @@ def encode_vectors(
     """Encode this process's share of ``samples`` (resized to ``resolution / resize_ratio`` and centre-cropped
     to ``resolution``) into ``store`` (L2-normalised if asked)."""
     images = SampleImages(
-        dataset, samples, "class", resolution, encoder.patch_size, streaming.max_pixels, resize_ratio=resize_ratio
+        dataset,
+        samples,
+        "class",
+        resolution,
+        encoder.patch_size,
+        streaming.max_pixels,
+        resize_ratio=resize_ratio,
+        normalization=encoder.normalization,
     )
     batches = chunks(own_share(len(samples), streaming.processes), per_process(streaming))
     for indices, pixels, _ in stream(images, batches, streaming, desc):

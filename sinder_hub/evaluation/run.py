@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
 from .. import __version__
+from ..data import NORMALIZATION_SOURCE, normalization_of
 from ..errors import DataError, InputError
 from .depth import linear_depth
 from .features import (
@@ -259,7 +260,7 @@ def run_cell(model, cell: Cell, settings: EvaluationSettings, summary: TargetSum
 
 def _variant_record(variant, cells: list[Cell], settings: EvaluationSettings, data: dict) -> dict:
     sha256 = weights_sha256(variant.spec)
-    key = key_of({"model": variant.spec, "weights_sha256": sha256})
+    key = key_of({"model": variant.spec, "weights_sha256": sha256, "normalization": NORMALIZATION_SOURCE})
     cell_keys = {cell.id: key_of([key, data[cell.name], cell.settings(settings)]) for cell in cells}
     return {"label": variant.label, "model": variant.spec, "weights_sha256": sha256, "key": key, "cell_keys": cell_keys}
 
@@ -317,7 +318,7 @@ def evaluate_variants(
                 continue
             streaming.label = variant["label"]
             result = run_cell(model, cell, settings, summaries[cell.name], streaming)
-            entry["cells"][cell.id] = {"key": key, "result": result}
+            entry["cells"][cell.id] = {"key": key, "result": result, "normalization": normalization_of(model).to_json()}
         document["variants"].append(entry)
         del model
         if output is not None:

@@ -129,14 +129,13 @@ class Augment:
     pre_crop: tuple | None = None
 
 
-def image_transform(resolution: int, resize_ratio: float = 1.0) -> transforms.Compose:
-    """PIL image -> ``[3, R, R]``: bicubic resize of the short side to ``R / resize_ratio``, centre crop ``R``,
-    the normalisation of ``sinder_transform`` (DINOv2's classification eval: 224 / 0.875 = 256)."""
-    base = sinder_transform(resolution)
-    if resize_ratio == 1.0:
-        return base
-    resize = transforms.Resize(round(resolution / resize_ratio), interpolation=transforms.InterpolationMode.BICUBIC)
-    return transforms.Compose([resize, *base.transforms[1:]])
+def image_transform(resolution: int, resize_ratio: float = 1.0, normalization=None) -> transforms.Compose:
+    """PIL image -> ``[3, R, R]``: ``sinder_transform`` (the model's interpolation and normalisation) with the
+    short side resized to ``R / resize_ratio`` before the centre crop ``R`` (DINOv2's classification eval:
+    224 / 0.875 = 256)."""
+    return sinder_transform(
+        resolution, normalization, resize=None if resize_ratio == 1.0 else round(resolution / resize_ratio)
+    )
 
 
 def _random_crop(target: torch.Tensor, size: tuple[int, int], augment: Augment, rng) -> tuple[int, int]:
@@ -174,14 +173,15 @@ class SampleImages(Dataset):
         augment: Augment | None = None,
         seed: int = 0,
         pixels: bool = True,
+        normalization=None,
     ):
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}: expected one of {MODES}")
         self.dataset, self.samples, self.mode = dataset, samples, mode
         self.resolution, self.patch, self.max_pixels = resolution, patch, max_pixels
         self.augment, self.seed, self.pixels = augment, seed, pixels
-        self.transform = image_transform(resolution, resize_ratio)
-        self.normalise = transforms.Compose(self.transform.transforms[2:])  # to tensor, ImageNet normalisation
+        self.transform = image_transform(resolution, resize_ratio, normalization)  # the encoder's model's own pixels
+        self.normalise = transforms.Compose(self.transform.transforms[2:])  # to tensor, normalisation
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -230,7 +230,8 @@ class SampleImages(Dataset):
                 return index, *self.augmented(image, self.target(sample, image.size), rng), None
             if self.mode == "whole":
                 size = whole_size(*image.size, self.resolution, self.patch)
-                pixels = self.normalise(image.resize(size[::-1], Image.Resampling.BICUBIC))
+                resize = self.transform.transforms[0]  # the model's interpolation, as in the other modes
+                pixels = self.normalise(transforms.functional.resize(image, list(size), resize.interpolation))
             else:
                 pixels = self.transform(image)
             return index, pixels, self.target(sample, image.size), None

@@ -83,8 +83,8 @@ class Family:
 
 
 ABSOLUTE_POSITIONS_NOTE = "Check features at other input sizes against the original model before relying on them."
-# timm's interpolation names -> PIL resample codes, for image processors read from a pretrained_cfg
-RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3}
+# torchvision's (and timm's) interpolation names -> PIL resample codes, for image processors
+RESAMPLE = {"nearest": 0, "nearest-exact": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 
 
 def refuse(source: str, target: str, found: list[str], expected: str) -> None:
@@ -105,22 +105,24 @@ def square_size(model: nn.Module, target: str, source: str) -> int:
 
 
 def processor_settings(model: nn.Module, size: int) -> dict:
-    """transformers image-processor settings from a timm model's ``pretrained_cfg`` (mean, std,
-    interpolation, crop_pct) at ``size``: resize the short side to ``size / crop_pct``, centre-crop ``size``."""
-    from ..data import IMAGENET_MEAN, IMAGENET_STD
+    """transformers image-processor settings from a timm model's ``pretrained_cfg`` (mean, std and
+    interpolation as every tool reads them, ``data.normalization_of``; crop_pct) at ``size``: resize the
+    short side to ``size / crop_pct``, centre-crop ``size``."""
+    from ..data import normalization_of
 
     cfg = getattr(model, "pretrained_cfg", None) or {}
+    normalization = normalization_of(model)
     return dict(
         do_resize=True,
         size={"shortest_edge": round(size / cfg.get("crop_pct", 1.0))},
-        resample=RESAMPLE.get(cfg.get("interpolation"), 3),
+        resample=RESAMPLE[normalization.interpolation],
         do_center_crop=True,
         crop_size={"height": size, "width": size},
         do_rescale=True,
         rescale_factor=1 / 255,
         do_normalize=True,
-        image_mean=list(cfg.get("mean", IMAGENET_MEAN)),
-        image_std=list(cfg.get("std", IMAGENET_STD)),
+        image_mean=list(normalization.mean),
+        image_std=list(normalization.std),
         do_convert_rgb=True,
     )
 

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from .. import analysis, backbones, report
 from ..backbones import weights_sha256
-from ..data import ImageFiles, collate_one, list_images, sample_images, sinder_transform
+from ..data import ImageFiles, collate_one, list_images, normalization_of, sample_images, sinder_transform
 from ..errors import InputError, RepairError, SinderError
 from ..files import writing
 from ..registers import registers_of
@@ -172,7 +172,7 @@ def set_up(config, accelerator, folder, paths, digest, plan, saved, started) -> 
     timings.directions_s = time.perf_counter() - tick
     tick = time.perf_counter()
     held_out_images = sample_images(config.held_out)
-    transform = sinder_transform(config.resolution)
+    transform = sinder_transform(config.resolution, model)
     held_out = {name: transform(image)[None].to(device) for name, image in held_out_images.items()}
     before = report.held_out_outputs(model, held_out, directions, config.mask_thr, config.kernel)
     timings.held_out_s = time.perf_counter() - tick
@@ -209,7 +209,7 @@ def train(run: Run, stop: StopSignal) -> str | None:
     config, state, accelerator = run.config, run.state, run.accelerator
     device = accelerator.device
     loader = DataLoader(
-        ImageFiles(run.paths, config.resolution, max_pixels=config.max_pixels),
+        ImageFiles(run.paths, config.resolution, max_pixels=config.max_pixels, model=run.model),
         batch_size=1,
         sampler=run.plan.sequence(accelerator.process_index, state.step, config.max_steps),
         num_workers=config.num_workers,
@@ -306,6 +306,7 @@ def finish(run: Run) -> report.RepairReport | None:
         source_sha256=run.source["sha256"],
         architecture=run.model.pretrained_cfg.get("architecture"),
         hyperparameters=config.hyperparameters(),
+        normalization=normalization_of(run.model).to_json(),
         outcome=outcome,
         steps=state.step,
         updates=state.updates,
