@@ -176,3 +176,27 @@ def test_a_resolution_the_variants_cannot_take_is_refused_before_any_model(
     code = cli([*argv, "--model", "planted-gelu", "--compare", "vit_base_patch16_224", "--resolution", "28"])
     one_error_line(capsys, code, 2, "--resolution 28", "16-px patches of vit_base_patch16_224")
     assert not (tmp_path / "out").exists()
+
+
+def test_an_out_inside_the_data_or_a_model_folder_is_refused_before_any_model(bitmaps, tmp_path, capsys, no_model):
+    """Results written into a class folder would become training images; into a model folder, part of its digest."""
+    data = tmp_path / "data"
+    shutil.copytree(bitmaps, data)
+    inside = data / "train" / "disc" / "eval"
+    one_error_line(
+        capsys, evaluate(data, inside, "--model", "a"), 2, f"--out {inside} lies inside the --data", "another folder"
+    )
+    model = tmp_path / "run"
+    model.mkdir()
+    (model / "config.json").write_text('{"architecture": "vit_small_patch14_dinov2"}')
+    code = evaluate(data, model, "--model", "a", "--compare", f"sinder={model}")
+    one_error_line(capsys, code, 2, f"--out {model} is the --compare {model}")
+    assert snapshot(data) == snapshot(bitmaps) and sorted(p.name for p in model.iterdir()) == ["config.json"]
+
+
+def test_a_tilde_in_out_and_data_means_the_home_folder(bitmaps, tmp_path, loads, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(bitmaps, tmp_path / "data")
+    assert evaluate("~/data", "~/eval", "--model", "a") == 0
+    assert (tmp_path / "eval" / "results.json").is_file() and not (tmp_path / "~").exists()

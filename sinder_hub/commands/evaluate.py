@@ -94,6 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help=f"refuse images with more pixels than this (default {MAX_PIXELS:,}, PIL's decompression-bomb limit)",
     )
     args = parser.parse_args(argv)
+    args.out, args.data = args.out.expanduser(), [data.expanduser() for data in args.data]  # "--out=~/x"
     for flag in POSITIVE:
         value = getattr(args, flag)
         if value is not None and value <= 0:
@@ -135,8 +136,10 @@ def main(argv=None) -> int:
     variants = parse_variants(args.model, args.compare)
     settings = settings_of(args)
     tasks = list(dict.fromkeys(args.task))
-    cells = plan_cells(tasks, args.data, args.layout or [None] * len(args.data), settings)
     output = OutputFolder(args.out, args.overwrite)
+    reads = [("--model" if i == 0 else "--compare", variant.spec) for i, variant in enumerate(variants)]
+    output.check_inputs([*reads, *(("--data", data) for data in args.data)])
+    cells = plan_cells(tasks, args.data, args.layout or [None] * len(args.data), settings)
     previous = output.previous(settings_record(cells, settings), variants)
     patches = {variant.label: (variant.spec, patch_size_of(variant.spec)) for variant in variants}
     check_resolution(settings.resolution, patches)

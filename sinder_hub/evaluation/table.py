@@ -149,6 +149,19 @@ class OutputFolder:
                 )
         return document
 
+    def check_inputs(self, inputs: list[tuple[str, str]]) -> None:
+        """``RunFolderError`` when the folder is, or lies inside, a folder ``(flag, path)`` the command reads: a
+        dataset (the results would become its files) or a model folder (they would change its weights' digest)."""
+        output = self.path.expanduser().resolve()
+        for flag, spec in inputs:
+            source = Path(str(spec)).expanduser()
+            if source.is_dir() and (output == source.resolve() or source.resolve() in output.parents):
+                where = "is" if output == source.resolve() else "lies inside"
+                raise RunFolderError(
+                    f"{self.flag} {self.path} {where} the {flag} {spec} that the command reads; "
+                    f"write the results into another folder"
+                )
+
     def lock(self) -> None:
         """Create the folder if needed and take its ``.lock`` (``RunFolderError``, one line, when another
         command holds it); nothing else in it is touched."""
