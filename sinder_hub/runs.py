@@ -160,29 +160,8 @@ class RunFolder:
         )
 
     def _lock(self) -> None:
-        lock = self.path / LOCK
-        me = f"{os.getpid()} {socket.gethostname()}\n"
-        for _ in range(2):
-            try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                owner = lock.read_text(errors="replace").split() if lock.exists() else []
-                pid = int(owner[0]) if owner and owner[0].isdigit() else None
-                host = owner[1] if len(owner) > 1 else None
-                if pid is not None and host == socket.gethostname() and not _pid_alive(pid):
-                    lock.unlink(missing_ok=True)  # stale: its process is gone
-                    continue
-                holder = f"process {pid} on {host}" if pid is not None else "another process"
-                raise RunFolderError(
-                    f"--output {self.path} is locked by {holder} (a run is active there); if none is, remove {lock}"
-                ) from None
-            except OSError as error:
-                raise output_error(lock, "take the lock", error) from error
-            with os.fdopen(fd, "w") as handle:
-                handle.write(me)
-            self.locked = True
-            return
-        raise RunFolderError(f"--output {self.path}: could not take the lock {lock}")
+        lock_folder(self.path)
+        self.locked = True
 
     def _remove_run_files(self) -> None:
         """Remove, by name, the files a run of this kind writes; nothing else."""
@@ -215,6 +194,33 @@ class RunFolder:
                         self.checkpoint.parent.rmdir()
                 if self.created:  # a folder this run created, if nothing else is in it now
                     self.path.rmdir()
+
+
+def lock_folder(folder: Path, flag: str = "--output") -> None:
+    """Create ``folder/.lock`` holding ``"<pid> <host>"``; ``RunFolderError`` naming ``flag`` when another live
+    process holds it (a lock whose process is gone, same host, is stale and taken over)."""
+    lock = folder / LOCK
+    me = f"{os.getpid()} {socket.gethostname()}\n"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            owner = lock.read_text(errors="replace").split() if lock.exists() else []
+            pid = int(owner[0]) if owner and owner[0].isdigit() else None
+            host = owner[1] if len(owner) > 1 else None
+            if pid is not None and host == socket.gethostname() and not _pid_alive(pid):
+                lock.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            holder = f"process {pid} on {host}" if pid is not None else "another process"
+            raise RunFolderError(
+                f"{flag} {folder} is locked by {holder} (a run is active there); if none is, remove {lock}"
+            ) from None
+        except OSError as error:
+            raise output_error(lock, "take the lock", error) from error
+        with os.fdopen(fd, "w") as handle:
+            handle.write(me)
+        return
+    raise RunFolderError(f"{flag} {folder}: could not take the lock {lock}")
 
 
 def _is_empty_dir(path: Path) -> bool:

@@ -37,8 +37,12 @@ from sinder_hub.evaluation.run import (
     LINEAR_INPUTS,
     OVERRIDES,
     EvaluationSettings,
+    check_clusters,
     check_datasets,
+    check_resolution,
+    data_digests,
     evaluate_variants,
+    patch_size_of,
     plan_cells,
     settings_record,
 )
@@ -46,6 +50,10 @@ from sinder_hub.evaluation.table import FILES, OutputFolder, markdown_table
 from sinder_hub.files import check_writable
 from sinder_hub.variants import parse_variants
 
+# 4 x 518 px, DINOv2's and SINDER's training size: (2048 / 14)² = 21,316 tokens an image, 16 x those of 518 px;
+# attention scores grow with the square of that (1.8 GB per head and image in fp32 where no fused kernel
+# runs), so larger sizes only exhaust the memory (10,000 px: 510,000 tokens an image)
+MAX_RESOLUTION = 2048
 POSITIVE = ("resolution", "batch_size", "iterations", "clusters", "max_pixels", "max_images", "num_classes")
 POSITIVE += ("test_resolution",)
 
@@ -94,12 +102,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.depth_scale is not None and not 0 < args.depth_scale < float("inf"):
         raise InputError(f"--depth-scale {args.depth_scale}: expected a positive number of values per metre")
     args.split_file = parse_split_files(args.split_file)
+    args.out, args.data = args.out.expanduser(), [data.expanduser() for data in args.data]  # "--out=~/x"
     for flag in POSITIVE:
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise InputError(f"--{flag.replace('_', '-')} {value}: expected a positive integer")
     if args.resolution is not None and args.resolution < 14:
         raise InputError(f"--resolution {args.resolution}: expected at least 14 px, one patch (e.g. 224)")
+    if args.resolution is not None and args.resolution > MAX_RESOLUTION:
+        raise InputError(
+            f"--resolution {args.resolution}: expected at most {MAX_RESOLUTION} px (4 x DINOv2's 518; "
+            "larger inputs exhaust the memory), e.g. 518"
+        )
     if args.workers < 0:
         raise InputError(f"--workers {args.workers}: expected 0 (load images in the main process) or more")
     if args.learning_rate is not None and not args.learning_rate > 0:
@@ -132,10 +146,14 @@ def main(argv=None) -> int:
     variants = parse_variants(args.model, args.compare)
     settings = settings_of(args)
     tasks = list(dict.fromkeys(args.task))
+    output = OutputFolder(args.out, args.overwrite)
+    reads = [("--model" if i == 0 else "--compare", variant.spec) for i, variant in enumerate(variants)]
+    output.check_inputs([*reads, *(("--data", data) for data in args.data)])
     cells = plan_cells(tasks, args.data, args.layout or [None] * len(args.data), settings)
     check_dataset_options([cell.dataset for cell in cells], settings.dataset_options)
-    output = OutputFolder(args.out, args.overwrite)
     previous = output.previous(settings_record(cells, settings), variants)
+    patches = {variant.label: (variant.spec, patch_size_of(variant.spec)) for variant in variants}
+    check_resolution(settings.resolution, patches)
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
@@ -144,13 +162,17 @@ def main(argv=None) -> int:
     def progress(items, total, desc):
         return tqdm(items, total=total, desc=desc, unit="file", disable=None)
 
-    summaries = processes.on_main(lambda: check_datasets(cells, settings, max(1, args.workers), progress))
     created = not args.out.exists()
-    processes.on_main(lambda: check_writable(args.out, "--out"))
-    streaming = Streaming(args.batch_size or 16, args.workers, args.max_pixels, processes, args.out / ".scratch")
-    from sinder_hub import backbones
-
+    processes.on_main(output.lock)  # one command per --out: a second one stops here, touching nothing
     try:
+        processes.on_main(lambda: check_writable(args.out, "--out"))
+        previous = processes.on_main(lambda: output.previous(settings_record(cells, settings), variants))
+        summaries = processes.on_main(lambda: check_datasets(cells, settings, max(1, args.workers), progress))
+        check_clusters(cells, settings, summaries, patches)
+        digests = processes.on_main(lambda: data_digests(cells, max(1, args.workers), progress))
+        streaming = Streaming(args.batch_size or 16, args.workers, args.max_pixels, processes, args.out / ".scratch")
+        from sinder_hub import backbones
+
         document = evaluate_variants(
             variants,
             cells,
@@ -161,10 +183,12 @@ def main(argv=None) -> int:
             output,
             previous,
             report=print if processes.is_main else lambda text: None,
+            digests=digests,
         )
     finally:
         if processes.is_main:
             shutil.rmtree(args.out / ".scratch", ignore_errors=True)
+            output.unlock()
             if created and args.out.is_dir() and not any(args.out.iterdir()):
                 args.out.rmdir()  # a command that wrote nothing leaves no folder
     if processes.is_main:

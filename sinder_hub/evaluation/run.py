@@ -8,8 +8,10 @@ writes the output folder after each variant.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 from .. import __version__
 from ..data import NORMALIZATION_SOURCE, normalization_of
@@ -29,7 +31,7 @@ from .linseg import linear_probe_segmentation
 from .protocols import task_settings
 from .splits import DatasetOptions
 from .streaming import Streaming
-from .table import FORMAT, GENERATOR, OutputFolder, key_of, weights_sha256
+from .table import FORMAT, GENERATOR, OutputFolder, dataset_sha256, key_of, weights_sha256
 from .targets import TargetSummary, check_targets
 
 LAYERED = ("linseg", "depth")
@@ -201,16 +203,96 @@ def settings_record(cells: list[Cell], settings: EvaluationSettings) -> dict:
     }
 
 
+def check_split_sizes(cells: list[Cell]) -> None:
+    """``DataError`` naming the dataset folder and split when a split a cell reads has no images (the
+    classification layouts already refuse empty class folders and fewer than two classes)."""
+    for cell in cells:
+        dataset = cell.dataset
+        for split in TASK_SPLITS.get(cell.task, ("train", "val")):
+            if not dataset.splits[split]:
+                folder = dataset.layout.split_names.get(split, split)
+                raise DataError(
+                    f"--data {dataset.root}: its {split} split ({folder}) holds no images; {cell.task} needs at least one"
+                )
+
+
 def check_datasets(
     cells: list[Cell], settings: EvaluationSettings, workers: int, progress=None
 ) -> dict[str, TargetSummary]:
     """Every mask and depth map of every dataset, checked once: ``{dataset name: TargetSummary}``."""
+    check_split_sizes(cells)
     summaries = {}
     for cell in cells:
         if cell.name not in summaries:
             splits = tuple(cell.dataset.splits)
             summaries[cell.name] = check_targets(cell.dataset, splits, settings.num_classes, workers, progress)
     return summaries
+
+
+def check_clusters(cells: list[Cell], settings: EvaluationSettings, summaries: dict, patches: dict) -> None:
+    """``InputError`` when a kmeans cell asks for more clusters than its validation images have patch tokens
+    (at least ``(resolution / patch)²`` each, for the largest patch of the variants whose patch is known)."""
+    patch = max((p for _, p in patches.values() if p), default=None)
+    for cell in cells:
+        if cell.task != "kmeans" or patch is None:
+            continue
+        clusters = settings.clusters or summaries[cell.name].num_classes
+        resolution = settings.task("kmeans")["resolution"]
+        tokens = len(cell.dataset.splits["val"]) * (resolution // patch) ** 2
+        if clusters > tokens:
+            raise InputError(
+                f"--clusters {clusters}: more than the {tokens} patch tokens of {cell.dataset.root}'s val split at "
+                f"--resolution {resolution} ({patch}-px patches); expected at most {tokens}"
+            )
+
+
+def patch_size_of(spec: str) -> int | None:
+    """A variant's patch side read without its weights: a timm name, a planted fixture, a folder's
+    ``config.json`` (timm's or transformers'), a registers folder's base model; ``None`` where only the
+    weights say (a ``.pth``, an ``hf-hub:`` id) or the spec is bad (its loader then names the fault)."""
+    import timm
+    import torch
+
+    from ..planted import PLANTED_VARIANTS
+    from ..registers_folder import REGISTERS_FILE
+
+    path = Path(spec).expanduser()
+    config, registers = path / "config.json", path / REGISTERS_FILE
+    try:
+        if spec.startswith("planted-"):
+            name, args = PLANTED_VARIANTS[spec]
+        elif path.is_dir() and config.is_file():
+            found = json.loads(config.read_text(encoding="utf-8"))
+            if "architecture" not in found:  # a transformers config
+                return int((found.get("vision_config") or found)["patch_size"])
+            name, args = found["architecture"], found.get("model_args") or {}
+        elif path.is_dir() and registers.is_file():
+            base = json.loads(registers.read_text(encoding="utf-8"))["base_model"]
+            return None if Path(base).expanduser().resolve() == path.resolve() else patch_size_of(base)
+        elif not path.exists() and timm.is_model(spec):
+            name, args = spec, {}
+        else:
+            return None
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False, **{**args, "dynamic_img_size": True})
+        return int(model.patch_embed.patch_size[0])
+    except Exception:  # noqa: BLE001 - any fault of the spec is the loader's to name, once it is asked
+        return None
+
+
+def check_resolution(resolution: int | None, patches: dict[str, tuple[str, int | None]]) -> None:
+    """``InputError`` naming ``--resolution`` unless it is a whole number of every variant's patches
+    (``patches``: ``{label: (spec, patch side or None)}``); ``None`` (no flag): the presets' sizes, 224 px
+    where the whole crop is fed and rounded down to whole patches elsewhere."""
+    if resolution is None:
+        return
+    for label, (spec, patch) in patches.items():
+        if patch and resolution % patch:
+            below, above = resolution // patch * patch, (resolution // patch + 1) * patch
+            raise InputError(
+                f"--resolution {resolution}: not a multiple of the {patch}-px patches of {label} ({spec}); "
+                f"expected e.g. {below or above} or {above}"
+            )
 
 
 def run_cell(model, cell: Cell, settings: EvaluationSettings, summary: TargetSummary, streaming: Streaming) -> dict:
@@ -258,10 +340,19 @@ def run_cell(model, cell: Cell, settings: EvaluationSettings, summary: TargetSum
     return {**linear_depth(encoder, cell.dataset, **common), "layers": cell.layers}
 
 
-def _variant_record(variant, cells: list[Cell], settings: EvaluationSettings, data: dict) -> dict:
+def data_digests(cells: list[Cell], workers: int = 1, progress=None) -> dict[str, str]:
+    """``{dataset name: dataset_sha256}``, each dataset's files read once (main process, before any model)."""
+    digests = {}
+    for cell in cells:
+        if cell.name not in digests:
+            digests[cell.name] = dataset_sha256(cell.dataset, workers, progress)
+    return digests
+
+
+def _variant_record(variant, cells: list[Cell], settings: EvaluationSettings, data: dict, digests: dict) -> dict:
     sha256 = weights_sha256(variant.spec)
     key = key_of({"model": variant.spec, "weights_sha256": sha256, "normalization": NORMALIZATION_SOURCE})
-    cell_keys = {cell.id: key_of([key, data[cell.name], cell.settings(settings)]) for cell in cells}
+    cell_keys = {cell.id: key_of([key, data[cell.name], digests[cell.name], cell.settings(settings)]) for cell in cells}
     return {"label": variant.label, "model": variant.spec, "weights_sha256": sha256, "key": key, "cell_keys": cell_keys}
 
 
@@ -292,16 +383,22 @@ def evaluate_variants(
     output: OutputFolder | None = None,
     previous: dict | None = None,
     report: Callable[[str], None] = print,
+    digests: dict[str, str] | None = None,
 ) -> dict:
-    """Results of every cell for every variant, reusing the cells of ``previous`` results with the same key."""
+    """Results of every cell for every variant, reusing the cells of ``previous`` results with the same key
+    (the same weights, settings and ``digests``: the data's contents, ``data_digests`` when not given)."""
     document = new_document(cells, settings)
-    records = [_variant_record(variant, cells, settings, document["settings"]["data"]) for variant in variants]
+    if digests is None:
+        digests = streaming.processes.on_main(lambda: data_digests(cells, max(1, streaming.workers)))
+    document["data_sha256"] = digests
+    data = document["settings"]["data"]
+    records = [_variant_record(variant, cells, settings, data, digests) for variant in variants]
     finished = {}
     for old in (previous or {}).get("variants", []):
         finished.update({entry["key"]: entry for entry in old["cells"].values()})
     todo = [r for r in records if any(key not in finished for key in r["cell_keys"].values())]
     models = {r["label"]: load(r["model"]) for r in todo}  # a bad spec fails before any work
-    _check_layers(models, cells)
+    _check_layers(models, cells, settings)
     for variant in records:
         entry = {key: value for key, value in variant.items() if key != "cell_keys"}
         entry["cells"] = {}
@@ -326,8 +423,9 @@ def evaluate_variants(
     return document
 
 
-def _check_layers(models: dict, cells: list[Cell]) -> None:
+def _check_layers(models: dict, cells: list[Cell], settings: EvaluationSettings) -> None:
     layers = max((cell.layers for cell in cells if cell.layers), default=1)
+    check_resolution(settings.resolution, {label: (label, m.patch_embed.patch_size[0]) for label, m in models.items()})
     for label, model in models.items():
         if layers > len(model.blocks):
             raise InputError(f"--layers {layers}: the variant {label} has only {len(model.blocks)} blocks")

@@ -5,13 +5,16 @@
     {"generator": "sinder-hub evaluate", "format": 1,
      "settings": {...every setting but the variants...},
      "columns": [{"cell": "VOC2012/linseg-L1", "metric": "miou", "title": "VOC2012 linseg-L1 miou"}, ...],
+     "data_sha256": {dataset name: sha256 of its files' contents},
      "variants": [{"label", "model", "weights_sha256", "key", "cells": {cell: {"key", "result"}}}, ...],
      "files": {"results.md": sha256, "results.png": sha256}}
 
 A cell's key hashes the variant (its spec, and the sha256 of its weights when they are files),
-the dataset (root, layout, images per split) and every protocol setting, so a later command with
-one more variant reuses the finished ones. An output folder whose files are not this command's
-own, or were made with other settings or other variants, is refused unless ``--overwrite``.
+the dataset (root, layout, images per split, and ``data_sha256``: the sha256 of the CONTENTS of
+every file the cell reads, see ``dataset_sha256``) and every protocol setting, so a later command
+with one more variant reuses the finished ones, and a cell whose weights or data changed is run
+again. An output folder whose files are not this command's own, or were made with other settings
+or other variants, is refused unless ``--overwrite``; one command at a time writes it (``.lock``).
 """
 
 from __future__ import annotations
@@ -19,10 +22,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ..errors import InputError, RunFolderError
-from ..files import atomic_path, write_text_atomic
+from ..errors import DataError, InputError, RunFolderError
+from ..files import atomic_path, write_text_atomic, writing
+from ..runs import LOCK, lock_folder
 
 GENERATOR = "sinder-hub evaluate"
 FORMAT = 1
@@ -34,7 +40,8 @@ TRIVIAL_MARK = "†"
 PANELS_PER_ROW = 4
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file's contents (hex)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -42,16 +49,54 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _readable_sha256(path: Path) -> str:
+    try:
+        return sha256_file(path)
+    except OSError as error:
+        raise DataError(
+            f"{path}: cannot read it ({error.strerror or error}); every listed file must be readable"
+        ) from error
+
+
+def dataset_sha256(dataset, workers: int = 1, progress=None) -> str:
+    """sha256 over every sample of every split of an ``EvalDataset``, in order: the split, the image's path
+    (relative to the root), the sha256 of its contents, the target (a class name, or the mask / depth file's
+    path and contents' sha256), and the class list. Contents, not sizes and times: ``cp -p`` and a file
+    rewritten within the clock's granularity keep both. ``workers`` threads read the files."""
+    root = dataset.root.resolve()
+    files = list(dict.fromkeys(f for samples in dataset.splits.values() for s in samples for f in _files_of(s)))
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        hashes = pool.map(_readable_sha256, files)
+        if progress is not None:
+            hashes = progress(hashes, len(files), f"digest {dataset.title}")
+        sha256 = dict(zip(files, hashes))
+    digest = hashlib.sha256(json.dumps(dataset.classes).encode())
+    for split, samples in sorted(dataset.splits.items()):
+        for sample in samples:
+            target = dataset.classes[sample.target] if isinstance(sample.target, int) else None
+            parts = [split, *(f"{_relative(f, root)}\0{sha256[f]}" for f in _files_of(sample)), str(target)]
+            digest.update(("\t".join(parts) + "\n").encode())
+    return digest.hexdigest()
+
+
+def _files_of(sample) -> tuple[Path, ...]:
+    return (sample.image,) if isinstance(sample.target, int) else (sample.image, sample.target)
+
+
+def _relative(path: Path, root: Path) -> str:
+    return os.path.relpath(path.resolve(), root)
+
+
 def weights_sha256(spec: str) -> str | None:
     """sha256 of a spec's weights when they are files (a file, or the weight and config files at a folder's top
     level), else ``None`` (a timm or hub name: the spec alone keys it)."""
     path = Path(spec).expanduser()
     if path.is_file():
-        return _sha256_file(path)
+        return sha256_file(path)
     if path.is_dir():
         digest = hashlib.sha256()
         for file in sorted(p for p in path.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES):
-            digest.update(f"{file.relative_to(path).as_posix()}\0{_sha256_file(file)}\0".encode())
+            digest.update(f"{file.relative_to(path).as_posix()}\0{sha256_file(file)}\0".encode())
         return digest.hexdigest()
     return None
 
@@ -89,7 +134,7 @@ class OutputFolder:
         if not isinstance(document, dict) or document.get("generator") != GENERATOR:
             self._refuse(f"holds a {RESULTS_JSON} that sinder-hub evaluate did not write")
         for name in present[1:]:
-            if _sha256_file(self.path / name) != document.get("files", {}).get(name):
+            if sha256_file(self.path / name) != document.get("files", {}).get(name):
                 self._refuse(f"holds a {name} that was changed after sinder-hub evaluate wrote it")
         old = document.get("settings", {})
         for key in sorted(set(old) | set(settings)):
@@ -103,6 +148,29 @@ class OutputFolder:
                     "does not list (list it again to keep it)"
                 )
         return document
+
+    def check_inputs(self, inputs: list[tuple[str, str]]) -> None:
+        """``RunFolderError`` when the folder is, or lies inside, a folder ``(flag, path)`` the command reads: a
+        dataset (the results would become its files) or a model folder (they would change its weights' digest)."""
+        output = self.path.expanduser().resolve()
+        for flag, spec in inputs:
+            source = Path(str(spec)).expanduser()
+            if source.is_dir() and (output == source.resolve() or source.resolve() in output.parents):
+                where = "is" if output == source.resolve() else "lies inside"
+                raise RunFolderError(
+                    f"{self.flag} {self.path} {where} the {flag} {spec} that the command reads; "
+                    f"write the results into another folder"
+                )
+
+    def lock(self) -> None:
+        """Create the folder if needed and take its ``.lock`` (``RunFolderError``, one line, when another
+        command holds it); nothing else in it is touched."""
+        with writing(self.path, f"create the {self.flag} folder"):
+            self.path.mkdir(parents=True, exist_ok=True)
+        lock_folder(self.path, self.flag)
+
+    def unlock(self) -> None:
+        (self.path / LOCK).unlink(missing_ok=True)
 
     def write(self, document: dict) -> None:
         """Write the table, the chart and then ``results.json`` (recording the other two's sha256), each atomically."""
