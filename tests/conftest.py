@@ -57,6 +57,7 @@ def built_wheel(tmp_path_factory) -> Path:
 # whole files (--dist loadfile), and a long file taken last keeps one worker busy while the other idles.
 LONGEST_FIRST = (
     "test_trainer_runs.py",
+    "test_real_dinov2.py",
     "test_trainer.py",
     "test_repair_runs.py",
     "test_fixture.py",

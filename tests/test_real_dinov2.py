@@ -111,7 +111,7 @@ def test_singular_defect_directions_of_a_real_dinov2(real_timm):
 def test_diagnose_and_the_viewer_show_no_false_defects(real, tmp_path, capsys):
     out = tmp_path / "diagnose"
     argv = ["diagnose", "--model", str(real.folder), "--resolution", str(RESOLUTION), "--method", "expected"]
-    assert cli([*argv, "--images", *[str(_png(tmp_path, n)) for n in HELD_OUT_SAMPLES], "--out", str(out)]) == 0
+    assert cli([*argv, "--images", *[str(_png(tmp_path, n)) for n in HELD_OUT_SAMPLES[:2]], "--out", str(out)]) == 0
     (report,) = json.loads((out / "report.json").read_text()).values()
     assert sum(report["blocks"][-1]["defects"].values()) == 0
     pytest.importorskip("gradio", reason="the viewer needs the app extra")
@@ -136,7 +136,17 @@ def test_registers_and_repair_refuse_a_model_without_high_norm_outliers(real, ph
     line = one_error_line(capsys, cli(registers), 2, "threshold at block 10")  # DINOv2's detection block
     assert "eq. 5 flags no defect" in line or "no high-norm outliers to move" in line
     print(f"\n{line}")
-    repair = ["repair", *common, "--data", str(photos), "--output", str(tmp_path / "run"), "--quiet"]
+    repair = [
+        "repair",
+        *common,
+        "--data",
+        str(photos),
+        "--output",
+        str(tmp_path / "run"),
+        "--quiet",
+        "--max-steps",
+        "2",
+    ]
     line = one_error_line(capsys, cli([*repair, "--directions-method", "expected"]), 1, "--allow-no-outliers")
     print(line)
     assert "at the last block of 5 held-out images at 224 px" in line and "no high-norm outliers" in line
@@ -147,6 +157,7 @@ def test_registers_and_repair_refuse_a_model_without_high_norm_outliers(real, ph
 def test_repair_refuses_a_random_weight_model_before_training(random_vit_s, photos, tmp_path, capsys):
     run = tmp_path / "run"
     argv = ["repair", "--model", str(random_vit_s), "--data", str(photos), "--output", str(run), "--quiet"]
+    argv += ["--max-steps", "2", "--num-workers", "0"]
     argv += ["--resolution", str(RESOLUTION), "--directions-method", "expected", "--held-out", "astronaut"]
     one_error_line(capsys, cli(argv), 1, str(random_vit_s), "no high-norm outliers", "--allow-no-outliers")
     assert not run.exists()
@@ -199,8 +210,8 @@ def test_real_features_classify_faces_far_better_than_random_weights(real, rando
     assert cli([*argv, "--workers", "0", "--out", str(out)]) == 0
     print("\n" + (out / "results.md").read_text())
     results = json.loads((out / "results.json").read_text())
-    scores = {}
-    for cell in results["cells"]:
-        scores.setdefault(cell["variant"], {})[cell["task"]] = cell["metrics"]["top1"]
-    for task in ("knn", "linear"):
-        assert scores["real"][task] >= scores["random"][task] + 10, (task, scores)
+    top1 = {
+        v["label"]: {c.split("/")[-1]: e["result"]["top1"] for c, e in v["cells"].items()} for v in results["variants"]
+    }
+    assert top1["real"]["knn"] >= top1["random"]["knn"] + 20, top1  # random features: about chance (50 %)
+    assert top1["real"]["linear"] > top1["random"]["linear"] and top1["real"]["linear"] >= 90, top1
