@@ -215,3 +215,12 @@ def test_real_features_classify_faces_far_better_than_random_weights(real, rando
     }
     assert top1["real"]["knn"] >= top1["random"]["knn"] + 20, top1  # random features: about chance (50 %)
     assert top1["real"]["linear"] > top1["random"]["linear"] and top1["real"]["linear"] >= 90, top1
+
+
+def test_the_repair_loader_uses_no_more_workers_than_the_cores_it_may_use():
+    import os
+
+    from sinder_hub.training import RepairConfig
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert RepairConfig().num_workers == min(4, cores)  # torch warns above the cores (issue 26, on 2 cores)
