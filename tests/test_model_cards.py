@@ -345,3 +345,42 @@ def test_the_authors_repaired_checkpoint_is_described_as_repaired_elsewhere(tmp_
     card = ModelCard.load(export(model, tmp_path, format="timm", card=True)["timm"] / "README.md")
     assert card.text.splitlines()[1] == "# DINOv2 repaired with SINDER"
     assert "No figures are available for this checkpoint" in card.text and "wang2024sinder" in card.text
+
+
+@pytest.mark.parametrize("kind", ["timm", "transformers"])
+def test_a_local_source_is_named_by_its_sha256_and_never_by_its_path(kind, tmp_path):
+    weights = tmp_path / "private" / "alice-checkpoints" / "dinov2_vits14.pth"
+    data = tmp_path / "private" / "photos"
+    report = {
+        **REPORT,
+        "source_model": str(weights),
+        "hyperparameters": {**REPORT["hyperparameters"], "data": str(data)},
+    }
+    card = build_model_card(FOLDERS[kind](tmp_path / kind, report=report), repo_id=REPO_ID)
+    text = str(card)
+    assert str(tmp_path) not in text and "alice-checkpoints" not in text and "photos" not in text
+    assert "a local checkpoint" in text and REPORT["source_sha256"] in text
+    assert "| `data` | local images (the path is not published) |" in text
+
+
+@pytest.mark.parametrize("kind", ["timm", "transformers"])
+def test_a_derived_model_declares_its_base_and_the_finetune_relation(kind, tmp_path):
+    data = build_model_card(FOLDERS[kind](tmp_path / kind), repo_id=REPO_ID).data.to_dict()
+    assert data["base_model"] == "timm/vit_small_patch14_dinov2.lvd142m"
+    assert data["base_model_relation"] == "finetune"
+    assert data["library_name"] == kind and data["pipeline_tag"] == "image-feature-extraction"
+    assert data["license"]
+
+
+@pytest.mark.parametrize("kind", ["timm", "transformers"])
+@pytest.mark.parametrize("after", [0, 3])  # none before: 0 -> 0 and 0 -> 3
+def test_a_run_that_removed_no_defect_is_not_called_a_repair(kind, after, tmp_path):
+    nothing = {"defects": {"astronaut": 0, "coffee": 0, "camera": 0}, "total": 0}
+    held_out = {**REPORT["held_out"], "before": nothing, "after": {**nothing, "total": after}, "defect_reduction": None}
+    card = build_model_card(FOLDERS[kind](tmp_path / kind, report={**REPORT, "held_out": held_out}), repo_id=None)
+    title = card.text.splitlines()[1]
+    assert title == "# DINOv2 after a SINDER run that removed no defect (not repaired)"
+    intro = card.text[: card.text.index("\n## ")]
+    assert "repaired with" not in intro and "The run removed no singular defect" in intro
+    assert f"showed\n0 defective patch tokens at the last block before the run and {after} after" in intro
+    assert "What was repaired" not in card.text and "| **total** | **0** |" in card.text

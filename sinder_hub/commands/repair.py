@@ -44,6 +44,8 @@ HELP = {
     "resume": "continue the run in --output from its checkpoint",
     "overwrite": "replace the run in --output (removes only the files a run writes)",
     "allow_degraded": "keep the model of a run that made no update or moved the features far from the original (exit 0)",
+    "allow_no_outliers": "train even when the held-out images show no high-norm outliers at the last block "
+    "(a model without singular defects: by default the run stops before training, exit 1)",
     "max_pixels": "larger images are skipped as bad files (PIL's decompression-bomb limit by default)",
     "quiet": "no progress bar",
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 from ..data import HELD_OUT_SAMPLES, MAX_PIXELS, SAMPLE_IMAGE_NAMES
@@ -15,6 +16,8 @@ DIRECTIONS_METHODS = ("sampled", "expected")
 # differentiates the same graphs but runs them eagerly (seconds to compile instead of a minute of C++
 # on a CPU: for debugging, and for the tests of the compiled step's logic)
 COMPILE_BACKENDS = ("inductor", "aot_eager")
+# data-loader processes: 4, or fewer on a machine with fewer cores (torch warns above the cores it may use)
+LOADER_WORKERS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 @dataclass
@@ -49,7 +52,8 @@ class RepairConfig:
     resume: bool = False
     overwrite: bool = False
     allow_degraded: bool = False
-    num_workers: int = 4
+    allow_no_outliers: bool = False
+    num_workers: int = LOADER_WORKERS
     max_pixels: int = MAX_PIXELS
     held_out: tuple[str, ...] = HELD_OUT_SAMPLES
     quiet: bool = False

@@ -30,6 +30,7 @@ from ..data import ImageFiles, collate_one, list_images, normalization_of, sampl
 from ..errors import InputError, RepairError, SinderError
 from ..files import writing
 from ..registers import registers_of
+from ..registers_search import threshold_between
 from ..runs import REPORT, RunFolder
 from ..singular_values import merge_singular_values, parametrize_singular_values
 from .config import PRECISIONS, RepairConfig
@@ -162,7 +163,6 @@ def set_up(config, accelerator, folder, paths, digest, plan, saved, started) -> 
             check_source(saved, source["sha256"], config.model)
         folder.begin()
 
-    on_every_process(accelerator, begin)
     timings = report.Timings(setup_s=time.perf_counter() - started)
     tick = time.perf_counter()
     generator = torch.Generator(device=device).manual_seed(config.seed)
@@ -176,6 +176,9 @@ def set_up(config, accelerator, folder, paths, digest, plan, saved, started) -> 
     held_out = {name: transform(image)[None].to(device) for name, image in held_out_images.items()}
     before = report.held_out_outputs(model, held_out, directions, config.mask_thr, config.kernel)
     timings.held_out_s = time.perf_counter() - tick
+    if saved is None and not config.allow_no_outliers:  # a resumed run was checked when it began
+        check_outliers(config, before)
+    on_every_process(accelerator, begin)
     eps = parametrize_singular_values(model)
     optimizer = torch.optim.SGD(list(eps.values()), lr=config.lr, momentum=config.momentum, weight_decay=0.0)
     if saved is not None:
@@ -396,6 +399,23 @@ def check_compile(device: torch.device, backend: str) -> None:
         raise InputError(
             f"--compile: torch.compile does not work on this {device.type} ({reason}); run without --compile"
         ) from None
+
+
+def check_outliers(config: RepairConfig, before: dict) -> None:
+    """``RepairError`` before any training (and before the run folder is touched) when the held-out images
+    show no high-norm outliers at the last block: eq. 5 flags nothing, or the flagged tokens' median norm is
+    less than ``registers_search.MIN_NORM_RATIO`` times the other patch tokens' (the rule ``registers`` applies).
+    ``before``: ``report.held_out_outputs`` of the original (last-block ``grid`` ``[H, W, D]`` and ``mask``)."""
+    norms = torch.cat([output["grid"].norm(dim=-1).flatten() for output in before.values()])
+    masks = torch.cat([output["mask"].flatten() for output in before.values()])
+    where = f"--model {config.model} at the last block of {len(before)} held-out images at {config.resolution} px"
+    advice = "nothing to repair; --allow-no-outliers trains anyway"
+    if not masks.any():
+        raise RepairError(f"{where}: eq. 5 flags no defect (no high-norm outliers): {advice}")
+    try:
+        threshold_between(norms[masks], norms[~masks], where)
+    except InputError as error:  # its advice is the registers' (give a threshold): ours replaces it
+        raise RepairError(f"{str(error).split(' (give')[0]}: {advice}") from None
 
 
 def check_resolution(model: nn.Module, config: RepairConfig) -> None:
