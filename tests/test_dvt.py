@@ -298,3 +298,16 @@ def test_diagnose_and_evaluate_take_six_variants(tmp_path, files, capsys):
     assert [variant["label"] for variant in results["variants"]] == labels
     assert all(cell["result"] for variant in results["variants"] for cell in variant["cells"].values())
     capsys.readouterr()
+
+
+@pytest.mark.slow
+def test_the_viewer_lays_six_models_out_in_rows_of_three():
+    gradio = pytest.importorskip("gradio")
+    from sinder_hub.app import COLUMNS_PER_ROW, build_app
+
+    app = build_app(models=[f"m{index}={BASE}" for index in range(6)])  # one model, loaded once
+    by_id = {block.elem_id: block for block in app.blocks.values() if getattr(block, "elem_id", None)}
+    rows = [by_id[f"column-{index}"].parent.parent for index in range(6)]
+    assert all(isinstance(row, gradio.Row) for row in rows)
+    assert [rows.index(row) for row in rows] == [index // COLUMNS_PER_ROW * COLUMNS_PER_ROW for index in range(6)]
+    assert by_id["input-image"].parent.parent not in rows  # the input has its row; the models fill two below it
