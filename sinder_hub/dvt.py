@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -267,7 +268,7 @@ def label_of(spec: str) -> str | None:
     """``dvt-denoised`` / ``dvt-distilled`` for a ``dvt:`` reference or a DVT ``.pth`` file, else ``None``."""
     if spec.startswith(REFERENCE_PREFIX):
         kind = spec.removeprefix(REFERENCE_PREFIX).split("/")[0]
-        return LABELS[DENOISER if kind.endswith("denoised") else DISTILLED]
+        return LABELS[DENOISER if kind.endswith("denoised") else DISTILLED] if kind in DVT_KINDS else None
     path = Path(spec).expanduser()
     kind = file_kind(path) if path.suffix in (".pth", ".pt") and path.is_file() else None
     return LABELS.get(kind)
@@ -304,3 +305,15 @@ def card_note(model: nn.Module) -> str | None:
         f"These weights are DVT's distilled backbone `{source}` (Yang et al., Denoising Vision Transformers, "
         f"ECCV 2024; https://huggingface.co/{DVT_REPO}), exported unchanged. {LICENCE_NOTE}."
     )
+
+
+def amended_card(card: str, model: nn.Module) -> str:
+    """``card`` (``cards.build_model_card``'s text) for a DVT backbone: the licence the family's weights carry is not
+    claimed (``license: unknown``, its sentence replaced by ``LICENCE_NOTE``) and ``card_note`` comes before Usage."""
+    note = card_note(model)
+    if note is None:
+        return card
+    card = re.sub(r"^license: .*$", "license: unknown", card, count=1, flags=re.MULTILINE)
+    card = re.sub(r"^- The weights inherit .*$", f"- {LICENCE_NOTE}.", card, flags=re.MULTILINE)
+    head, usage, rest = card.partition("\n## Usage")
+    return f"{head.rstrip()}\n\n{note}\n{usage}{rest}" if usage else f"{card.rstrip()}\n\n{note}\n"

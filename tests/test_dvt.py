@@ -260,6 +260,7 @@ def test_a_distilled_file_exports_as_stock_timm_with_a_card_saying_whose(tmp_pat
         assert torch.equal(model.forward_features(images), reference.forward_features(images))
     card = (folders["timm"] / "README.md").read_text()
     assert f"voc_distilled/{BASE}.pth" in card and "state no licence" in card
+    assert "license: unknown" in card and "apache" not in card.lower()  # not the family's licence
 
 
 @pytest.mark.slow
