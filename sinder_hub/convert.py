@@ -166,8 +166,11 @@ def _export_one(model: nn.Module, kind: str, folder: Path, extras: list[Path], c
                 from . import cards
 
                 cards.write_model_card(staging, kind, repaired_elsewhere=repaired_elsewhere)
-                card_file = staging / "README.md"  # DVT's weights: whose they are, and that no licence is stated
-                card_file.write_text(dvt.amended_card(card_file.read_text(encoding="utf-8"), model), encoding="utf-8")
+                if dvt.card_note(model):  # DVT's weights: whose they are, and that no licence is stated
+                    card_file = staging / "README.md"
+                    card_file.write_text(
+                        dvt.amended_card(card_file.read_text(encoding="utf-8"), model), encoding="utf-8"
+                    )
             for path in _export_files(folder):  # an earlier export's files (overwrite=True)
                 path.unlink()
             for path in sorted(staging.iterdir()):
