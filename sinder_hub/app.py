@@ -1,4 +1,4 @@
-"""The browser viewer (``sinder-hub view``): one image through one to four backbones, side by side.
+"""The browser viewer (``sinder-hub view``): one image through one to six backbones, side by side.
 
 Per model: the token-norm map of one block with its defective tokens outlined, the
 3-component PCA of its patch tokens (paper Fig. 1), and per block the defect count and the
@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 DEMO_RUN = Path("demo-output") / "run"
 OUTLINE = (255, 0, 0)
+COLUMNS_PER_ROW = 3  # model columns beside the input; with more models, rows of three below it (six stay legible)
 METHOD_NOTES = {
     "expected": "`expected` (the noise-free limit of the authors' least squares; 0.9 s per planted model "
     "on 2 CPU cores vs 28 s for `sampled` with 100k samples)",
@@ -217,7 +218,7 @@ def readable_upload(path: str | Path, folders: Sequence[Path]) -> Path | None:
 class Viewer:
     """The models of one app and the answer to one request (no gradio here: tests call it directly).
 
-    ``specs``: one to four backbone specs, each optionally ``LABEL=SPEC`` (``sinder_hub.variants``:
+    ``specs``: one to six backbone specs, each optionally ``LABEL=SPEC`` (``sinder_hub.variants``:
     the first is ``original`` unless labelled). A spec that fails to load, or whose patch size
     or depth differs from the first loaded one, is kept in ``failures`` ``{label: message}`` and
     shown on the page instead of its pictures. ``answer`` reads only files inside
@@ -389,10 +390,11 @@ def input_column(viewer: Viewer) -> tuple[gr.Image, gr.Dropdown, gr.Slider, gr.S
     return image, sample, size, block
 
 
-def model_columns(viewer: Viewer) -> list[gr.Image]:
-    """One column per spec: its title (and why it is missing, if it is), its token-norm map and its PCA."""
+def model_columns(viewer: Viewer, first: int = 0, count: int | None = None) -> list[gr.Image]:
+    """One column per spec (``count`` of them from the ``first``): its title (and why it is missing, if it is),
+    its token-norm map and its PCA."""
     pictures = []
-    for index, (label, spec) in enumerate(viewer.specs.items()):
+    for index, (label, spec) in list(enumerate(viewer.specs.items()))[first : None if count is None else first + count]:
         with gr.Column(scale=1, min_width=220):
             failure = viewer.failures.get(label)
             gr.Markdown(
@@ -424,7 +426,7 @@ def build_app(
     method: str = "expected",
     max_pixels: int = MAX_PIXELS,
 ) -> gr.Blocks:
-    """A Gradio Blocks app showing ``models`` (one to four specs, ``LABEL=SPEC`` allowed; default
+    """A Gradio Blocks app showing ``models`` (one to six specs, ``LABEL=SPEC`` allowed; default
     ``default_models()``) side by side.
 
     Loads the models and their directions now. ``resolution``: the default input size (a
@@ -436,9 +438,13 @@ def build_app(
     viewer = Viewer(list(models or default_models()), method, max_pixels, resolution, [get_upload_folder()])
     with gr.Blocks(title="sinder-hub viewer", analytics_enabled=False) as app:
         gr.Markdown(header(viewer), elem_id="header")
+        beside = len(viewer.specs) <= COLUMNS_PER_ROW  # more models: rows of COLUMNS_PER_ROW below the input
         with gr.Row():
             image, sample, size, block = input_column(viewer)
-            pictures = model_columns(viewer)
+            pictures = model_columns(viewer) if beside else []
+        for first in range(0, 0 if beside else len(viewer.specs), COLUMNS_PER_ROW):
+            with gr.Row():
+                pictures += model_columns(viewer, first, COLUMNS_PER_ROW)
         message = gr.Markdown(elem_id="message")
         table = gr.Markdown(elem_id="numbers")
         chart = gr.Image(label="per block", format="png", interactive=False, elem_id="chart")

@@ -25,7 +25,7 @@ import torch
 from timm.models._hub import load_model_config_from_path, load_state_dict_from_path
 from timm.models.vision_transformer import VisionTransformer
 
-from . import families
+from . import dvt, families
 from .anatomy import describe_model
 from .downloads import weights_within_reach
 from .errors import BackboneError
@@ -43,6 +43,7 @@ ACCEPTED_SPECS = (
     "a transformers folder of "
     + ", ".join(family.transformers.model_class for family in families.with_transformers_counterpart()),
     "a test-time-registers folder (test_time_registers.json, from sinder-hub registers)",
+    "a DVT file (.pth, denoised or distilled) or a reference dvt:KIND/TIMM_NAME to one",
     " / ".join(name for family in families.FAMILIES for name in family.planted),
 )
 
@@ -101,10 +102,11 @@ def _read_weights(path: Path, read):
         ) from error
 
 
-def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+def _read_checkpoint(path: Path) -> dict:
+    """A ``.safetensors`` file's tensors, or the dict a ``.pth`` / ``.pt`` holds (``weights_only``), still wrapped."""
     if path.suffix == ".safetensors":
         return _read_weights(path, lambda p: safetensors.torch.load_file(p, device="cpu"))
-    return unwrap_checkpoint(_read_weights(path, lambda p: torch.load(p, map_location="cpu", weights_only=True)))
+    return _read_weights(path, lambda p: torch.load(p, map_location="cpu", weights_only=True))
 
 
 def _from_file(path: Path, architecture: str | None, pretrained: bool, model_kwargs: dict) -> VisionTransformer:
@@ -116,7 +118,10 @@ def _from_file(path: Path, architecture: str | None, pretrained: bool, model_kwa
             f"{path}: a .safetensors file does not name its architecture; pass architecture= "
             "(e.g. 'vit_giant_patch14_dinov2') or load the save_for_hf folder that contains it"
         )
-    state_dict = _read_checkpoint(path)
+    checkpoint = _read_checkpoint(path)
+    if dvt.checkpoint_kind(checkpoint) is not None:  # DVT's files (sinder_hub.dvt); architecture= names the base
+        return dvt.load_checkpoint(checkpoint, path, architecture, pretrained, model_kwargs)
+    state_dict = unwrap_checkpoint(checkpoint)
     architecture = architecture or infer_architecture(state_dict, str(path))
     model = _create(architecture, False, model_kwargs, str(path))
     if pretrained:
@@ -239,11 +244,13 @@ def load_backbone(
     """A DINOv2-like timm ``VisionTransformer`` in eval mode, created with ``dynamic_img_size=True``.
 
     ``spec``: one of ``ACCEPTED_SPECS``. ``architecture``: timm name for a checkpoint file (required for
-    ``.safetensors``, inferred from shapes for ``.pth``/``.pt``). ``pretrained=False`` builds the same
-    architecture with random weights. ``model_kwargs`` go to ``timm.create_model`` (they override
+    ``.safetensors``, inferred from shapes for ``.pth``/``.pt``; for a DVT file the base spec, default its
+    stem). ``pretrained=False`` builds the same architecture with random weights. ``model_kwargs`` go to ``timm.create_model`` (they override
     ``dynamic_img_size`` and a folder's saved ``model_args``). Raises ``BackboneError``.
     """
     spec = str(spec)
+    if spec.startswith(dvt.REFERENCE_PREFIX):  # a DVT file on the hub: its local copy
+        spec = str(dvt.hub_file(spec))
     path = Path(spec).expanduser()
     if spec.startswith("~"):
         spec = str(path)

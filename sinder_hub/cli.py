@@ -19,9 +19,9 @@ COMMANDS = {
     "export": "export a repaired backbone as stock timm and/or transformers folders",
     "push": "upload a run or export folder to the Hugging Face hub",
     "diagnose": "defect statistics and pictures of a backbone, beside up to three variants",
-    "evaluate": "the paper's evaluations (k-NN, linear probes, segmentation, depth) of up to four variants",
+    "evaluate": "the paper's evaluations (k-NN, linear probes, segmentation, depth) of up to six variants",
     "demo": "the embedded demo: repair the planted-defect backbone on skimage's photos",
-    "view": "open the browser viewer: up to four models' feature maps of your images, side by side",
+    "view": "open the browser viewer: up to six models' feature maps of your images, side by side",
 }
 
 

@@ -4,7 +4,8 @@ that have a transformers counterpart (DINOv2, CLIP, DINOv3: ``families.<family>.
 timm folders (``save_timm``) work for every family ``load_backbone`` accepts; transformers folders for
 the families with a counterpart; the others (DeiT-III, SigLIP, EVA02, other ViTs) are a
 ``BackboneError`` naming the family. A model carrying test-time registers (hooks, not weights) is
-refused: export its base model instead.
+refused: export its base model instead; so is a DVT-denoised backbone (``sinder_hub.dvt``), whose denoiser
+no stock architecture has.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from timm.models import save_for_hf
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from . import families
+from . import dvt, families
 from .backbones import load_backbone
 from .errors import BackboneError, RunFolderError
 from .files import atomic_path, check_writable, writing
@@ -54,6 +55,8 @@ def _counterpart(model: nn.Module, source: str = "the model") -> families.Transf
 
 
 def _refuse_registers(model: nn.Module, source: str = "the model") -> None:
+    if dvt.refusal(model, source):
+        raise BackboneError(dvt.refusal(model, source))
     if getattr(model, "test_time_registers", None) is not None:
         raise BackboneError(
             f"{source} carries test-time registers, which are hooks, not weights: export its base model and keep "
@@ -127,6 +130,8 @@ def export(
     folders = {kind: out_dir / kind if format == "both" else out_dir for kind in kinds}
     source = None if isinstance(model_or_run_dir, nn.Module) else Path(str(model_or_run_dir)).expanduser()
     check_export_target(source, out_dir, format, overwrite)
+    if source is not None and dvt.source_refusal(str(source)):
+        raise BackboneError(dvt.source_refusal(str(source)))
     created = [folder for folder in (out_dir, *folders.values()) if not folder.exists()]
     for folder in folders.values():
         check_writable(folder, "--to")
@@ -161,6 +166,11 @@ def _export_one(model: nn.Module, kind: str, folder: Path, extras: list[Path], c
                 from . import cards
 
                 cards.write_model_card(staging, kind, repaired_elsewhere=repaired_elsewhere)
+                if dvt.card_note(model):  # DVT's weights: whose they are, and that no licence is stated
+                    card_file = staging / "README.md"
+                    card_file.write_text(
+                        dvt.amended_card(card_file.read_text(encoding="utf-8"), model), encoding="utf-8"
+                    )
             for path in _export_files(folder):  # an earlier export's files (overwrite=True)
                 path.unlink()
             for path in sorted(staging.iterdir()):

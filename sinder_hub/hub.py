@@ -21,6 +21,7 @@ from huggingface_hub import CommitOperationAdd, HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError
 from safetensors import safe_open
 
+from . import dvt
 from .cards import build_model_card
 from .errors import InputError, SinderError
 from .runs import INCOMPLETE
@@ -92,6 +93,8 @@ def plan_upload(folder: str | Path) -> UploadPlan:
     ``UnpushableFolderError`` when ``folder`` is not a finished model folder: not a folder, a run marked
     ``INCOMPLETE``, no config or weights left to upload, or a ``.safetensors`` file that does not open.
     """
+    if dvt.source_refusal(str(folder)):  # a DVT denoiser is no model folder of any stock loader
+        raise UnpushableFolderError(dvt.source_refusal(str(folder)))
     folder = Path(folder)
     if not folder.is_dir():
         raise UnpushableFolderError(f"{folder} is not a folder")

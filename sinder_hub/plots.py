@@ -17,7 +17,7 @@ from PIL import Image  # noqa: E402
 
 from .data import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
-MODEL_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:purple")
+MODEL_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:cyan")  # red marks defects
 
 
 def _display_image(image: Image.Image | torch.Tensor, grid_hw: tuple[int, int]) -> np.ndarray:
@@ -124,7 +124,7 @@ def angle_violin_figure(
     """Fig. 2d: per block, all tokens' acute angles to the singular defect direction (violins,
     defective tokens as dots) and the angle between singular and empirical defect directions (line).
 
-    ``report`` (and ``compare``, one report or up to three, drawn beside it in other colours) is a
+    ``report`` (and ``compare``, one report or up to five, drawn beside it in other colours) is a
     ``diagnostics.defect_report`` dict, or any ``{"blocks": [{"token_angles": {name: [H*W]},
     "angle_singular_empirical": float | None, "defect_positions"?: {name: [[r, c], …]}}, …]}``.
     Writes a PNG to ``path`` and returns it.
@@ -213,7 +213,7 @@ def variants_figure(rows: dict[str, dict], path: str | Path) -> Path:
     cosine_ax.set_title(f"cosine of the final features to {labels[0]}", fontsize=9)
     cosine_ax.legend(fontsize=7, loc="lower left")
     for ax in (ratio_ax, cosine_ax):
-        ax.set_xticks(x, labels, rotation=20, fontsize=8)
+        ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)  # six labels stay apart
     fig.tight_layout()
     return _save(fig, path)
 

@@ -1,10 +1,11 @@
-"""Up to four backbones side by side: ``--model`` (the reference) and ``--compare`` (the others).
+"""Up to six backbones side by side: ``--model`` (the reference) and ``--compare`` (the others).
 
 ``diagnose``, ``evaluate`` and ``view`` compare variants of one backbone, e.g. the original, a
-SINDER repair run, a test-time-registers folder and a ``reg4`` model. Each spec may carry a label,
-``LABEL=SPEC``; without one, the first variant is ``original`` and the others are named after
-what they are (``sinder`` for a repair run folder, ``registers`` for a test-time-registers
-folder) or after the spec (a folder's or file's name, a timm name without its tag).
+SINDER repair run, a test-time-registers folder, a ``reg4`` model and DVT's denoised and distilled
+backbones. Each spec may carry a label, ``LABEL=SPEC``; without one, the first variant is ``original``
+and the others are named after what they are (``sinder`` for a repair run folder, ``registers`` for a
+test-time-registers folder, ``dvt-denoised`` / ``dvt-distilled`` for a DVT file or ``dvt:`` reference)
+or after the spec (a folder's or file's name, a timm name without its tag).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import dvt
 from .errors import InputError
 
-MAX_VARIANTS = 4
+MAX_VARIANTS = 6
 REFERENCE_LABEL = "original"
 LABEL_PATTERN = re.compile(r"[A-Za-z][\w.+-]{0,31}")
 # files that say what a folder holds (a repair run, a test-time-registers folder)
@@ -41,6 +43,9 @@ def _split_label(text: str) -> tuple[str | None, str]:
 
 def default_label(spec: str) -> str:
     """A short label for an unlabelled spec (see the module docstring)."""
+    dvt_label = dvt.label_of(spec)
+    if dvt_label is not None:
+        return dvt_label
     path = Path(spec).expanduser()
     if path.is_dir():
         for name, kind in KIND_FILES:

@@ -1,4 +1,4 @@
-"""Defect statistics and pictures of a backbone (paper §2, Fig. 1 and Fig. 2d), beside up to three variants.
+"""Defect statistics and pictures of a backbone (paper §2, Fig. 1 and Fig. 2d), beside up to five variants.
 
     python tools/diagnose.py --model planted-swiglu
     python tools/diagnose.py --model vit_giant_patch14_dinov2 --compare sinder=RUN_DIR registers=TTR_DIR --images photos/
@@ -34,7 +34,7 @@ OUTPUTS = ("report.json", "norm_pca.png", "angles.png", "variants.png")
 def parse_args(argv=None) -> argparse.Namespace:
     parser = ArgumentParser(prog="diagnose", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="backbone spec for load_backbone (LABEL=SPEC allowed)")
-    parser.add_argument("--compare", nargs="+", metavar="SPEC", help="up to three more variants (LABEL=SPEC allowed)")
+    parser.add_argument("--compare", nargs="+", metavar="SPEC", help="up to five more variants (LABEL=SPEC allowed)")
     parser.add_argument("--images", nargs="+", help="image folders or files (default: the skimage.data sample images)")
     parser.add_argument("--resolution", type=int, help="square input size (default: the first model's own, e.g. "
                         "224 for planted-* models and CLIP, 518 for DINOv2)")  # fmt: skip

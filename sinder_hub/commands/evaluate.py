@@ -61,7 +61,7 @@ POSITIVE += ("test_resolution",)
 def parse_args(argv=None) -> argparse.Namespace:
     parser = ArgumentParser(prog="evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="the reference backbone, a load_backbone spec ([LABEL=]SPEC)")
-    parser.add_argument("--compare", nargs="+", help="up to three more backbones ([LABEL=]SPEC), one row each")
+    parser.add_argument("--compare", nargs="+", help="up to five more backbones ([LABEL=]SPEC), one row each")
     parser.add_argument("--task", nargs="+", required=True, choices=TASKS, metavar="TASK", help=", ".join(TASKS))
     parser.add_argument("--data", nargs="+", required=True, type=Path, help="dataset folders (layouts above)")
     parser.add_argument(

@@ -1,4 +1,4 @@
-"""Open the browser viewer: token norms, PCA and per-block defects of your images, up to four models side by side.
+"""Open the browser viewer: token norms, PCA and per-block defects of your images, up to six models side by side.
 
     sinder-hub view                                    # planted-swiglu vs demo-output/run (once the demo has run)
     sinder-hub view --model vit_base_patch14_dinov2 --compare runs/base --port 7860
