@@ -312,3 +312,14 @@ def test_the_viewer_lays_six_models_out_in_rows_of_three():
     assert all(isinstance(row, gradio.Row) for row in rows)
     assert [rows.index(row) for row in rows] == [index // COLUMNS_PER_ROW * COLUMNS_PER_ROW for index in range(6)]
     assert by_id["input-image"].parent.parent not in rows  # the input has its row; the models fill two below it
+
+
+def test_a_denoised_variant_keeps_its_base_models_pixels(tmp_path):
+    """The denoiser is fed the base's tokens, so every tool must feed the base its own mean and std (CLIP's here)."""
+    from sinder_hub.data import IMAGENET, normalization_of
+
+    base = load_backbone("planted-clip")
+    path = tmp_path / "voc_denoised" / "planted-clip.pth"
+    path.parent.mkdir()
+    torch.save(denoiser_checkpoint(base.embed_dim, 32)[0], path)
+    assert normalization_of(load_backbone(path)) == normalization_of(base) != IMAGENET
