@@ -127,9 +127,9 @@ def test_the_samples_folder_goes_with_the_viewer():
 
 
 @pytest.mark.slow
-def test_up_to_four_models_share_one_colour_scale_and_the_table(specs, photo):
-    with pytest.raises(InputError, match="one to 4 models side by side, got 5"):
-        Viewer([specs[0]] * 5)
+def test_up_to_six_models_share_one_colour_scale_and_the_table(specs, photo):
+    with pytest.raises(InputError, match="one to 6 models side by side, got 7"):
+        Viewer([specs[0]] * 7)
     viewer = Viewer([*specs, "broken=no-such-model"], upload_folders=[photo.parent])
     labels = [variant.label for variant in parse_variants(specs[0], specs[1:])]
     assert list(viewer.specs) == [*labels, "broken"] and list(viewer.models) == labels

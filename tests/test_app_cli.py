@@ -36,9 +36,9 @@ def test_bad_flag_values_are_one_line_naming_the_flag(argv, line, capsys, no_mod
 
 def test_too_many_or_twice_labelled_compare_specs_fail_before_gradio_starts(capsys, monkeypatch, no_model):
     monkeypatch.setattr(sinder_hub.app, "build_app", lambda **kwargs: pytest.fail("the app was built"))
-    assert view("--compare", "planted-gelu", "planted-gelu", "planted-gelu", "planted-gelu") == 2
+    assert view("--compare", *["planted-gelu"] * 6) == 2
     assert capsys.readouterr().err == (
-        "error: --compare: at most 3 specs besides --model (4 variants side by side), got 4\n"
+        "error: --compare: at most 5 specs besides --model (6 variants side by side), got 6\n"
     )
     assert view("--model", "a=planted-swiglu", "--compare", "a=planted-gelu") == 2
     assert capsys.readouterr().err == "error: --compare: the label 'a' is given twice; expected one label per variant\n"

@@ -166,8 +166,12 @@ def listing(folder: Path) -> dict[str, bytes]:
 
 
 def test_export_refuses_a_used_folder_and_overwrite_leaves_nothing_stale(tmp_path, capsys):
-    first = run_folder(tmp_path / "run1", 1, {"source_model": "run-one-source", "steps": 1}, ("astronaut", "coffee"))
-    second = run_folder(tmp_path / "run2", 2, {"source_model": "run-two-source", "steps": 2}, ("camera",))
+    first = run_folder(
+        tmp_path / "run1", 1, {"source_model": "hf-hub:someone/run-one-source", "steps": 1}, ("astronaut", "coffee")
+    )
+    second = run_folder(
+        tmp_path / "run2", 2, {"source_model": "hf-hub:someone/run-two-source", "steps": 2}, ("camera",)
+    )
     out = tmp_path / "out"
     export(first, out, format="timm", card=True)
     (out / "notes.txt").write_text("mine")
@@ -187,10 +191,10 @@ def test_export_refuses_a_used_folder_and_overwrite_leaves_nothing_stale(tmp_pat
         "repair_report.json",
     ]
     assert (out / "notes.txt").read_text() == "mine"
-    assert json.loads((out / "repair_report.json").read_text())["source_model"] == "run-two-source"
+    assert json.loads((out / "repair_report.json").read_text())["source_model"] == "hf-hub:someone/run-two-source"
     card = (out / "README.md").read_text()
     assert (
-        "`run-two-source`" in card
+        "`someone/run-two-source`" in card
         and "run-one-source" not in card
         and "before_after_camera.png" in card
         and "astronaut" not in card
