@@ -244,7 +244,7 @@ def _check_on_meta(name: str, source: str, model_kwargs: dict | None = None) -> 
     """Build ``name`` (with ``model_kwargs``) on the meta device: supported blocks, and weights that fit in memory."""
     with torch.device("meta"):
         try:
-            model = timm.create_model(name, pretrained=False, **{"dynamic_img_size": True, **(model_kwargs or {})})
+            model = timm.create_model(name, pretrained=False, **(model_kwargs or {}))
         except Exception as error:  # arguments from a config file that timm cannot build a model from
             if model_kwargs is None:
                 raise
