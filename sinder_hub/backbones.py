@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -28,10 +29,15 @@ from timm.models.vision_transformer import VisionTransformer
 from . import dvt, families
 from .anatomy import describe_model
 from .downloads import weights_within_reach
-from .errors import BackboneError
+from .errors import BackboneError, InputError
 from .families.dinov2 import dinov2_filter_fn, infer_architecture, unwrap_checkpoint
+from .runs import INCOMPLETE
 
 REGISTERS_FILE = "test_time_registers.json"
+MAX_RESOLUTION = 4096  # the largest square input the tools take, in pixels (flags checked before any model loads)
+# model_args of a timm config.json that must be whole numbers, and the least each may be
+INTEGER_MODEL_ARGS = {"embed_dim": 1, "depth": 1, "num_heads": 1, "patch_size": 1, "in_chans": 1,
+                      "num_classes": 0, "reg_tokens": 0}  # fmt: skip
 ACCEPTED_SPECS = (
     "a timm name of a supported family ("
     + ", ".join(f"{family.name}: {' '.join(family.architectures)}" for family in families.FAMILIES)
@@ -131,7 +137,17 @@ def _from_file(path: Path, architecture: str | None, pretrained: bool, model_kwa
 
 def _from_folder(path: Path, pretrained: bool, model_kwargs: dict) -> VisionTransformer:
     config_file = path / "config.json"
-    if (path / REGISTERS_FILE).is_file() and not config_file.is_file():
+    if (path / INCOMPLETE).exists():
+        raise BackboneError(
+            f"{path} is marked {INCOMPLETE}: the run that writes it did not finish; finish it (repair: --resume) "
+            "or run it again with --overwrite"
+        )
+    if (path / REGISTERS_FILE).is_file() and config_file.is_file():
+        raise BackboneError(
+            f"{path} holds both a model (config.json) and test-time registers ({REGISTERS_FILE}), so it means two "
+            "things; keep the registers folder apart from the model it edits"
+        )
+    if (path / REGISTERS_FILE).is_file():
         from .registers_folder import load_registers_folder
 
         return load_registers_folder(path, pretrained=pretrained, **model_kwargs)
@@ -161,8 +177,11 @@ def _from_folder(path: Path, pretrained: bool, model_kwargs: dict) -> VisionTran
             f"{config_file}: neither a timm config (no 'architecture') nor a transformers config of a supported "
             f"family (model_type {model_type!r}; known: {known})"
         )
+    check_model_args(config.get("model_args"), config_file)
     pretrained_cfg, architecture, model_args = load_model_config_from_path(path)
     model_kwargs = {**(model_args or {}), **model_kwargs, "pretrained_cfg": pretrained_cfg}
+    if timm.is_model(architecture):
+        _check_on_meta(architecture, str(config_file), model_kwargs)
     model = _create(architecture, False, model_kwargs, str(path))
     if pretrained:
         weights = next(
@@ -177,6 +196,15 @@ def _from_transformers_folder(path: Path, family, pretrained: bool, model_kwargs
     from transformers import AutoConfig, AutoModel
 
     from_transformers = family.transformers.from_transformers
+    try:
+        with torch.device("meta"):
+            model = AutoModel.from_config(AutoConfig.from_pretrained(path))
+    except Exception as error:  # a config transformers cannot read or build a model from
+        detail = str(error).splitlines()[0] if str(error) else ""
+        raise BackboneError(
+            f"{path / 'config.json'}: does not build a model ({type(error).__name__}: {detail})"
+        ) from error
+    check_memory(model, str(path / "config.json"))
     if not pretrained:
         return from_transformers(AutoModel.from_config(AutoConfig.from_pretrained(path)), **model_kwargs)
     from transformers.utils import logging as hf_logging
@@ -225,9 +253,62 @@ def _create(name: str, pretrained: bool, model_kwargs: dict, source: str) -> Vis
     return model
 
 
-def _check_on_meta(name: str, source: str) -> None:
+def _check_on_meta(name: str, source: str, model_kwargs: dict | None = None) -> None:
+    """Build ``name`` (with ``model_kwargs``) on the meta device: supported blocks, and weights that fit in memory."""
     with torch.device("meta"):
-        check_supported(timm.create_model(name, pretrained=False), name, source)
+        try:
+            model = timm.create_model(name, pretrained=False, **(model_kwargs or {}))
+        except Exception as error:  # arguments from a config file that timm cannot build a model from
+            if model_kwargs is None:
+                raise
+            raise BackboneError(
+                f"{source}: its model_args do not build {name} ({type(error).__name__}: {error})"
+            ) from error
+        check_supported(model, name, source)
+        check_memory(model, source)
+
+
+def machine_memory() -> int | None:
+    """Physical memory of this machine in bytes (``None`` where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(model: torch.nn.Module, source: str) -> None:
+    """``BackboneError`` when loading ``model`` (built on the meta device) needs more than the machine's memory:
+    its parameters and buffers twice (the model and the weights read into it), at their dtype."""
+    size = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    memory = machine_memory()
+    if memory is not None and 2 * size > memory:
+        count = sum(p.numel() for p in model.parameters())
+        raise BackboneError(
+            f"{source}: a model of {count / 1e9:.1f} billion parameters ({size / 2**30:.1f} GiB); loading it needs "
+            f"twice that, more than this machine's {memory / 2**30:.1f} GiB of memory"
+        )
+
+
+def check_model_args(model_args, config_file: Path) -> None:
+    """``BackboneError`` naming ``config_file`` and the argument when a timm ``model_args`` entry has the wrong type
+    or is out of bounds (``INTEGER_MODEL_ARGS``: whole numbers, never booleans)."""
+    if model_args is None:
+        return
+    if not isinstance(model_args, dict):
+        raise BackboneError(f"{config_file}: model_args must be a JSON object, found {json.dumps(model_args)[:40]}")
+    for name, least in INTEGER_MODEL_ARGS.items():
+        value = model_args.get(name, least)
+        if type(value) is not int or value < least:
+            raise BackboneError(
+                f"{config_file}: model_args.{name} is {json.dumps(value)[:40]}; expected a whole number of at least {least}"
+            )
+    size = model_args.get("img_size", 1)
+    sizes = size if isinstance(size, list) and len(size) == 2 else [size]
+    if not all(type(side) is int and 1 <= side <= MAX_RESOLUTION for side in sizes):
+        raise BackboneError(
+            f"{config_file}: model_args.img_size is {json.dumps(size)[:40]}; expected a size from 1 to "
+            f"{MAX_RESOLUTION} px or a [height, width] pair of them"
+        )
 
 
 def _planted(spec: str, model_kwargs: dict) -> VisionTransformer:
@@ -249,6 +330,10 @@ def load_backbone(
     ``dynamic_img_size`` and a folder's saved ``model_args``). Raises ``BackboneError``.
     """
     spec = str(spec)
+    if not spec.strip():
+        raise BackboneError("an empty model spec; expected " + "; ".join(ACCEPTED_SPECS))
+    if spec.startswith("hf-hub:"):
+        check_hub_id(spec)
     if spec.startswith(dvt.REFERENCE_PREFIX):  # a DVT file on the hub: its local copy
         spec = str(dvt.hub_file(spec))
     path = Path(spec).expanduser()
@@ -272,6 +357,37 @@ def load_backbone(
     else:
         model = _from_file(path, architecture, pretrained, model_kwargs)
     return model.eval()
+
+
+def check_hub_id(spec: str) -> None:
+    """``BackboneError`` unless ``hf-hub:<repo id>[@revision]`` holds a repo id the hub client accepts."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    repo, *revision = spec.removeprefix("hf-hub:").split("@")
+    try:
+        if len(revision) > 1:
+            raise HFValidationError("more than one '@' (hf-hub:<user>/<repo>@<revision>)")
+        validate_repo_id(repo)
+    except HFValidationError as error:
+        detail = str(error).splitlines()[0]
+        raise BackboneError(f"{spec}: not a valid hub repo id ({detail}); expected hf-hub:<user>/<repo>") from error
+
+
+def check_resolution(model: torch.nn.Module, spec: str, resolution: int, kernel: int = 3) -> None:
+    """``InputError`` unless ``resolution`` is a whole number of ``model``'s patches and gives eq. 5 a grid of at
+    least ``kernel`` patches a side (a token on the grid's border is never a defect)."""
+    patch = model.patch_embed.patch_size[0]
+    if resolution % patch:
+        below, above = resolution // patch * patch, (resolution // patch + 1) * patch
+        raise InputError(
+            f"--resolution {resolution} is not a multiple of the {patch}-px patches of {spec}; "
+            f"expected e.g. {below or above} or {above}"
+        )
+    if resolution < kernel * patch:
+        raise InputError(
+            f"--resolution {resolution} gives a grid of {resolution // patch}x{resolution // patch} patches of {spec}; "
+            f"expected at least {kernel * patch} px ({kernel}x{kernel} patches: eq. 5 never flags a border token)"
+        )
 
 
 def native_resolution(spec: str, model: torch.nn.Module) -> int:

@@ -3,7 +3,7 @@
 Each sub-command lives in ``sinder_hub.commands.<name>`` as ``main(argv) -> int``; the
 scripts in ``tools/`` call the same functions. Multi-process runs:
 ``accelerate launch -m sinder_hub.cli repair ...``. A ``SinderError`` ends the command
-with one line on stderr and its exit code (2: bad input, 1: failed work).
+with one line on stderr and its exit code (2: bad input, 1: failed work, 130: interrupted).
 """
 
 from __future__ import annotations
@@ -25,8 +25,15 @@ COMMANDS = {
 }
 
 
+INTERRUPTED = 130  # the exit code of a command stopped by SIGINT / SIGTERM (128 + SIGINT)
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with its errors on one line: ``error: PROG: MESSAGE`` and exit code 2."""
+    """argparse with its errors on one line: ``error: PROG: MESSAGE`` and exit code 2; ``prog`` is always
+    ``sinder-hub <command>`` (a command may give its bare name), so every usage line reads alike."""
+
+    def __init__(self, prog: str, **kwargs):
+        super().__init__(prog=prog if prog.startswith("sinder-hub ") else f"sinder-hub {prog}", **kwargs)
 
     def error(self, message):
         self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
@@ -45,10 +52,13 @@ def run_command(name: str, argv: list[str]) -> int:
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as error:  # a path the user gave
         _report(error)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C where a command sets no handler of its own: one line, as an interrupted repair
+        _report(f"sinder-hub {name}: interrupted (Ctrl-C) before it finished")
+        return INTERRUPTED
     return code if isinstance(code, int) else 0
 
 
-def _report(error: BaseException) -> None:
+def _report(error: BaseException | str) -> None:
     """One line on stderr; under ``accelerate launch`` only from the first process (all fail alike)."""
     if os.environ.get("RANK", "0") == "0":
         print(f"error: {error}", file=sys.stderr)

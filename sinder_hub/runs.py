@@ -21,7 +21,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import RunFolderError
+from .errors import OutputError, RunFolderError
 from .files import output_error, write_text_atomic, writing
 
 LOCK = ".lock"
@@ -153,10 +153,10 @@ class RunFolder:
         if self.overwrite:
             self._remove_run_files()
         self.began = True
+        advice = "continue it with --resume or " if self.files.checkpoint else "run it again to "  # no --resume
         write_text_atomic(
             self.path / INCOMPLETE,
-            f"a {self.files.kind} started here and has not finished; continue it with --resume or "
-            "replace it with --overwrite\n",
+            f"a {self.files.kind} started here and has not finished; {advice}replace it with --overwrite\n",
         )
 
     def _lock(self) -> None:
@@ -187,11 +187,9 @@ class RunFolder:
             (self.path / LOCK).unlink(missing_ok=True)
             self.locked = False
         if failed and not self._has_checkpoint():
-            with contextlib.suppress(OSError):
-                if self.began:  # only what this run wrote; before begin() nothing was touched
-                    (self.path / INCOMPLETE).unlink(missing_ok=True)
-                    if self.files.checkpoint is not None and _is_empty_dir(self.checkpoint.parent):
-                        self.checkpoint.parent.rmdir()
+            with contextlib.suppress(OSError, OutputError):  # the run's own error is the one to report
+                if self.began:  # only what this run wrote (begin() removed any earlier run's files); before, nothing
+                    self._remove_run_files()
                 if self.created:  # a folder this run created, if nothing else is in it now
                     self.path.rmdir()
 

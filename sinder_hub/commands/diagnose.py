@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from sinder_hub.analysis import METHODS, singular_defect_directions
+from sinder_hub.backbones import MAX_RESOLUTION, check_resolution
 from sinder_hub.cli import ArgumentParser
 from sinder_hub.data import MAX_PIXELS, list_images, load_rgb, normalization_of, sample_images, sinder_transform
 from sinder_hub.diagnostics import defect_report, json_safe, last_block_grids
@@ -32,12 +33,15 @@ OUTPUTS = ("report.json", "norm_pca.png", "angles.png", "variants.png")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = ArgumentParser(prog="diagnose", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(
+        prog="sinder-hub diagnose", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", required=True, help="backbone spec for load_backbone (LABEL=SPEC allowed)")
     parser.add_argument("--compare", nargs="+", metavar="SPEC", help="up to five more variants (LABEL=SPEC allowed)")
     parser.add_argument("--images", nargs="+", help="image folders or files (default: the skimage.data sample images)")
-    parser.add_argument("--resolution", type=int, help="square input size (default: the first model's own, e.g. "
-                        "224 for planted-* models and CLIP, 518 for DINOv2)")  # fmt: skip
+    parser.add_argument("--resolution", type=int, help=f"square input size, a multiple of the patch size up to "
+                        f"{MAX_RESOLUTION} px (default: the first model's own, e.g. 224 for planted-* models and CLIP, "
+                        "518 for DINOv2)")  # fmt: skip
     parser.add_argument(
         "--out", type=Path, default=Path("diagnose-output"), help="output folder (default: diagnose-output)"
     )
@@ -58,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise InputError(f"--{flag.replace('_', '-')} {value}: expected a positive integer")
+    if args.resolution is not None and args.resolution > MAX_RESOLUTION:
+        raise InputError(f"--resolution {args.resolution}: expected at most {MAX_RESOLUTION} px")
     args.out = args.out.expanduser()
     args.variants = parse_variants(args.model, args.compare)
     return args
@@ -90,17 +96,6 @@ def load_images(sources: list[str] | None, max_pixels: int | None = MAX_PIXELS):
                 name = f"{path.stem}_{count}"
             images[name] = load_rgb(path, min_size=14, max_pixels=max_pixels)
     return images
-
-
-def check_resolution(model, spec: str, resolution: int) -> None:
-    """``InputError`` unless ``resolution`` is a whole number of the model's patches."""
-    patch = model.patch_embed.patch_size[0]
-    if resolution % patch:
-        below, above = resolution // patch * patch, (resolution // patch + 1) * patch
-        raise InputError(
-            f"--resolution {resolution} is not a multiple of the {patch}-px patches of {spec}; "
-            f"expected e.g. {below or above} or {above}"
-        )
 
 
 def check_alike(model, spec: str, other, other_spec: str) -> None:
@@ -192,7 +187,7 @@ def main(argv=None) -> int:
     first = args.variants[0]
     args.resolution = args.resolution or native_resolution(first.spec, models[first.label])
     for variant in args.variants:
-        check_resolution(models[variant.label], variant.spec, args.resolution)
+        check_resolution(models[variant.label], variant.spec, args.resolution, args.kernel)
         check_alike(models[first.label], first.spec, models[variant.label], variant.spec)
     reports, grids, reference = {}, {}, None
     for variant in args.variants:

@@ -7,6 +7,8 @@ OUT/test_time_registers.json holds the base model spec and its sha256, the neuro
 setting and where it came from, and the images searched; OUT/registers_report.json the held-out defects
 before and after and the cosines to the original. The folder is a model spec: `load_backbone(OUT)`,
 `diagnose`, `evaluate` and `view` take it. Settings left out come from the model (see docs/registers.md).
+Exit codes: 0 done, 1 the search failed, 2 bad input, 130 interrupted (SIGINT/SIGTERM: nothing is kept;
+there is nothing to resume, run the command again).
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
+from sinder_hub.backbones import MAX_RESOLUTION
 from sinder_hub.cli import ArgumentParser
-from sinder_hub.registers_folder import RegistersConfig, find_registers
+from sinder_hub.registers_folder import MAX_TOP_K, RegistersConfig, find_registers
+from sinder_hub.registers_search import TOP_K_CAP
 
 HELP = {
     "model": "any spec load_backbone takes (timm name, hf-hub:id, folder, planted-swiglu...)",
@@ -23,11 +27,11 @@ HELP = {
     "output": "the registers folder: test_time_registers.json, registers_report.json, pictures",
     "num_images": "images drawn (seeded) from --images for the search",
     "seed": "seed of the image draw",
-    "resolution": "input size (0: the model's own)",
+    "resolution": f"input size, a multiple of the patch size up to {MAX_RESOLUTION} px (0: the model's own)",
     "detection_block": "block whose output norms find the outlier tokens (default: the family's; negative counts from the end)",
     "threshold": "token norm above which a token is an outlier (default: derived from eq. 5's defects)",
     "highest_layer": "the last block whose MLP neurons may be chosen (default: where the outliers appear)",
-    "top_k": "number of neurons (default: those whose score stands out, at most 50)",
+    "top_k": f"number of neurons, 1 to {MAX_TOP_K} (default: those whose score stands out, at most {TOP_K_CAP})",
     "no_sparsity_filter": "count a neuron's score even when it is active on most tokens",
     "held_out": "skimage sample images measured before and after",
     "max_pixels": "larger images are skipped (PIL's decompression-bomb limit by default)",
@@ -46,8 +50,10 @@ def parse_args(argv=None) -> RegistersConfig:
         elif isinstance(f.default, tuple):
             parser.add_argument(flag, nargs="+", default=f.default, help=HELP[f.name])
         else:
-            kind = OPTIONAL.get(f.name, type(f.default))
-            parser.add_argument(flag, type=kind, default=f.default, help=f"{HELP[f.name]} (default: {f.default})")
+            shown = "" if f.name in OPTIONAL else f" (default: {f.default})"  # their help says where they come from
+            parser.add_argument(
+                flag, type=OPTIONAL.get(f.name, type(f.default)), default=f.default, help=HELP[f.name] + shown
+            )
     args = parser.parse_args(argv)
     return RegistersConfig(**{**vars(args), "held_out": tuple(args.held_out)})
 
