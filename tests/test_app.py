@@ -264,3 +264,54 @@ def test_browser_shows_three_models_and_the_defect_counts_of_defect_report(specs
     finally:
         browser.quit()
         app.close()
+
+
+@pytest.fixture(scope="module")
+def six_specs(specs, tmp_path_factory) -> list[str]:
+    """The three of ``specs``, DVT's denoiser and distilled layouts built on planted-swiglu (random denoiser,
+    perturbed copy) and the original once more: six variants of one architecture."""
+    from test_dvt import OPTIMIZER, denoiser_checkpoint
+
+    root = tmp_path_factory.mktemp("dvt")
+    base = planted_backbone("planted-swiglu")
+    paths = {kind: root / kind / "planted-swiglu.pth" for kind in ("voc_denoised", "voc_distilled")}
+    for path in paths.values():
+        path.parent.mkdir()
+    torch.save(denoiser_checkpoint(base.embed_dim, 37)[0], paths["voc_denoised"])
+    generator = torch.Generator().manual_seed(3)
+    distilled = {
+        f"model.{k}": v + 0.01 * torch.randn(v.shape, generator=generator) for k, v in base.state_dict().items()
+    }
+    torch.save({"model": distilled, "optimizer": OPTIMIZER, "step": 1}, paths["voc_distilled"])
+    return [
+        *specs,
+        f"dvt-denoised={paths['voc_denoised']}",
+        f"dvt-distilled={paths['voc_distilled']}",
+        "again=planted-swiglu",
+    ]
+
+
+@pytest.mark.slow
+def test_browser_shows_six_models_with_their_pictures_and_counts(six_specs, photo, tmp_path):
+    labels = [variant.label for variant in parse_variants(six_specs[0], six_specs[1:])]
+    app = build_app(models=six_specs)
+    app.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    browser = chromium_driver()
+    try:
+        browser.set_window_size(1400, 1600)
+        browser.get(app.local_url)
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#input-image input[type=file]"))
+        titles = [browser.find_element(By.ID, f"column-{k}").text for k in range(6)]
+        assert [title.split(":")[0] for title in titles] == labels
+        upload(browser, photo)
+        wait.until(lambda b: "astronaut.jpg" in message(b) and b.find_elements(By.CSS_SELECTOR, "#numbers table"))
+        wait.until(lambda b: all(drawn(b, f"#{kind}-{k} img") for kind in ("norm", "pca") for k in range(6)))
+        browser.save_screenshot(str(tmp_path / "viewer-six.png"))
+        rows = browser.find_elements(By.CSS_SELECTOR, "#numbers table tbody tr")
+        assert [row.find_elements(By.TAG_NAME, "td")[0].text.split(":")[0] for row in rows] == labels
+        tops = [browser.find_element(By.ID, f"column-{k}").location["y"] for k in range(6)]
+        assert tops[0] == tops[1] == tops[2] < tops[3] == tops[4] == tops[5]  # two rows of three, none squeezed
+    finally:
+        browser.quit()
+        app.close()
