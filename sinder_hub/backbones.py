@@ -31,6 +31,7 @@ from .anatomy import describe_model
 from .downloads import weights_within_reach
 from .errors import BackboneError, InputError
 from .families.dinov2 import dinov2_filter_fn, infer_architecture, unwrap_checkpoint
+from .files import sha256_file
 from .runs import INCOMPLETE
 
 REGISTERS_FILE = "test_time_registers.json"
@@ -409,12 +410,9 @@ def weights_sha256(spec: str, model: torch.nn.Module) -> str:
     path = Path(spec).expanduser()
     if path.is_dir():
         path = next((p for p in (path / "model.safetensors", path / "pytorch_model.bin") if p.exists()), path)
-    digest = hashlib.sha256()
     if path.is_file():
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 24), b""):
-                digest.update(chunk)
-        return digest.hexdigest()
+        return sha256_file(path)
+    digest = hashlib.sha256()
     for key, value in model.state_dict().items():
         digest.update(key.encode())
         digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())

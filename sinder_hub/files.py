@@ -4,6 +4,7 @@ and a write that fails (disk full, read-only folder) ends in one line naming the
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -107,3 +108,12 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 def write_json_atomic(path: str | Path, data) -> None:
     write_text_atomic(path, json.dumps(data, indent=2))
+
+
+def sha256_file(path: str | Path) -> str:
+    """The sha256 of a file's contents (hex), read in 16 MiB blocks: the one file hash of the package."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()

