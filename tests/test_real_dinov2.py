@@ -20,7 +20,7 @@ from sinder_hub import load_backbone, singular_defect_directions
 from sinder_hub.convert import from_transformers, save_timm, to_transformers
 from sinder_hub.data import HELD_OUT_SAMPLES, TRAIN_SAMPLES, sample_images, sinder_transform
 from sinder_hub.report import RepairReport
-from sinder_hub.tokens import prepare_blocks
+from sinder_hub.tokens import block_outputs, prepare_blocks
 
 RESOLUTION = 224  # the small resolution the runs here use (16 x 16 patches)
 MIN_COSINE = 0.99  # a forced run on a model without defects moves its normal tokens less than this
@@ -257,3 +257,23 @@ def test_the_repair_guard_applies_the_registers_norm_ratio(factor, refused):
         f"{factor:.2f}x the normal tokens' (< 2.0): no high-norm outliers to move: nothing to repair; "
         "--allow-no-outliers trains anyway"
     )
+
+
+@pytest.mark.slow
+def test_registers_with_an_explicit_threshold_runs_and_barely_moves_the_features(real, real_timm, photos, tmp_path):
+    """``--threshold`` is registers' explicit flag: a norm every search token above it counts as an outlier. Given
+    the 99th percentile of the real model's block-10 patch-token norms, the search runs and the edit keeps the
+    features (no high-norm artifact to move, so the held-out cosine to the original stays above MIN_COSINE)."""
+
+    with torch.no_grad():
+        tokens = block_outputs(real_timm, _images(TRAIN_SAMPLES[:6], RESOLUTION))[10][:, real_timm.num_prefix_tokens :]
+    threshold = float(torch.quantile(tokens.norm(dim=-1).flatten(), 0.99))
+    output = tmp_path / "ttr"
+    argv = ["registers", "--model", str(real.folder), "--resolution", str(RESOLUTION), "--images", str(photos)]
+    argv += ["--output", str(output), "--threshold", f"{threshold:.3f}"]
+    assert cli(argv) == 0
+    report = json.loads((output / "registers_report.json").read_text())
+    print(f"\nregisters at threshold {threshold:.2f}: neurons {report['neurons']}, held-out "
+          f"cosines {report['held_out']['normal_token_cosine']:.5f} (normal) "
+          f"{report['held_out']['class_token_cosine']:.5f} (class)")  # fmt: skip
+    assert report["held_out"]["normal_token_cosine"] > MIN_COSINE
