@@ -85,6 +85,7 @@ def denoised(files):
     return load_backbone(files["voc_denoised"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [(518, 518), (224, 280)])  # DVT's native 37x37 grid, and 16x20
 def test_denoised_variant_equals_the_hand_written_reference(base, files, denoised, size):
     images = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(2))
