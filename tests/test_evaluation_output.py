@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 from cli_checks import cli, one_error_line
-from tiny import tiny_vit
+from tiny import stand_in_backbones
 
-import sinder_hub.backbones
 from sinder_hub.synthetic import make_shapes_dataset
 
 SIZE = 28
@@ -25,14 +24,7 @@ def shapes(tmp_path_factory):
 @pytest.fixture
 def loads(monkeypatch):
     """The specs ``load_backbone`` was asked for; the backbones are tiny random ViTs seeded by the spec."""
-    asked = []
-
-    def load(spec: str):
-        asked.append(spec)
-        return tiny_vit(seed=len(spec), img_size=SIZE)
-
-    monkeypatch.setattr(sinder_hub.backbones, "load_backbone", load)
-    return asked
+    return stand_in_backbones(monkeypatch, SIZE)
 
 
 def evaluate(shapes, out, *args) -> int:

@@ -14,7 +14,7 @@ import pytest
 from cli_checks import cli, one_error_line, snapshot
 from forked import fork_cli, wait_for_file, wait_forked
 from PIL import Image
-from tiny import tiny_vit
+from tiny import stand_in_backbones, tiny_vit
 
 import sinder_hub.backbones
 from sinder_hub.synthetic import make_shapes_dataset, make_voc2012
@@ -37,14 +37,7 @@ def bitmaps(tmp_path_factory):
 @pytest.fixture
 def loads(monkeypatch):
     """The specs ``load_backbone`` was asked for; the backbones are tiny random ViTs seeded by the spec."""
-    asked = []
-
-    def load(spec: str):
-        asked.append(spec)
-        return tiny_vit(seed=len(spec), img_size=SIZE)
-
-    monkeypatch.setattr(sinder_hub.backbones, "load_backbone", load)
-    return asked
+    return stand_in_backbones(monkeypatch, SIZE)
 
 
 def evaluate(data, out, *args, task="knn") -> int:

@@ -50,3 +50,18 @@ def assert_sampled_map_converges_to_expected(block: nn.Module, layout, dim: int 
     assert errors[0] > errors[1] > errors[2]
     assert errors[2] < 0.25 * errors[0]  # 256x the samples: ideally 16x smaller, at least 4x
     assert errors[2] < 0.01
+
+
+def stand_in_backbones(monkeypatch, img_size: int) -> list[str]:
+    """``sinder_hub.backbones.load_backbone`` replaced by tiny random ViTs seeded by the spec (``tiny_vit(seed=
+    len(spec))``): the list of specs it was asked for, in order."""
+    import sinder_hub.backbones
+
+    asked = []
+
+    def load(spec: str):
+        asked.append(spec)
+        return tiny_vit(seed=len(spec), img_size=img_size)
+
+    monkeypatch.setattr(sinder_hub.backbones, "load_backbone", load)
+    return asked
