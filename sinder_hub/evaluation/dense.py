@@ -30,12 +30,12 @@ from .streaming import (
     SampleImages,
     Streaming,
     TrainingBatches,
-    by_shape,
     chunks,
     own_share,
     per_process,
     scratch_folder,
     stream,
+    stream_whole,
     whole_size,
 )
 
@@ -386,19 +386,8 @@ def predictions(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``(prediction [H, W], target [H, W])`` of this process's share of ``samples``, whole images at label size."""
     resolution = testing.resolution
-    shapes = [whole_size(width, height, resolution, encoder.patch_size) for width, height in sizes]
-    batches = by_shape(own_share(len(samples), streaming.processes), shapes, per_process(streaming))
-    images = SampleImages(
-        dataset,
-        samples,
-        "whole",
-        resolution,
-        encoder.patch_size,
-        streaming.max_pixels,
-        normalization=encoder.normalization,
-    )
     device = next(head.parameters()).device
-    for _, pixels, targets in stream(images, batches, streaming, desc):
+    for _, pixels, targets in stream_whole(encoder, dataset, samples, sizes, resolution, streaming, desc):
         label_sizes = [tuple(target.shape[-2:]) for target in targets]
         for score, target in zip(_scores(head, task, encoder, pixels, testing, label_sizes, device), targets):
             yield task.decide(score), target.to(device)

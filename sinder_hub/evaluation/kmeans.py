@@ -25,14 +25,9 @@ from .layouts import dataset_for, subset
 from .metrics import Confusion, segmentation_scores
 from .streaming import (
     FeatureStore,
-    SampleImages,
     Streaming,
-    by_shape,
-    own_share,
-    per_process,
     scratch_folder,
-    stream,
-    whole_size,
+    stream_whole,
 )
 from .targets import TargetSummary, check_targets, read_mask
 
@@ -163,19 +158,9 @@ def cluster_tokens(
 
 def _store_tokens(encoder, dataset, samples, sizes, resolution: int, streaming: Streaming, folder, name: str):
     """This process's share of ``samples`` (whole images, short side ``resolution``) as L2-normalised token grids."""
-    shapes = [whole_size(*size, resolution, encoder.patch_size) for size in sizes]
-    images = SampleImages(
-        dataset,
-        samples,
-        "whole",
-        resolution,
-        encoder.patch_size,
-        streaming.max_pixels,
-        normalization=encoder.normalization,
-    )
-    batches = by_shape(own_share(len(samples), streaming.processes), shapes, per_process(streaming))
     store = FeatureStore(folder, name, streaming.processes)
-    for indices, pixels, _ in stream(images, batches, streaming, f"kmeans {dataset.title} {name}"):
+    desc = f"kmeans {dataset.title} {name}"
+    for indices, pixels, _ in stream_whole(encoder, dataset, samples, sizes, resolution, streaming, desc):
         for index, grid in zip(indices, encoder(pixels)):
             store.append(index, F.normalize(grid, dim=-1), tuple(grid.shape[:2]))
     store.close()

@@ -458,3 +458,17 @@ class FeatureStore:
             mine = indices % world == rank
             rows[mine] = self._maps[rank][indices[mine] // world]
         return torch.from_numpy(rows)
+
+
+def stream_whole(
+    encoder, dataset: EvalDataset, samples: list[Sample], sizes, resolution: int, streaming: Streaming, desc: str
+) -> Iterator[tuple[list[int], torch.Tensor | None, object]]:
+    """``stream`` of this process's share of ``samples`` as whole images (short side ``resolution``, whole
+    patches, the encoder's normalisation), batched by shape; ``sizes``: each sample's ``(width, height)``."""
+    shapes = [whole_size(width, height, resolution, encoder.patch_size) for width, height in sizes]
+    images = SampleImages(
+        dataset, samples, "whole", resolution, encoder.patch_size, streaming.max_pixels,
+        normalization=encoder.normalization,
+    )  # fmt: skip
+    batches = by_shape(own_share(len(samples), streaming.processes), shapes, per_process(streaming))
+    return stream(images, batches, streaming, desc)
